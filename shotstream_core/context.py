@@ -1,0 +1,51 @@
+"""History handling: which frames of earlier shots form the global context, and the shot flags.
+
+Rule of the reference: a budget of `total` latent frames over n earlier shots; each gets total // n, the
+last total % n shots one more (so with n > total the oldest shots get none). Within a shot the frames are
+round(linspace(first, last, count)) over its pixel frames. Each chosen frame is encoded alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def context_budget(num_prev_shots: int, total: int = 6) -> list[int]:
+    """Frames taken from each earlier shot, oldest first."""
+    if num_prev_shots <= 0:
+        return []
+    counts = [total // num_prev_shots] * num_prev_shots
+    for i in range(1, total % num_prev_shots + 1):
+        counts[-i] += 1
+    return counts
+
+
+def select_frame_indices(first: int, last: int, count: int) -> list[int]:
+    """round(linspace(first, last, count)) with torch's rounding (half to even), endpoints kept."""
+    if count <= 0:
+        return []
+    return torch.linspace(first, last, steps=count).round().long().tolist()
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    """Which (shot, pixel frame) pairs feed the global cache, their flags, and the new shot's flag."""
+
+    picks: tuple[tuple[int, int], ...]  # (shot index, frame index within the shot)
+    flags: tuple[int, ...]  # one per context latent frame
+    shot_flag: int  # flag of the shot being generated
+    zero_context: bool  # first shot: all-zero latents
+
+
+def plan_context(frames_per_prev_shot: list[int], total: int = 6) -> ContextPlan:
+    """frames_per_prev_shot: pixel frame count of each earlier shot (empty for the first shot)."""
+    n = len(frames_per_prev_shot)
+    if n == 0:
+        return ContextPlan((), (0,) * total, 1, True)
+    picks, flags = [], []
+    for shot, (count, length) in enumerate(zip(context_budget(n, total), frames_per_prev_shot)):
+        for idx in select_frame_indices(0, length - 1, count):
+            picks.append((shot, idx))
+            flags.append(shot)
+    return ContextPlan(tuple(picks), tuple(flags), flags[-1] + 1, False)

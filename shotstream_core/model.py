@@ -1,0 +1,284 @@
+"""Wan2.1 diffusion transformer: the bidirectional next-shot teacher and the causal streaming student.
+
+Both classes share Wan2.1's parameter names, so one state dict loads into either. The teacher takes one
+timestep per sample and attends over the whole sequence; the student takes one timestep per latent frame
+and can run block by block against a K/V cache (`forward_cached`).
+
+Shapes (B batch, C latent channels, F latent frames, h x w latent grid, T tokens per frame = h*w/4,
+P prompts, S text tokens, D model dim):
+    x        [B, C, F, h, w]      latents
+    t        [B] or [B, F]        raw timesteps in [0, 1000]
+    text     [B, P, S, text_dim]  per-shot prompt features (zero-padded to text_len)
+    flags    [B, F]               shot flag of each frame (RoPE phase)
+    prompt   [B, F]               which of the P prompts each frame cross-attends to
+    output   [B, C, F, h, w]      flow v = noise - x0
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+from .cache import KVCache
+from .config import DiTConfig
+from .rope import RotaryTable, rope_angles
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep embedding of raw t (any shape) -> [..., dim] as [cos | sin], computed in float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def modulate(h, shift, scale, tokens_per_frame: int):
+    """h [B, F*T, D] * (1 + scale) + shift, with per-frame shift/scale [B, F, D], in float32."""
+    b, _, d = h.shape
+    hf = h.float().view(b, -1, tokens_per_frame, d)
+    return (hf * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, -1, d)
+
+
+def gated(y, gate, tokens_per_frame: int):
+    b, _, d = y.shape
+    return (y.float().view(b, -1, tokens_per_frame, d) * gate[:, :, None]).view(b, -1, d)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)  # qk-norm over the full dim, before the head split
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(self, x, rope: RotaryTable, backend: str, mask=None, cache=None, layer: int = 0, start: int = 0):
+        """x [B, L, D]. With a cache, this call's K/V are written at token `start` and the queries attend
+        to every cached token before `start + L` (global context, earlier blocks, this block)."""
+        b, n, _ = x.shape
+        heads = (b, n, self.num_heads, self.head_dim)
+        q = rope.apply(self.norm_q(self.q(x)).view(heads))  # [B, L, H, Dh]
+        k = rope.apply(self.norm_k(self.k(x)).view(heads))
+        v = self.v(x).view(heads)
+        if cache is not None:
+            k, v = cache.write_and_read(layer, start, k, v)
+        out = attention(q, k, v, backend=backend, mask=mask)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention; with several prompts each frame attends only to its own shot's prompt."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def text_kv(self, text):
+        """text [B, P, S, D] -> k, v [B, P, S, H, Dh]; computed once per shot at inference."""
+        shape = (*text.shape[:3], self.num_heads, self.head_dim)
+        return self.norm_k(self.k(text)).view(shape), self.v(text).view(shape)
+
+    def forward(self, x, kv, prompt_ids, tokens_per_frame: int, backend: str):
+        b, n, d = x.shape
+        k, v = kv
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)
+        if k.shape[1] == 1:  # one prompt: every token sees it
+            out = attention(q, k[:, 0], v[:, 0], backend=backend)
+        else:  # per-frame prompt: fold frames into the batch, gather each frame's prompt
+            frames = n // tokens_per_frame
+            qf = q.view(b * frames, tokens_per_frame, self.num_heads, self.head_dim)
+            rows = torch.arange(b, device=x.device)[:, None]
+            kf = k[rows, prompt_ids].flatten(0, 1)  # [B*F, S, H, Dh]
+            vf = v[rows, prompt_ids].flatten(0, 1)
+            out = attention(qf, kf, vf, backend=backend).reshape(b, n, self.num_heads, self.head_dim)
+        return self.o(out.flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e0, ctx: dict, layer: int):
+        """x [B, F*T, D]; e0 [B, F, 6, D] per-frame modulation from the timestep."""
+        tpf = ctx["tokens_per_frame"]
+        mod = self.modulation.float()[:, None] + e0  # [B, F, 6, D]
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.unbind(2)
+        h = modulate(self.norm1(x), shift_sa, scale_sa, tpf).to(x.dtype)
+        y = self.self_attn(h, ctx["rope"], ctx["backend"], ctx["mask"], ctx["cache"], layer, ctx["start"])
+        x = x + gated(y, gate_sa, tpf).to(x.dtype)
+        x = x + self.cross_attn(self.norm3(x), ctx["text_kv"][layer], ctx["prompt_ids"], tpf, ctx["backend"])
+        h = modulate(self.norm2(x), shift_ff, scale_ff, tpf).to(x.dtype)
+        return x + gated(self.ffn(h), gate_ff, tpf).to(x.dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e, tokens_per_frame: int):
+        """x [B, F*T, D], e [B, F, D] -> [B, F*T, C*ph*pw]."""
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
+        return self.head(modulate(self.norm(x), shift, scale, tokens_per_frame).to(x.dtype))
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 T2V transformer. Used as-is, it is the bidirectional teacher."""
+
+    def __init__(self, cfg: DiTConfig, attention_backend: str = "sdpa"):
+        super().__init__()
+        self.config = cfg
+        self.attention_backend = attention_backend
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+
+    # --- pieces shared by the full and the cached forward ------------------------------------------
+
+    def encode_text(self, text: torch.Tensor) -> list:
+        """text [B, P, S<=text_len, text_dim] -> per-layer cross-attention (k, v). Zero-pads to text_len."""
+        cfg = self.config
+        if text.shape[2] > cfg.text_len:
+            raise ValueError(f"text has {text.shape[2]} tokens; this model takes at most {cfg.text_len}")
+        text = F.pad(text, (0, 0, 0, cfg.text_len - text.shape[2]))
+        emb = self.text_embedding(text.to(self.patch_embedding.weight.dtype))
+        return [blk.cross_attn.text_kv(emb) for blk in self.blocks]
+
+    def time_embed(self, t: torch.Tensor, num_frames: int):
+        """t [B] or [B, F] -> e [B, F, D] (head) and e0 [B, F, 6, D] (blocks), both float32."""
+        if t.dim() == 1:
+            t = t[:, None].expand(-1, num_frames)
+        e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).float())
+        e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
+        return e, e0
+
+    def rope(self, positions, flags, grid_h, grid_w, device, shot_phase: float = 1.0 / 6.0) -> RotaryTable:
+        """positions [F] temporal positions; flags [B, F] -> table for [B, F*h*w] tokens."""
+        hd = self.config.head_dim
+        angles = torch.stack([
+            rope_angles(hd, positions, f, grid_h, grid_w, self.config.rope_theta, shot_phase) for f in flags
+        ])  # [B, L, Dh/2]
+        return RotaryTable(angles, device)
+
+    def patchify(self, x):
+        """[B, C, F, h, w] -> tokens [B, F*gh*gw, D], grid (F, gh, gw)."""
+        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, D, F, gh, gw]
+        grid = tuple(tokens.shape[2:])
+        return tokens.flatten(2).transpose(1, 2), grid
+
+    def unpatchify(self, tokens, grid):
+        """[B, F*gh*gw, C*ph*pw] -> [B, C, F, gh*ph, gw*pw]."""
+        c, (pt, ph, pw) = self.config.out_channels, self.config.patch_size
+        f, gh, gw = grid
+        x = tokens.view(tokens.shape[0], f, gh, gw, pt, ph, pw, c)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[0], c, f * pt, gh * ph, gw * pw)
+
+    def _run(self, x, t, text_kv, flags, prompt_ids, positions, mask, cache, start, shot_phase):
+        b = x.shape[0]
+        tokens, grid = self.patchify(x)
+        num_frames, gh, gw = grid
+        if prompt_ids is None:
+            prompt_ids = torch.zeros(b, num_frames, dtype=torch.long, device=x.device)
+        flags = flags.to(torch.long).expand(b, num_frames) if flags.dim() == 1 else flags
+        e, e0 = self.time_embed(t.to(x.device), num_frames)
+        ctx = dict(
+            tokens_per_frame=gh * gw,
+            rope=self.rope(positions, flags, gh, gw, x.device, shot_phase),
+            backend=self.attention_backend,
+            mask=mask,
+            cache=cache,
+            start=start,
+            text_kv=text_kv,
+            prompt_ids=prompt_ids.to(x.device),
+        )
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, ctx, i)
+        return self.unpatchify(self.head(tokens, e, gh * gw), grid).float()
+
+    def forward(self, x, t, text, flags, prompt_ids=None, mask=None, text_kv=None, shot_phase: float = 1.0 / 6.0):
+        """Full-sequence forward. Positions are 0..F-1 over the given frames (context first).
+
+        mask: optional bool [F*T, F*T] (True = may attend), e.g. `block_causal_mask`.
+        """
+        text_kv = self.encode_text(text) if text_kv is None else text_kv
+        positions = torch.arange(x.shape[2])
+        return self._run(x, t, text_kv, flags, prompt_ids, positions, mask, None, 0, shot_phase)
+
+
+class CausalWanDiT(WanDiT):
+    """The few-step student: per-frame timesteps, block-causal training mask, cached streaming."""
+
+    def forward_cached(self, x, t, text_kv, flags, cache: KVCache, start_frame: int, prompt_ids=None,
+                       shot_phase: float = 1.0 / 6.0):
+        """Run the frames x [B, C, f, h, w] at absolute temporal positions start_frame.. against the cache.
+
+        Their K/V are written into the cache at those frames' slots (overwriting what an earlier denoising
+        step of the same block wrote); queries see every cached frame before start_frame + f.
+        """
+        tpf = self.config.tokens_per_frame(x.shape[3], x.shape[4])
+        positions = torch.arange(start_frame, start_frame + x.shape[2])
+        return self._run(x, t, text_kv, flags, prompt_ids, positions, None, cache, start_frame * tpf, shot_phase)
+
+
+def block_causal_mask(context_frames: int, frames: int, block_frames: int, tokens_per_frame: int, device=None):
+    """Bool [L, L] over [context | shot] tokens: context sees only context; block b sees context + blocks <= b."""
+    block_of = torch.cat([torch.full((context_frames,), -1), torch.arange(frames) // block_frames])  # [Fc+F]
+    allowed = block_of[None, :] <= block_of[:, None]  # key block <= query block; context is block -1
+    allowed = allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+    return allowed.to(device) if device is not None else allowed
+
+
+def prompt_ids_from_flags(flags: torch.Tensor, num_prompts: int) -> torch.Tensor:
+    """Frame -> prompt index: with one prompt everyone sees it; with several, flag k picks prompt k."""
+    if num_prompts == 1:
+        return torch.zeros_like(flags, dtype=torch.long)
+    if int(flags.max()) >= num_prompts:
+        raise ValueError(f"shot flag {int(flags.max())} has no prompt (only {num_prompts} prompts given)")
+    return flags.to(torch.long)

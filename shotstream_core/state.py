@@ -1,0 +1,118 @@
+"""StoryState: the finished shots of a story, immutable from the caller's side.
+
+Generating a shot returns a new state; the old one is untouched, so a failed or interrupted shot loses
+nothing, and an edited later prompt can restart from any earlier state. Only what later shots need is
+kept: captions, seeds, flags, and the decoded frames (future context selection re-encodes a few of them).
+Saved as safetensors (frames) + JSON (everything else); no pickle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ShotGeometry
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShotRecord:
+    global_caption: str
+    caption: str
+    negative: str
+    seed: int
+    flag: int
+    frames: torch.Tensor = field(repr=False)  # uint8 [F, H, W, 3], CPU
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.shape[0]
+
+
+@dataclass(frozen=True)
+class StoryState:
+    model_id: str
+    geometry: ShotGeometry
+    shots: tuple[ShotRecord, ...] = ()
+    story_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def num_shots(self) -> int:
+        return len(self.shots)
+
+    def with_shot(self, record: ShotRecord) -> "StoryState":
+        frames = record.frames
+        expected = (self.geometry.height, self.geometry.width, 3)
+        if frames.dtype != torch.uint8 or tuple(frames.shape[1:]) != expected:
+            raise ValueError(f"shot frames must be uint8 [F, {expected[0]}, {expected[1]}, 3]; got {frames.dtype} {tuple(frames.shape)}")
+        return dataclasses.replace(self, shots=self.shots + (record,))
+
+    def truncate(self, k: int) -> "StoryState":
+        """The story as it was after its first k shots (rollback)."""
+        if not 0 <= k <= self.num_shots:
+            raise ValueError(f"cannot roll back to shot {k}: the story has {self.num_shots} shots (use 0..{self.num_shots})")
+        return dataclasses.replace(self, shots=self.shots[:k])
+
+    def fork(self) -> "StoryState":
+        """An independent branch with the same shots (frames are shared read-only, never written)."""
+        return dataclasses.replace(self, story_id=uuid.uuid4().hex[:12])
+
+    def shot_frames(self, i: int) -> torch.Tensor:
+        """float [F, H, W, 3] in [0, 1]."""
+        return self.shots[i].frames.float() / 255.0
+
+    def frames(self) -> torch.Tensor:
+        if not self.shots:
+            g = self.geometry
+            return torch.zeros(0, g.height, g.width, 3)
+        return torch.cat([self.shot_frames(i) for i in range(self.num_shots)])
+
+    def memory_bytes(self) -> int:
+        return sum(s.frames.numel() for s in self.shots)
+
+    def summary(self) -> str:
+        g = self.geometry
+        lines = [f"story {self.story_id}: {self.num_shots} shots, {g.width}x{g.height}, {g.frames_per_shot} frames/shot "
+                 f"at {g.fps} fps, {self.memory_bytes() / 2**20:.1f} MiB of frames, model {self.model_id}"]
+        for i, s in enumerate(self.shots):
+            lines.append(f"  shot {i + 1} (flag {s.flag}, seed {s.seed}, {s.num_frames} frames): {s.caption}")
+        if self.shots:
+            lines.insert(1, f"  global: {self.shots[-1].global_caption}")
+        return "\n".join(lines)
+
+    # --- persistence ------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write PATH.safetensors (frames) and PATH.json (captions, seeds, flags, geometry)."""
+        path = Path(path).with_suffix(".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "story_id": self.story_id,
+            "geometry": dataclasses.asdict(self.geometry),
+            "shots": [{k: getattr(s, k) for k in ("global_caption", "caption", "negative", "seed", "flag")} for s in self.shots],
+        }
+        tensors = {f"shot{i}.frames": s.frames.contiguous() for i, s in enumerate(self.shots)}
+        save_file(tensors, str(path), metadata={"shotstream_state": str(FORMAT_VERSION)})
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StoryState":
+        path = Path(path).with_suffix(".safetensors")
+        meta_path = path.with_suffix(".json")
+        if not path.exists() or not meta_path.exists():
+            raise FileNotFoundError(f"story state needs both {path.name} and {meta_path.name} in {path.parent}")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path} is not a ShotStream story state of format {FORMAT_VERSION}")
+        tensors = load_file(str(path))
+        shots = tuple(ShotRecord(frames=tensors[f"shot{i}.frames"], **s) for i, s in enumerate(meta["shots"]))
+        return cls(meta["model_id"], ShotGeometry(**meta["geometry"]), shots, meta["story_id"])

@@ -1,0 +1,231 @@
+"""DiT, RoPE, schedule and context rules (issue 2, acceptance 1-5)."""
+import math
+
+import pytest
+import torch
+
+from shotstream_core.cache import KVCache
+from shotstream_core.config import get_preset
+from shotstream_core.context import context_budget, plan_context, select_frame_indices
+from shotstream_core.model import CausalWanDiT, WanDiT, block_causal_mask, prompt_ids_from_flags
+from shotstream_core.rope import RotaryTable, rope_angles, rope_pair_split
+from shotstream_core.schedule import FlowSchedule
+
+CFG = get_preset("micro").dit
+
+
+def make_models(seed=0):
+    torch.manual_seed(seed)
+    student = CausalWanDiT(CFG).eval()
+    teacher = WanDiT(CFG).eval()
+    teacher.load_state_dict(student.state_dict())
+    return teacher, student
+
+
+def rand_text(prompts=1, tokens=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, prompts, tokens, CFG.text_dim, generator=g)
+
+
+def streaming_vs_masked(student, ctx, noise, text, flags, block_frames, timesteps, schedule):
+    """Run the streaming loop and, for every pass, the equivalent masked full forward; return max rel err."""
+    ctx_frames, frames = ctx.shape[2], noise.shape[2]
+    h, w = noise.shape[3:]
+    tpf = CFG.tokens_per_frame(h, w)
+    prompt_ids = prompt_ids_from_flags(flags, text.shape[1])
+    cache = KVCache.for_model(student, 1, ctx_frames + frames, tpf)
+    text_kv = student.encode_text(text)
+    student.forward_cached(ctx, torch.zeros(1, ctx_frames), text_kv, flags[:, :ctx_frames], cache, 0,
+                           prompt_ids[:, :ctx_frames])
+    clean = []
+    worst = 0.0
+    for f0 in range(0, frames, block_frames):
+        f1 = min(f0 + block_frames, frames)
+        sl = slice(ctx_frames + f0, ctx_frames + f1)
+        x = noise[:, :, f0:f1]
+        for k, t in enumerate(timesteps):
+            tf = torch.full((1, f1 - f0), float(t))
+            flow = student.forward_cached(x, tf, text_kv, flags[:, sl], cache, sl.start, prompt_ids[:, sl])
+            # Reference: full sequence [ctx | earlier clean blocks | this block], block-causal mask.
+            seq = torch.cat([ctx, *clean, x], 2)
+            t_all = torch.cat([torch.zeros(1, ctx_frames + f0), tf], 1)
+            mask = block_causal_mask(ctx_frames, f1, block_frames, tpf)
+            full = student(seq, t_all, text, flags[:, : sl.stop], prompt_ids[:, : sl.stop], mask=mask)[:, :, sl]
+            worst = max(worst, ((flow - full).norm() / full.norm()).item())
+            x0 = schedule.x0_from_flow(x, flow, tf)
+            if k + 1 < len(timesteps):
+                x = schedule.add_noise(x0, torch.randn_like(x0), torch.full_like(tf, float(timesteps[k + 1])))
+        student.forward_cached(x0, torch.zeros(1, f1 - f0), text_kv, flags[:, sl], cache, sl.start, prompt_ids[:, sl])
+        clean.append(x0)
+    return worst
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_streaming_equals_block_causal_masked_forward_over_two_shots(grad):
+    with torch.set_grad_enabled(grad):
+        check_two_shots()
+
+
+def check_two_shots():
+    _, student = make_models()
+    sch = FlowSchedule()
+    steps = sch.warp((1000, 750, 500, 250))
+    geo = get_preset("micro").geometry
+    h, w, frames = geo.latent_height, geo.latent_width, geo.latent_frames
+    torch.manual_seed(3)
+    # shot 1: zero context, flag 1; shot 2: context from shot 1 (flag 0), generating with flag 1
+    ctx1 = torch.zeros(1, 16, 6, h, w)
+    flags1 = torch.tensor([[0] * 6 + [1] * frames])
+    err1 = streaming_vs_masked(student, ctx1, torch.randn(1, 16, frames, h, w), rand_text(1), flags1, 3, steps, sch)
+    ctx2 = torch.randn(1, 16, 6, h, w)
+    flags2 = torch.tensor([[0] * 6 + [1] * frames])
+    err2 = streaming_vs_masked(student, ctx2, torch.randn(1, 16, frames, h, w), rand_text(2), flags2, 3, steps, sch)
+    assert err1 <= 1e-5 and err2 <= 1e-5, (err1, err2)
+
+
+def test_streaming_detects_a_wrong_mask():
+    """The equivalence test above can fail: a bidirectional reference disagrees with the cached stream."""
+    _, student = make_models()
+    geo = get_preset("micro").geometry
+    h, w = geo.latent_height, geo.latent_width
+    tpf = CFG.tokens_per_frame(h, w)
+    x = torch.randn(1, 16, 6 + 6, h, w)
+    t = torch.zeros(1, 12)
+    flags = torch.zeros(1, 12, dtype=torch.long)
+    causal = student(x, t, rand_text(), flags, mask=block_causal_mask(6, 6, 3, tpf))
+    full = student(x, t, rand_text(), flags)
+    assert (causal[:, :, 6:9] - full[:, :, 6:9]).abs().max() > 1e-3
+
+
+def test_teacher_and_student_share_weights_and_agree_without_mask():
+    teacher, student = make_models()
+    x = torch.randn(2, 16, 9, 4, 4)
+    t = torch.tensor([300.0, 900.0])
+    flags = torch.tensor([[0] * 6 + [1] * 3] * 2)
+    text = rand_text().expand(2, -1, -1, -1)
+    out_t = teacher(x, t, text, flags)
+    out_s = student(x, t[:, None].expand(2, 9), text, flags)
+    torch.testing.assert_close(out_t, out_s, rtol=1e-5, atol=1e-6)
+    assert set(teacher.state_dict()) == set(student.state_dict())
+
+
+def test_per_frame_timesteps_change_only_their_frames_modulation():
+    _, student = make_models()
+    x = torch.randn(1, 16, 3, 4, 4)
+    flags = torch.zeros(1, 3, dtype=torch.long)
+    t1 = torch.tensor([[500.0, 500.0, 500.0]])
+    t2 = torch.tensor([[500.0, 500.0, 100.0]])
+    mask = block_causal_mask(0, 3, 1, CFG.tokens_per_frame(4, 4))  # frame-causal: frame 2 cannot leak back
+    a = student(x, t1, rand_text(), flags, mask=mask)
+    b = student(x, t2, rand_text(), flags, mask=mask)
+    torch.testing.assert_close(a[:, :, :2], b[:, :, :2])
+    assert (a[:, :, 2] - b[:, :, 2]).abs().max() > 1e-4
+
+
+# --- RoPE ------------------------------------------------------------------------------------------
+
+def wan_plain_angles(head_dim, frames, gh, gw, theta=10000.0):
+    """Plain Wan 3-D RoPE written independently: split real dims d-4(d//6), 2(d//6), 2(d//6)."""
+    d = head_dim
+    dims = [d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)]
+    per_axis = [1.0 / theta ** (torch.arange(0, n, 2, dtype=torch.float64) / n) for n in dims]
+    out = []
+    for f in range(frames):
+        for y in range(gh):
+            for x in range(gw):
+                out.append(torch.cat([f * per_axis[0], y * per_axis[1], x * per_axis[2]]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("head_dim", [128, 64, 32])
+def test_rope_zero_flags_equal_plain_wan(head_dim):
+    got = rope_angles(head_dim, torch.arange(5), torch.zeros(5), 3, 4)
+    torch.testing.assert_close(got, wan_plain_angles(head_dim, 5, 3, 4), rtol=0, atol=1e-12)
+
+
+def test_rope_pair_split_of_wan_head():
+    assert rope_pair_split(128) == (22, 21, 21)
+
+
+def test_rope_flag_adds_exactly_s_over_6_to_temporal_angles_only():
+    hd = 128
+    pt, ph, pw = rope_pair_split(hd)
+    flags = torch.tensor([0, 1, 2, 5, 5])
+    base = rope_angles(hd, torch.arange(5), torch.zeros(5), 2, 3).view(5, 6, -1)
+    got = rope_angles(hd, torch.arange(5), flags, 2, 3).view(5, 6, -1)
+    diff = got - base
+    expected = (flags.double() / 6)[:, None, None].expand(5, 6, pt)
+    torch.testing.assert_close(diff[..., :pt], expected, rtol=0, atol=1e-12)
+    assert diff[..., pt:].abs().max() == 0
+
+
+def test_rotary_table_rotates_adjacent_pairs():
+    angles = torch.tensor([[math.pi / 2]], dtype=torch.float64)  # one token, one pair
+    table = RotaryTable(angles, "cpu")
+    x = torch.tensor([[[[1.0, 0.0]]]])  # [B, L, H, D=2]
+    torch.testing.assert_close(table.apply(x), torch.tensor([[[[0.0, 1.0]]]]), atol=1e-7, rtol=0)
+
+
+# --- schedule --------------------------------------------------------------------------------------
+
+def test_warped_few_step_list_matches_reference():
+    steps = FlowSchedule(1000, 8.0).warp((1000, 740, 500, 260))
+    torch.testing.assert_close(steps, torch.tensor([1000.0, 957.93, 888.89, 737.59]), atol=0.01, rtol=0)
+
+
+def test_add_noise_and_x0_from_flow_invert():
+    sch = FlowSchedule()
+    x0, noise = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 16, 3, 4, 4)
+    t = torch.tensor([[900.0, 500.0, 20.0], [1000.0, 0.0, 300.0]])
+    xt = sch.add_noise(x0, noise, t)
+    torch.testing.assert_close(sch.x0_from_flow(xt, noise - x0, t), x0, atol=1e-5, rtol=1e-5)
+
+
+def test_training_weight_is_zero_at_1000_and_mean_one():
+    sch = FlowSchedule()
+    assert sch.training_weight(torch.tensor([1000.0])).item() == pytest.approx(0.0, abs=1e-6)
+    assert sch.training_weight(sch.timesteps).mean().item() == pytest.approx(1.0, abs=1e-5)
+
+
+# --- context rule ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, expected", [
+    (1, [6]), (2, [3, 3]), (3, [2, 2, 2]), (4, [1, 1, 2, 2]), (5, [1, 1, 1, 1, 2]),
+    (6, [1] * 6), (7, [0] + [1] * 6), (8, [0, 0] + [1] * 6),
+])
+def test_context_budget_matches_reference(n, expected):
+    assert context_budget(n, 6) == expected
+
+
+def test_frame_selection_rounds_linspace_with_endpoints():
+    assert select_frame_indices(0, 80, 1) == [0]
+    assert select_frame_indices(0, 80, 2) == [0, 80]
+    assert select_frame_indices(0, 80, 3) == [0, 40, 80]
+    assert select_frame_indices(0, 80, 6) == [0, 16, 32, 48, 64, 80]
+    assert select_frame_indices(0, 32, 4) == [0, 11, 21, 32]  # 10.67 -> 11, 21.33 -> 21
+
+
+def test_context_plan_flags():
+    first = plan_context([], 6)
+    assert first.zero_context and first.flags == (0,) * 6 and first.shot_flag == 1
+    third = plan_context([33, 33], 6)
+    assert third.picks == ((0, 0), (0, 16), (0, 32), (1, 0), (1, 16), (1, 32))
+    assert third.flags == (0, 0, 0, 1, 1, 1) and third.shot_flag == 2
+    ninth = plan_context([33] * 8, 6)
+    assert ninth.flags == (2, 3, 4, 5, 6, 7) and ninth.shot_flag == 8
+
+
+# --- per-shot cross-attention ----------------------------------------------------------------------
+
+def test_per_shot_cross_attention_isolates_captions():
+    _, student = make_models()
+    x = torch.randn(1, 16, 6, 4, 4)
+    flags = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    text = rand_text(2)
+    ids = prompt_ids_from_flags(flags, 2)
+    base = student(x, torch.full((1, 6), 400.0), text, flags, ids, mask=block_causal_mask(3, 3, 3, 4))
+    other = text.clone()
+    other[0, 1] = torch.randn_like(other[0, 1])  # change shot 1's caption
+    out = student(x, torch.full((1, 6), 400.0), other, flags, ids, mask=block_causal_mask(3, 3, 3, 4))
+    torch.testing.assert_close(out[:, :, :3], base[:, :, :3])  # shot-0 frames do not see it
+    assert (out[:, :, 3:] - base[:, :, 3:]).abs().max() > 1e-4  # its own frames do
