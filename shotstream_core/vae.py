@@ -514,15 +514,12 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
             f"unexpected {unexpected[:5]}, wrong shapes {bad_shape[:5]}"
         )
     state = {k: sd[k].to(dtype=torch.float32 if k in optional else dtype) for k in expected if k in sd}
-    for k in optional - set(sd):
-        state[k] = _default_stat(cfg, k)
+    if optional - set(sd):
+        # Wan's files carry no statistics: the wan2.1 config supplies Wan's, anything else gets 0/1.
+        if cfg.latent_mean is None:
+            warnings.warn(f"{Path(path).name} has no latent_mean/latent_std; using 0/1 per channel "
+                          f"(train the VAE's latent statistics and save them with the weights)")
+        state["latent_mean"] = torch.tensor(cfg.latent_mean or (0.0,) * cfg.z_dim, dtype=torch.float32)
+        state["latent_std"] = torch.tensor(cfg.latent_std or (1.0,) * cfg.z_dim, dtype=torch.float32)
     vae.load_state_dict(state, assign=True)
     return vae.to(device).eval().requires_grad_(False)
-
-
-def _default_stat(cfg: VAEConfig, name: str) -> torch.Tensor:
-    value = getattr(cfg, name)
-    if value is None:
-        warnings.warn(f"VAE file has no {name}; using {'0' if name == 'latent_mean' else '1'} per channel")
-        value = (0.0 if name == "latent_mean" else 1.0,) * cfg.z_dim
-    return torch.tensor(value, dtype=torch.float32)
