@@ -1,0 +1,295 @@
+"""Checkpoint loading: DiT formats, config inference, LoRA merge, and the engine factory.
+
+DiT files users have (shotstream.md section 9):
+  * ShotStream release .pt: {"generator": {"model.<wan key>": tensor}}, read with weights_only=True
+  * Wan2.1 folder: diffusion_pytorch_model*.safetensors (+ .index.json when sharded) + config.json
+  * ComfyUI single file: keys with or without "model.diffusion_model." / "diffusion_model."
+  * this project's own safetensors (config in the file's metadata)
+The config is inferred from tensor shapes; num_heads comes from config.json, file metadata, a matching
+preset, or Wan's head size of 128.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .attention import resolve_backend
+from .config import PRESETS, DiTConfig, Preset, get_preset
+from .model import CausalWanDiT
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
+DIT_MARKER = "patch_embedding.weight"
+BUNDLED_DIR = Path(__file__).parent / "weights"
+
+
+class ModelLoadError(ValueError):
+    """A file that cannot be used: the message names the file and what was expected."""
+
+
+# --- reading files ----------------------------------------------------------------------------------
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors / .pt / .pth file, or of a Wan2.1 model folder. Never runs pickled code."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except SafetensorError as e:
+        raise ModelLoadError(f"{path.name} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(
+            f"{path.name} is a pickle that needs code to load; ShotStream only loads tensors "
+            f"(safetensors, or torch.save of plain tensor dicts): {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:
+        raise ModelLoadError(f"{path.name} could not be read as a torch checkpoint (truncated or not a checkpoint?): {e}") from None
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    """Training checkpoints nest weights: {"generator": {...}, "fake_score": ..., optimiser state}."""
+    if isinstance(obj, dict):
+        for key in ("generator_ema", "generator", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                return _unwrap(obj[key], path)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise ModelLoadError(f"{path.name} holds no tensor dict (found {type(obj).__name__})")
+
+
+def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder} has no .safetensors weights (expected diffusion_pytorch_model*.safetensors)")
+    sd = {}
+    for f in files:
+        sd.update(read_tensors(f))
+    return sd
+
+
+def file_metadata(path: str | Path) -> dict:
+    """The config this project stores in its safetensors metadata, or a Wan folder's config.json."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return json.loads((path / "config.json").read_text())
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except SafetensorError:
+            return {}
+        if "shotstream_config" in meta:
+            return json.loads(meta["shotstream_config"])
+    elif path.parent.joinpath("config.json").exists() and path.suffix == ".safetensors":
+        return json.loads(path.parent.joinpath("config.json").read_text())
+    return {}
+
+
+def strip_dit_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if DIT_MARKER in sd:
+        return sd
+    for prefix in DIT_PREFIXES:
+        if prefix + DIT_MARKER in sd:
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def describe(sd: dict[str, torch.Tensor]) -> str:
+    keys = list(sd)
+    has = lambda frag: any(frag in k for k in keys)  # noqa: E731
+    if has("decoder.") and has("encoder."):
+        return "a VAE (encoder/decoder keys)"
+    if has("relative_attention_bias") or has("token_embedding") or "shared.weight" in sd:
+        return "a T5 / umT5 text encoder"
+    if has("lora_A") or has("lora_down"):
+        return "a LoRA (merge it into a DiT with the LoRA option instead)"
+    return f"an unrecognised checkpoint ({len(keys)} tensors, e.g. {', '.join(sorted(keys)[:3])})"
+
+
+# --- config inference -------------------------------------------------------------------------------
+
+def infer_dit_config(sd: dict[str, torch.Tensor], meta: dict | None = None) -> DiTConfig:
+    """Shapes -> DiTConfig. Works on meta tensors."""
+    meta = meta or {}
+    pe = sd[DIT_MARKER]  # [dim, in_channels, 1, 2, 2]
+    dim, in_ch, patch = pe.shape[0], pe.shape[1], tuple(pe.shape[2:])
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    shape = dict(
+        dim=dim,
+        ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0],
+        num_layers=layers,
+        freq_dim=sd["time_embedding.0.weight"].shape[1],
+        text_dim=sd["text_embedding.0.weight"].shape[1],
+        in_channels=in_ch,
+        out_channels=sd["head.head.weight"].shape[0] // (patch[0] * patch[1] * patch[2]),
+        patch_size=patch,
+    )
+    preset = next((p().dit for p in PRESETS.values()
+                   if all(getattr(p().dit, k) == v for k, v in shape.items())), None)
+    heads = meta.get("num_heads") or (preset.num_heads if preset else None)
+    if heads is None:
+        if dim % 128:
+            raise ModelLoadError(f"cannot infer attention heads for dim {dim}; put num_heads in a config.json beside it")
+        heads = dim // 128
+    text_len = meta.get("text_len") or (preset.text_len if preset else 512)
+    return DiTConfig(num_heads=heads, text_len=text_len, eps=meta.get("eps", 1e-6), **shape)
+
+
+def match_preset(cfg: DiTConfig) -> Preset:
+    """The preset whose DiT this is (geometry, sampler, VAE and text encoder defaults); else 1.3B's defaults."""
+    for make in PRESETS.values():
+        p = make()
+        if p.dit == cfg:
+            return p
+    base = get_preset("wan2.1-t2v-1.3b")
+    return dataclasses.replace(base, name=f"custom-{cfg.dim}x{cfg.num_layers}", dit=cfg)
+
+
+def fingerprint(sd: dict[str, torch.Tensor], cfg: DiTConfig) -> str:
+    """Stable id of the weights: config + a strided sample of every tensor (cheap even at 14B)."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+    for k in sorted(sd):
+        t = sd[k].detach().flatten()
+        sample = t[:: max(1, t.numel() // 64)][:64].float().cpu()
+        h.update(k.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- LoRA -------------------------------------------------------------------------------------------
+
+def merge_lora(sd: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], strength: float = 1.0,
+               alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """W += strength * (alpha / r) * B @ A for PEFT (lora_A/lora_B) or kohya/Comfy (lora_down/lora_up) keys."""
+    out = dict(sd)
+    pairs = {}
+    for key in lora:
+        for down, up in (("lora_A.weight", "lora_B.weight"), ("lora_down.weight", "lora_up.weight")):
+            if key.endswith(down):
+                module = key[: -len(down) - 1]
+                pairs[module] = (key, key[: -len(down)] + up)
+    if not pairs:
+        raise ModelLoadError(f"no LoRA pairs found (expected keys ending in lora_A/lora_B.weight); found {describe(lora)}")
+    for module, (down_key, up_key) in pairs.items():
+        target = module
+        for prefix in ("base_model.model.", "diffusion_model.", "model.diffusion_model.", "lora_unet_"):
+            target = target[len(prefix):] if target.startswith(prefix) else target
+        weight_key = target + ".weight"
+        if weight_key not in out:
+            raise ModelLoadError(f"LoRA targets {weight_key}, which this DiT does not have")
+        a, b = lora[down_key].float(), lora[up_key].float()
+        rank = a.shape[0]
+        module_alpha = lora.get(module + ".alpha")
+        scale = (float(module_alpha) if module_alpha is not None else (alpha or rank)) / rank
+        w = out[weight_key]
+        out[weight_key] = (w.float() + strength * scale * (b @ a)).to(w.dtype)
+    return out
+
+
+# --- DiT + engine -----------------------------------------------------------------------------------
+
+def load_dit_state(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfig]:
+    path = Path(path)
+    sd = strip_dit_prefix(read_tensors(path))
+    if DIT_MARKER not in sd:
+        raise ModelLoadError(
+            f"{path.name} is not a Wan2.1 DiT: it looks like {describe(sd)}. Expected a diffusion transformer "
+            f"(keys like '{DIT_MARKER}', 'blocks.0.self_attn.q.weight'): a ShotStream .pt, a Wan2.1 "
+            "diffusion_pytorch_model.safetensors, or ComfyUI's diffusion_models/wan2.1_t2v_*.safetensors")
+    cfg = infer_dit_config(sd, file_metadata(path))
+    with torch.device("meta"):
+        expected = CausalWanDiT(cfg).state_dict()
+    missing = sorted(set(expected) - set(sd))
+    bad = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or bad:
+        raise ModelLoadError(f"{path.name} is an incomplete Wan DiT for {cfg}: missing {missing[:4]}, wrong shapes {bad[:4]}")
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        warnings.warn(f"{path.name}: ignoring {len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}")
+    return {k: sd[k] for k in expected}, cfg
+
+
+def build_dit(sd, cfg: DiTConfig, dtype=torch.float32, device="cpu", attention="auto") -> CausalWanDiT:
+    with torch.device("meta"):
+        model = CausalWanDiT(cfg, attention_backend=resolve_backend(attention, device))
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def save_dit(model, path: str | Path) -> Path:
+    """Safetensors with the config in the metadata, so loading needs no guessing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, str(path), metadata={"shotstream_config": json.dumps(dataclasses.asdict(model.config))})
+    return path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+def bundled_path(preset: str, part: str) -> Path:
+    return BUNDLED_DIR / preset / f"{part}.safetensors"
+
+
+def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: str = "tiny", dtype: str = "fp32",
+                device: str = "auto", attention: str = "auto", text_encoder_device: str = "cpu",
+                lora_path=None, lora_strength: float = 1.0):
+    """Build a ShotStreamEngine. dit_path None -> the bundled model of `preset` (random weights, with a
+    warning, when no trained weights are bundled for it)."""
+    from .engine import ShotStreamEngine
+    from .text import make_text_encoder
+    from .vae import WanVAE, load_vae
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    torch_dtype, dev = DTYPES[dtype], resolve_device(device)
+    if dit_path is None:
+        dit_path = bundled_path(preset, "dit")
+        if not dit_path.exists():
+            warnings.warn(f"no trained weights bundled for preset {preset!r}: using random weights (seed 0)")
+            base = get_preset(preset)
+            torch.manual_seed(0)
+            sd, cfg = CausalWanDiT(base.dit).state_dict(), base.dit
+        else:
+            sd, cfg = load_dit_state(dit_path)
+    else:
+        sd, cfg = load_dit_state(dit_path)
+    if lora_path is not None:
+        sd = merge_lora(sd, read_tensors(lora_path), lora_strength)
+    p = match_preset(cfg)
+    dit = build_dit(sd, cfg, torch_dtype, dev, attention)
+
+    if vae_path is None:
+        vae_file = bundled_path(p.name, "vae")
+        if vae_file.exists():
+            vae = load_vae(vae_file, torch_dtype, dev)
+        else:
+            if p.vae == "wan2.1":
+                raise ModelLoadError("this DiT needs the Wan2.1 VAE: give vae_path (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)")
+            torch.manual_seed(0)
+            vae = WanVAE(p.vae).to(dev, torch_dtype).eval().requires_grad_(False)
+    else:
+        vae = load_vae(vae_path, torch_dtype, dev)
+    text_encoder = make_text_encoder(p.text_encoder, text_encoder_path, cfg.text_dim, cfg.text_len,
+                                     device=resolve_device(text_encoder_device))
+    return ShotStreamEngine(dit, vae, text_encoder, p, fingerprint(sd, cfg))

@@ -1,0 +1,146 @@
+"""Checkpoint formats, config inference, LoRA merge and wrong-file errors (issue 2, acceptance 6)."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from shotstream_core.config import get_preset
+from shotstream_core.loading import (ModelLoadError, build_dit, infer_dit_config, load_dit_state, merge_lora,
+                                     save_dit)
+from shotstream_core.model import CausalWanDiT, WanDiT
+
+CFG = get_preset("micro").dit
+
+
+@pytest.fixture(scope="module")
+def weights():
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in CausalWanDiT(CFG).state_dict().items()}
+
+
+def run(model, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, 3, 4, 4, generator=g)
+    text = torch.randn(1, 1, 5, CFG.text_dim, generator=g)
+    with torch.no_grad():
+        return model(x, torch.full((1, 3), 600.0), text, torch.ones(1, 3, dtype=torch.long))
+
+
+def write_all_formats(sd, tmp_path):
+    ref = tmp_path / "shotstream_merged.pt"
+    torch.save({"generator": {f"model.{k}": v for k, v in sd.items()}}, ref)
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    save_file(sd, str(wan / "diffusion_pytorch_model.safetensors"))
+    (wan / "config.json").write_text(json.dumps({"_class_name": "WanModel", "dim": CFG.dim, "num_heads": CFG.num_heads,
+                                                "num_layers": CFG.num_layers, "text_len": CFG.text_len}))
+    comfy = tmp_path / "wan2.1_t2v_micro.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, str(comfy))
+    bare = tmp_path / "bare.safetensors"
+    save_file(sd, str(bare))
+    return [ref, wan, comfy, bare]
+
+
+def test_all_formats_load_to_identical_outputs(weights, tmp_path):
+    outs = []
+    for path in write_all_formats(weights, tmp_path):
+        sd, cfg = load_dit_state(path)
+        assert cfg == CFG, path
+        outs.append(run(build_dit(sd, cfg, attention="sdpa")))
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+
+
+def test_own_save_keeps_config_in_metadata(weights, tmp_path):
+    model = build_dit(weights, CFG, attention="sdpa")
+    sd, cfg = load_dit_state(save_dit(model, tmp_path / "dit.safetensors"))
+    assert cfg == CFG
+    torch.testing.assert_close(run(build_dit(sd, cfg, attention="sdpa")), run(model), rtol=0, atol=0)
+
+
+def test_lora_merge_peft_and_kohya_agree_and_change_output(weights, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    rank = 4
+    peft, kohya = {}, {}
+    for layer in range(CFG.num_layers):
+        for mod in ("self_attn.q", "ffn.0"):
+            out_dim = weights[f"blocks.{layer}.{mod}.weight"].shape[0]
+            a = torch.randn(rank, CFG.dim, generator=g) * 0.1
+            b = torch.randn(out_dim, rank, generator=g) * 0.1
+            peft[f"base_model.model.blocks.{layer}.{mod}.lora_A.weight"] = a
+            peft[f"base_model.model.blocks.{layer}.{mod}.lora_B.weight"] = b
+            kohya[f"diffusion_model.blocks.{layer}.{mod}.lora_down.weight"] = a
+            kohya[f"diffusion_model.blocks.{layer}.{mod}.lora_up.weight"] = b
+            kohya[f"diffusion_model.blocks.{layer}.{mod}.alpha"] = torch.tensor(float(rank))
+    merged = merge_lora(weights, peft, strength=0.7)
+    w = "blocks.0.self_attn.q.weight"
+    a = peft["base_model.model.blocks.0.self_attn.q.lora_A.weight"]
+    b = peft["base_model.model.blocks.0.self_attn.q.lora_B.weight"]
+    torch.testing.assert_close(merged[w], weights[w] + 0.7 * b @ a)
+    torch.testing.assert_close(merge_lora(weights, kohya, 0.7)[w], merged[w])
+    # merged file through every format still agrees
+    outs = [run(build_dit(*load_dit_state(p), attention="sdpa")) for p in write_all_formats(merged, tmp_path)]
+    assert (outs[0] - run(build_dit(weights, CFG, attention="sdpa"))).abs().max() > 1e-4
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"])
+def test_real_configs_inferred_from_meta_tensors(preset):
+    cfg = get_preset(preset).dit
+    with torch.device("meta"):
+        sd = WanDiT(cfg).state_dict()
+    assert infer_dit_config(sd) == cfg
+    params = sum(v.numel() for v in sd.values())
+    expected = {"wan2.1-t2v-1.3b": 1.42e9, "wan2.1-t2v-14b": 14.29e9}[preset]
+    assert abs(params - expected) / expected < 0.01, params
+
+
+def test_vae_given_as_dit_is_named(tmp_path):
+    path = tmp_path / "wan_2.1_vae.safetensors"
+    save_file({"encoder.conv1.weight": torch.zeros(2, 3, 3, 3, 3), "decoder.conv1.weight": torch.zeros(2)}, str(path))
+    with pytest.raises(ModelLoadError, match="not a Wan2.1 DiT.*VAE"):
+        load_dit_state(path)
+
+
+def test_text_encoder_given_as_dit_is_named(tmp_path):
+    path = tmp_path / "umt5.safetensors"
+    save_file({"shared.weight": torch.zeros(4, 2), "encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ModelLoadError, match="T5"):
+        load_dit_state(path)
+
+
+def test_truncated_file(weights, tmp_path):
+    path = tmp_path / "dit.safetensors"
+    save_file(weights, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        load_dit_state(path)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/shotstream_pwned",))
+
+
+def test_pickle_with_code_is_refused_and_not_run(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"generator": Evil()}, path)
+    if os.path.exists("/tmp/shotstream_pwned"):
+        os.remove("/tmp/shotstream_pwned")
+    with pytest.raises(ModelLoadError, match="pickle"):
+        load_dit_state(path)
+    assert not os.path.exists("/tmp/shotstream_pwned")
+
+
+def test_missing_file_and_incomplete_dit(weights, tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_dit_state(tmp_path / "nope.safetensors")
+    partial = {k: v for k, v in weights.items() if k != "blocks.1.ffn.2.weight"}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ModelLoadError, match="incomplete"):
+        load_dit_state(tmp_path / "partial.safetensors")
