@@ -1,0 +1,56 @@
+// ShotStream web extension (small on purpose).
+//  * ?load=<workflow> in the page address loads one of the pack's workflows (served by the pack at
+//    /shotstream/workflows/<name>.json) or any same-server URL starting with "/". Tests and docs use it:
+//    http://127.0.0.1:8188/?load=story_3shot_starter.json
+//  * Story State nodes show their summary text after they run.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
+
+const WORKFLOWS = "/shotstream/workflows";
+
+async function fetchWorkflow(name) {
+  const url = name.startsWith("/") ? name : `${WORKFLOWS}/${encodeURIComponent(name)}`;
+  const resp = name.startsWith("/") ? await fetch(url) : await api.fetchApi(url);
+  if (!resp.ok) throw new Error(`ShotStream: cannot load workflow ${name} (${resp.status} from ${url})`);
+  return await resp.json();
+}
+
+async function loadFromAddress() {
+  const name = new URLSearchParams(window.location.search).get("load");
+  if (!name) return;
+  try {
+    const graph = await fetchWorkflow(name);
+    await app.loadGraphData(graph);
+    window.shotstreamLoaded = { name, nodes: graph.nodes.length };  // read by the browser test
+  } catch (err) {
+    console.error(err);
+    window.shotstreamLoadError = String(err);
+  }
+}
+
+function showText(node, lines) {
+  let widget = node.widgets?.find((w) => w.name === "summary");
+  if (!widget) {
+    widget = ComfyWidgets.STRING(node, "summary", ["STRING", { multiline: true }], app).widget;
+    widget.options.serialize = false;  // display only: never sent as an input
+    if (widget.inputEl) widget.inputEl.readOnly = true;
+  }
+  widget.value = lines.join("\n");
+  node.setSize(node.computeSize());
+}
+
+app.registerExtension({
+  name: "ShotStream.Workflows",
+  async setup() {
+    await loadFromAddress();  // runs after the app restored its last workflow, so ?load= wins
+  },
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== "CacheState") return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      if (message?.text) showText(this, message.text);
+    };
+  },
+});
