@@ -1,0 +1,149 @@
+"""Video output: an incremental writer (.mp4 H.264 via PyAV, animated .webp via Pillow) and a reader.
+
+Frames are [N, H, W, 3], float in [0, 1] or uint8 (numpy or torch), the layout ComfyUI and the engine use.
+The mp4 writer encodes each block as it arrives, so a streaming shot is on disk as soon as it is decoded.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+SUFFIXES = (".mp4", ".webp")
+
+
+def to_uint8(frames) -> np.ndarray:
+    """[N, H, W, 3] (or one [H, W, 3] frame), float in [0, 1] or uint8, numpy or torch -> uint8 [N, H, W, 3]."""
+    if hasattr(frames, "detach"):  # torch tensor
+        frames = frames.detach().cpu()
+        frames = frames.float().numpy() if frames.dtype.is_floating_point else frames.numpy()
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [N, H, W, 3] (RGB, channels last), got shape {frames.shape}")
+    if frames.dtype == np.uint8:
+        return np.ascontiguousarray(frames)
+    if not np.issubdtype(frames.dtype, np.floating):
+        raise ValueError(f"frames must be float in [0, 1] or uint8, got {frames.dtype}")
+    return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _frame_durations_ms(count: int, fps: float) -> list[int]:
+    # Whole milliseconds that add up to the exact clip length (16 fps -> 62, 63, 62, 63, ...).
+    return [round((i + 1) * 1000 / fps) - round(i * 1000 / fps) for i in range(count)]
+
+
+class VideoWriter:
+    """Write frames incrementally: `with VideoWriter("out.mp4", fps=16) as w: w.write(block)`.
+
+    .mp4: H.264, yuv420p (even width and height), CRF `crf` (18 is visually near-lossless).
+    .webp: animated WebP (Pillow), frames buffered until close(); `quality` 0-100.
+    """
+
+    def __init__(self, path: str | Path, fps: float = 16, crf: int = 18, quality: int = 90):
+        self.path = Path(path)
+        if self.path.suffix.lower() not in SUFFIXES:
+            raise ValueError(f"unsupported video type {self.path.suffix!r}; use one of {SUFFIXES}")
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.fps, self.crf, self.quality = fps, crf, quality
+        self.frames_written = 0
+        self._size: tuple[int, int] | None = None  # (H, W)
+        self._container = self._stream = None
+        self._buffer: list[np.ndarray] = []  # webp only
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def is_mp4(self) -> bool:
+        return self.path.suffix.lower() == ".mp4"
+
+    def _open_mp4(self, height: int, width: int) -> None:
+        import av
+
+        if height % 2 or width % 2:
+            raise ValueError(f"mp4 (yuv420p) needs even width and height, got {width}x{height}; crop or pad by 1")
+        self._container = av.open(str(self.path), mode="w")
+        self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
+        self._stream.width, self._stream.height = width, height
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = {"crf": str(self.crf), "preset": "fast"}
+
+    def write(self, frames) -> None:
+        """Append frames [N, H, W, 3] (float 0..1 or uint8) or a single [H, W, 3] frame."""
+        if self._closed:
+            raise RuntimeError(f"VideoWriter for {self.path} is closed")
+        frames = to_uint8(frames)
+        size = frames.shape[1:3]
+        if self._size is None:
+            self._size = size
+            if self.is_mp4:
+                self._open_mp4(*size)
+        elif size != self._size:
+            raise ValueError(f"frame size {size[1]}x{size[0]} differs from this video's {self._size[1]}x{self._size[0]}")
+        if self.is_mp4:
+            import av
+
+            for frame in frames:
+                for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    self._container.mux(packet)
+        else:
+            self._buffer.extend(frames)
+        self.frames_written += len(frames)
+
+    def close(self) -> None:
+        """Flush and finalise the file (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.frames_written == 0:
+            return  # nothing to write: no file is created
+        if self.is_mp4:
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+            self._container.close()
+        else:
+            from PIL import Image
+
+            images = [Image.fromarray(f) for f in self._buffer]
+            images[0].save(self.path, format="WEBP", save_all=True, append_images=images[1:], loop=0,
+                           duration=_frame_durations_ms(len(images), self.fps), quality=self.quality)
+            self._buffer.clear()
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_video(path: str | Path) -> tuple[np.ndarray, float]:
+    """(uint8 frames [N, H, W, 3], fps) of an .mp4 or animated .webp file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such video: {path}")
+    if path.suffix.lower() == ".webp":
+        from PIL import Image, ImageSequence
+
+        with Image.open(path) as im:
+            frames, durations = [], []
+            for frame in ImageSequence.Iterator(im):
+                frames.append(np.asarray(frame.convert("RGB")))
+                durations.append(frame.info.get("duration", 0))
+        fps = 1000.0 * len(durations) / sum(durations) if sum(durations) else 0.0
+        # Durations are whole milliseconds, so the rate is known to about 1%: snap to a whole fps near it.
+        if fps and abs(fps - round(fps)) < 0.01 * fps:
+            fps = float(round(fps))
+        return np.stack(frames), fps
+
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        rate = stream.average_rate or stream.guessed_rate
+    if not frames:
+        raise ValueError(f"{path} has no video frames")
+    return np.stack(frames), float(rate)
