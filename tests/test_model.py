@@ -229,3 +229,20 @@ def test_per_shot_cross_attention_isolates_captions():
     out = student(x, torch.full((1, 6), 400.0), other, flags, ids, mask=block_causal_mask(3, 3, 3, 4))
     torch.testing.assert_close(out[:, :, :3], base[:, :, :3])  # shot-0 frames do not see it
     assert (out[:, :, 3:] - base[:, :, 3:]).abs().max() > 1e-4  # its own frames do
+
+
+def test_teacher_grid_saves_exactly_the_student_times():
+    from shotstream_core.teacher import sample_teacher, teacher_sigmas
+
+    grid = teacher_sigmas(50, 8.0)[:-1] * 1000
+    student_t = FlowSchedule().warp(get_preset("tiny").sampler.denoising_steps)
+    for t in student_t:
+        assert (grid - t).abs().min() < 1e-3, t  # on the grid, so ODE pairs are exact teacher states
+    teacher, _ = make_models()
+    ctx, noise = torch.zeros(1, 16, 6, 4, 4), torch.randn(1, 16, 3, 4, 4)
+    flags = torch.tensor([[0] * 6 + [1] * 3])
+    x0, saved = sample_teacher(teacher, ctx, noise, rand_text(), flags, uncond_text=torch.zeros(1, 1, 5, CFG.text_dim),
+                               steps=50, guidance=3.0, save_at=[float(t) for t in student_t])
+    assert set(saved) == {float(t) for t in student_t}
+    torch.testing.assert_close(saved[float(student_t[0])], noise)  # step 0 is pure noise
+    assert torch.isfinite(x0).all() and x0.shape == noise.shape

@@ -1,0 +1,45 @@
+"""Sampling the bidirectional next-shot teacher: Euler over the shifted flow schedule with CFG.
+
+Used for ODE-pair generation (stage 2 of training) and as the teacher row of the evaluation. The teacher
+sees [clean context | noisy shot] with full attention and one timestep per sample; the context frames get
+the same t as the shot, as in the reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model import WanDiT
+
+
+def teacher_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """steps+1 sigmas from 1 to 0 on the shifted grid (Wan's flow-matching sampler)."""
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+@torch.no_grad()
+def sample_teacher(teacher: WanDiT, context, noise, text, flags, prompt_ids=None, uncond_text=None,
+                   steps: int = 50, guidance: float = 6.0, shift: float = 8.0, save_at=(), num_train_timesteps=1000,
+                   shot_phase: float = 1.0 / 6.0):
+    """context [B, C, Fc, h, w] clean; noise [B, C, F, h, w]; text/uncond_text [B, P, S, text_dim];
+    flags / prompt_ids [B, Fc+F]. Returns (x0 [B, C, F, h, w], {t: x_t} for every t in save_at that lies
+    on the grid, matched to the nearest grid step)."""
+    sigmas = teacher_sigmas(steps, shift)
+    grid_t = sigmas[:-1] * num_train_timesteps
+    wanted = {int((grid_t - t).abs().argmin()): t for t in save_at}
+    text_kv = teacher.encode_text(text)
+    uncond_kv = teacher.encode_text(uncond_text) if (uncond_text is not None and guidance != 1.0) else None
+    fc = context.shape[2]
+    x = noise.float()
+    saved = {}
+    for i in range(steps):
+        if i in wanted:
+            saved[wanted[i]] = x.clone()
+        t = torch.full((x.shape[0],), float(grid_t[i]), device=x.device)
+        seq = torch.cat([context.float(), x], 2)
+        v = teacher(seq, t, None, flags, prompt_ids, text_kv=text_kv, shot_phase=shot_phase)[:, :, fc:]
+        if uncond_kv is not None:
+            v_u = teacher(seq, t, None, flags, prompt_ids, text_kv=uncond_kv, shot_phase=shot_phase)[:, :, fc:]
+            v = v_u + guidance * (v - v_u)
+        x = x + float(sigmas[i + 1] - sigmas[i]) * v
+    return x, saved
