@@ -8,6 +8,7 @@ The input StoryState is never modified; the new state exists only once the last 
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -149,7 +150,10 @@ class ShotStreamEngine:
         """[1, P, S, text_dim]: the prompt of every shot so far (one prompt for the first shot)."""
         shots = [(s.global_caption, s.caption) for s in state.shots] + [(request.global_caption, request.caption)]
         count = self.prompts.encoder.count_tokens
-        texts = [build_shot_prompt(g, c, i, count, self.text_max_tokens) for i, (g, c) in enumerate(shots)]
+        with warnings.catch_warnings():  # earlier shots warned when they were generated
+            warnings.simplefilter("ignore")
+            texts = [build_shot_prompt(g, c, i, count, self.text_max_tokens) for i, (g, c) in enumerate(shots[:-1])]
+        texts.append(build_shot_prompt(*shots[-1], len(shots) - 1, count, self.text_max_tokens))
         feats = [self.prompts.get(t) for t in texts]
         longest = max(f.shape[0] for f in feats)
         padded = torch.zeros(1, len(feats), longest, feats[0].shape[-1], device=self.device)
