@@ -312,8 +312,9 @@ class WanVAE(nn.Module):
 
     # encode ---------------------------------------------------------------------------------------
 
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, 3, F, H, W] in [-1, 1] -> normalised latent mean [B, z, (F-1)//4+1, H/8, W/8] (float32)."""
+    def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, F, H, W] in [-1, 1] -> raw (unnormalised) posterior (mu, log_var), each
+        [B, z, (F-1)//4+1, H/8, W/8], in the VAE's dtype. For training; inference uses `encode`."""
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"encode expects video [B, 3, F, H, W], got shape {tuple(video.shape)}")
         _, _, frames, height, width = video.shape
@@ -325,8 +326,12 @@ class WanVAE(nn.Module):
         # First frame alone, then chunks of `stride` frames, as Wan trains and encodes.
         chunks = [x[:, :, :1]] + [x[:, :, i:i + stride] for i in range(1, frames, stride)]
         h = torch.cat([self.encoder(c, cache) for c in chunks], dim=2)
-        mu, _log_var = self.conv1(h).chunk(2, dim=1)
-        return self.normalize(mu.float())
+        mu, log_var = self.conv1(h).chunk(2, dim=1)
+        return mu, log_var
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, F, H, W] in [-1, 1] -> normalised latent mean [B, z, (F-1)//4+1, H/8, W/8] (float32)."""
+        return self.normalize(self.encode_moments(video)[0].float())
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Each frame encoded alone as a one-frame clip: [N, 3, H, W] -> [N, z, H/8, W/8]."""
@@ -348,22 +353,25 @@ class WanVAE(nn.Module):
         except ValueError as e:
             raise ValueError(f"latents of {h}x{w} decode to {h * s}x{w * s} pixels: {e}") from None
 
-    def _decode_chunks(self, z: torch.Tensor, cache: Cache, first: bool, chunk_frames: int) -> torch.Tensor:
+    def _decode_chunks(self, z: torch.Tensor, cache: Cache, first: bool, chunk_frames: int,
+                       clamp: bool = True) -> torch.Tensor:
         """Decode normalised latents [B, z, f, h, w] continuing from `cache`; `first`: z starts a shot."""
         x = self.conv2(self.denormalize(z.to(self.device, self.dtype)))
         bounds = [0, 1] if first else [0]  # the shot's first latent frame is decoded alone
         bounds += list(range(bounds[-1] + chunk_frames, x.shape[2], chunk_frames))
         bounds = sorted(set(bounds + [x.shape[2]]))
         out = [self.decoder(x[:, :, a:b], cache) for a, b in zip(bounds[:-1], bounds[1:])]
-        return torch.cat(out, dim=2).float().clamp_(-1.0, 1.0)
+        video = torch.cat(out, dim=2).float()
+        return video.clamp(-1.0, 1.0) if clamp else video
 
-    def decode(self, latents: torch.Tensor, chunk_frames: int = 1) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, chunk_frames: int = 1, clamp: bool = True) -> torch.Tensor:
         """Normalised latents [B, z, f, h, w] -> video [B, 3, 4(f-1)+1, 8h, 8w] in [-1, 1] (float32).
 
         chunk_frames: latent frames per decoder call after the first (1 as Wan: least memory).
+        clamp: False for training (keeps gradients of pixels that overshoot [-1, 1]).
         """
         self._check_latents(latents)
-        return self._decode_chunks(latents, {}, first=True, chunk_frames=chunk_frames)
+        return self._decode_chunks(latents, {}, first=True, chunk_frames=chunk_frames, clamp=clamp)
 
 
 class StreamingDecoder:
