@@ -16,12 +16,29 @@ async function fetchWorkflow(name) {
   return await resp.json();
 }
 
+// Show the whole graph (old UIs do not restore the saved view); keeps clear of the floating menu on the right.
+function fitToView(margin = 40, menuWidth = 220) {
+  const nodes = app.graph._nodes;
+  if (!nodes?.length) return;
+  const title = LiteGraph.NODE_TITLE_HEIGHT;
+  const x0 = Math.min(...nodes.map((n) => n.pos[0]));
+  const y0 = Math.min(...nodes.map((n) => n.pos[1] - title));
+  const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+  const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+  const el = app.canvas.canvas;
+  const scale = Math.min(1, (el.clientWidth - 2 * margin - menuWidth) / (x1 - x0), (el.clientHeight - 2 * margin) / (y1 - y0));
+  app.canvas.ds.scale = scale;
+  app.canvas.ds.offset = [margin / scale - x0, margin / scale - y0];  // screen = (pos + offset) * scale
+  app.canvas.setDirty(true, true);
+}
+
 async function loadFromAddress() {
   const name = new URLSearchParams(window.location.search).get("load");
   if (!name) return;
   try {
     const graph = await fetchWorkflow(name);
     await app.loadGraphData(graph);
+    fitToView();
     window.shotstreamLoaded = { name, nodes: graph.nodes.length };  // read by the browser test
   } catch (err) {
     console.error(err);

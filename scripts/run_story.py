@@ -1,0 +1,58 @@
+"""The main job: run the 5-shot example workflow in a real ComfyUI host and write the video + contact sheet.
+
+    python scripts/run_story.py                      # -> out/story/ (mp4, webp, saved state, contact sheet)
+    python scripts/run_story.py --workflow workflows/story_branching.api.json --out out/branching
+
+Starts ComfyUI (fetched once with pip into .cache/comfyui) with this pack on a free localhost port, queues
+the API-format workflow, waits for it, stops the host, and prints where the files are.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+
+from comfy_host import ComfyHost, load_workflow  # noqa: E402
+from contact_sheet import sheet_from_state  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Run a ShotStream workflow in a real ComfyUI host.")
+    parser.add_argument("--workflow", default=str(REPO / "workflows" / "story_5shot_video.api.json"),
+                        help="API-format workflow (default: the 5-shot example)")
+    parser.add_argument("--out", default=str(REPO / "out" / "story"), help="output folder")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the workflow")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out).resolve()
+    prompt = load_workflow(args.workflow)
+    host = ComfyHost(output_dir=out)
+    t0 = time.monotonic()
+    try:
+        with host:
+            print(f"ComfyUI with the ShotStream pack at {host.url} (log: {host.log_path})")
+            result = host.run(prompt, timeout=args.timeout)
+    finally:
+        log_tail = host.log_tail(3000)
+        host.cleanup()
+    if result.status != "success":
+        print(f"workflow failed: {result.error_message or 'interrupted'}\n{log_tail}", file=sys.stderr)
+        return 1
+
+    videos = [host.output_path(v) for v in result.files("videos")]
+    states = [out / (line[len("saved "):] + ".safetensors")
+              for node in result.outputs.values() for line in node.get("text", []) if line.startswith("saved ")]
+    sheets = [sheet_from_state(s, s.with_name(s.stem + "_sheet.png")) for s in states]
+    print(f"done in {time.monotonic() - t0:.1f} s")
+    for label, paths in (("video", videos), ("story state", states), ("contact sheet", sheets)):
+        for p in paths:
+            print(f"{label:>13}: {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Start ComfyUI with the ShotStream pack for interactive use; Ctrl-C stops it.
+
+    python scripts/serve.py                    # http://127.0.0.1:8188
+    python scripts/serve.py --port 8190 --models /path/to/models --output out/serve
+
+Model files go in <models>/shotstream (or vae/, text_encoders/ (clip), diffusion_models/ (unet)); the
+bundled tiny model needs none. Open http://127.0.0.1:PORT/?load=story_5shot_video.json to load an example.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from comfy_host import ComfyHost  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Start ComfyUI with the ShotStream pack.")
+    parser.add_argument("--port", type=int, default=8188)
+    parser.add_argument("--listen", default="127.0.0.1", help="address to bind (default: localhost only)")
+    parser.add_argument("--models", default=str(REPO / ".cache" / "models"), help="models folder")
+    parser.add_argument("--output", default=str(REPO / "out" / "serve"), help="output folder")
+    args = parser.parse_args(argv)
+
+    host = ComfyHost(models_dir=args.models, output_dir=args.output, port=args.port, listen=args.listen)
+    with host:
+        print(f"ComfyUI with the ShotStream pack: {host.url}")
+        print(f"  examples: {host.url}/?load=story_3shot_starter.json  (also story_5shot_video.json, "
+              "story_branching.json)")
+        print(f"  models:   {host.models_dir}/shotstream   outputs: {host.output_dir}   log: {host.log_path}")
+        print("Ctrl-C to stop.", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            while host.proc.poll() is None:
+                time.sleep(1)
+            print(f"ComfyUI exited ({host.proc.returncode}); log:\n{host.log_tail()}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("stopping")
+    host.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The pack without a host: it imports, its node definitions are complete, and its nodes drive the engine.
+
+Node functions are called directly, with the engine. Most behaviour is checked on the micro preset (fast);
+one test goes through LoadShotStream with the bundled tiny model.
+"""
+import importlib.util
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from shotstream_core.loading import load_engine
+from shotstream_core.state import StoryState
+
+NODE_NAMES = {"LoadShotStream", "ShotPrompt", "NextShotGenerate", "CacheState", "VideoCombine"}
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    return pack.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def host(pack):
+    return pack.nodes.comfy_adapter
+
+
+@pytest.fixture(scope="module")
+def micro():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: no micro model is bundled
+        return load_engine(preset="micro", device="cpu")
+
+
+@pytest.fixture()
+def out_dir(tmp_path, host):
+    host.set_standalone_dirs(output=tmp_path)
+    return tmp_path
+
+
+def prompt(nodes, caption="wide shot, still.", seed=0, **kw):
+    return nodes["ShotPrompt"]().build("a red circle.", caption, seed=seed, **kw)[0]
+
+
+def shot(nodes, engine, p, state=None, geometry=None):
+    g = geometry or engine.geometry
+    return nodes["NextShotGenerate"]().generate(engine, p, g.width, g.height, g.frames_per_shot, state=state)
+
+
+# --- the pack as a host sees it --------------------------------------------------------------------
+
+def test_pack_imports_without_a_host(pack, host):
+    assert set(pack.NODE_CLASS_MAPPINGS) == NODE_NAMES
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == NODE_NAMES
+    assert not host.HAS_HOST and "folder_paths" not in sys.modules
+    web = Path(pack.__file__).parent / pack.WEB_DIRECTORY
+    assert list(web.glob("*.js")), "WEB_DIRECTORY holds the JS extension"
+
+
+@pytest.mark.parametrize("name", sorted(NODE_NAMES))
+def test_node_definition_is_complete(nodes, name):
+    cls = nodes[name]
+    assert cls.CATEGORY == "ShotStream" and len(cls.DESCRIPTION) > 40
+    assert callable(getattr(cls(), cls.FUNCTION))
+    assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
+    types = cls.INPUT_TYPES()
+    assert set(types) <= {"required", "optional", "hidden"}
+    for group in ("required", "optional"):
+        for input_name, spec in types.get(group, {}).items():
+            assert len(spec) == 2 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+def test_next_shot_validation_names_the_problem_and_the_fix(nodes):
+    cls = nodes["NextShotGenerate"]
+    assert cls.VALIDATE_INPUTS(width=64, height=64, frames_per_shot=33) is True
+    msg = cls.VALIDATE_INPUTS(width=72, height=64, frames_per_shot=33)
+    assert "divisible by 16" in msg and "72" in msg and "80" in msg
+    msg = cls.VALIDATE_INPUTS(width=64, height=64, frames_per_shot=32)
+    assert "4k+1" in msg and "29" in msg and "33" in msg
+    assert cls.VALIDATE_INPUTS(width=None, height=None, frames_per_shot=None) is True  # linked: checked later
+
+
+def test_shot_prompt_rejects_an_empty_caption(nodes):
+    cls = nodes["ShotPrompt"]
+    assert "caption is empty" in cls.VALIDATE_INPUTS(caption="   ", frames=0)
+    assert "4k+1" in cls.VALIDATE_INPUTS(caption="ok", frames=10)
+    assert cls.VALIDATE_INPUTS(caption="ok", frames=0) is True
+    with pytest.raises(ValueError, match="caption is empty"):
+        cls().build("g", "")
+
+
+def test_missing_model_file_names_the_file_and_the_folders(nodes, host, tmp_path):
+    host.set_standalone_dirs(models={"dit": [tmp_path / "shotstream"]})
+    cls = nodes["LoadShotStream"]
+    msg = cls.VALIDATE_INPUTS(dit_name="wan_missing.safetensors", vae_name="auto", text_encoder_name="auto")
+    assert "wan_missing.safetensors" in msg and str(tmp_path / "shotstream") in msg and "bundled: tiny" in msg
+    with pytest.raises(FileNotFoundError, match="wan_missing"):
+        cls().load("wan_missing.safetensors", "auto", "auto")
+
+
+def test_model_lists_come_from_the_model_folders(nodes, host, tmp_path):
+    folder = tmp_path / "shotstream"
+    folder.mkdir()
+    (folder / "story_dit.safetensors").write_bytes(b"x")
+    (folder / "notes.txt").write_text("not a model")
+    host.set_standalone_dirs(models={"dit": [folder], "vae": [folder]})
+    choices = nodes["LoadShotStream"].INPUT_TYPES()["required"]["dit_name"][0]
+    assert choices == ["bundled: tiny", "story_dit.safetensors"]
+    # a file that is there but is no DiT: a load error that says what the file is not
+    with pytest.raises(ValueError, match="story_dit.safetensors"):
+        nodes["LoadShotStream"]().load("story_dit.safetensors", "auto", "auto")
+
+
+# --- generation ------------------------------------------------------------------------------------
+
+def test_first_shot_starts_a_story_and_streams_previews(nodes, micro):
+    node = nodes["NextShotGenerate"]()
+    state, frames = shot(nodes, micro, prompt(nodes))
+    g = micro.geometry
+    assert isinstance(state, StoryState) and state.num_shots == 1
+    assert frames.shape == (g.frames_per_shot, g.height, g.width, 3) and 0 <= frames.min() <= frames.max() <= 1
+    node.generate(micro, prompt(nodes), g.width, g.height, g.frames_per_shot)
+    blocks = math.ceil(g.latent_frames / micro.sampler.block_frames)
+    assert node.last_progress.previews == blocks  # one preview per decoded block
+    assert node.last_progress.value == node.last_progress.total  # the bar reached the end
+
+
+def test_shots_never_mutate_the_incoming_state_and_are_deterministic(nodes, micro):
+    s1, _ = shot(nodes, micro, prompt(nodes, seed=1))
+    s2a, f2a = shot(nodes, micro, prompt(nodes, "medium shot, moving left.", seed=2), s1)
+    assert s1.num_shots == 1 and s2a.num_shots == 2
+    s2b, f2b = shot(nodes, micro, prompt(nodes, "medium shot, moving left.", seed=2), s1)
+    assert torch.equal(f2a, f2b)  # same seeds, same state: same frames
+    s2c, f2c = shot(nodes, micro, prompt(nodes, "close-up, moving up.", seed=3), s1)
+    assert not torch.equal(f2a, f2c) and s1.num_shots == 1  # an edited shot 2 re-runs from the untouched shot 1
+
+
+def test_interrupt_leaves_the_state_and_a_rerun_matches(nodes, micro, host, monkeypatch):
+    s1, _ = shot(nodes, micro, prompt(nodes, seed=1))
+    _, reference = shot(nodes, micro, prompt(nodes, "wide shot, moving right.", seed=5), s1)
+
+    class Interrupted(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def interrupt_on_third_step():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Interrupted()
+
+    monkeypatch.setattr(host, "throw_if_interrupted", interrupt_on_third_step)
+    with pytest.raises(Interrupted):
+        shot(nodes, micro, prompt(nodes, "wide shot, moving right.", seed=5), s1)
+    assert s1.num_shots == 1
+    _, again = shot(nodes, micro, prompt(nodes, "wide shot, moving right.", seed=5), s1)
+    assert torch.equal(again, reference)
+
+
+def test_frames_of_a_shot_must_match_the_story(nodes, micro):
+    s1, _ = shot(nodes, micro, prompt(nodes))
+    with pytest.raises(ValueError, match="frames per shot"):
+        shot(nodes, micro, prompt(nodes, frames=micro.geometry.frames_per_shot + 4), s1)
+
+
+def test_a_state_from_another_model_is_rejected(nodes, micro):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny = nodes["LoadShotStream"]().load("bundled: tiny", "auto", "auto", device="cpu")[0]
+    defaults = nodes["NextShotGenerate"].INPUT_TYPES()["required"]
+    assert defaults["width"][1]["default"] == tiny.geometry.width  # widget defaults follow the bundled model
+    assert defaults["frames_per_shot"][1]["default"] == tiny.geometry.frames_per_shot
+    assert tiny.model_id != micro.model_id
+    with pytest.raises(ValueError, match="generated by model"):
+        shot(nodes, micro, prompt(nodes), tiny.new_story())  # rejected before any work
+
+
+# --- CacheState -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def three_shots(pack, micro):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    state = None
+    for k in range(3):
+        state, _ = shot(nodes, micro, prompt(nodes, f"wide shot, shot {k + 1}.", seed=k), state)
+    return state
+
+
+def test_cache_state_actions(nodes, three_shots, out_dir):
+    node = nodes["CacheState"]()
+    out = node.apply("show", 1, "x", three_shots)
+    assert out["result"][0] is three_shots and "3 shots" in out["ui"]["text"][0]
+    assert node.apply("reset", 1, "x", three_shots)["result"][0].num_shots == 0
+    rolled = node.apply("rollback", 2, "x", three_shots)["result"][0]
+    assert rolled.num_shots == 2 and three_shots.num_shots == 3
+    forked = node.apply("fork", 0, "x", three_shots)["result"][0]
+    assert forked.story_id != three_shots.story_id and forked.num_shots == 3
+    with pytest.raises(ValueError, match="0..3"):
+        node.apply("rollback", 7, "x", three_shots)
+    with pytest.raises(ValueError, match="needs a story state"):
+        node.apply("show", 1, "x", None)
+
+
+def test_cache_state_save_and_load_round_trip(nodes, three_shots, out_dir):
+    node = nodes["CacheState"]()
+    saved = node.apply("save", 0, "stories/demo", three_shots)
+    assert "saved stories/demo_00001" in saved["ui"]["text"]
+    assert (out_dir / "stories" / "demo_00001.safetensors").is_file()
+    assert "demo_00002" in node.apply("save", 0, "stories/demo", three_shots)["ui"]["text"][1]
+    loaded = node.apply("load", 0, "stories/demo_00001", None)["result"][0]
+    assert loaded.num_shots == 3 and torch.equal(loaded.frames(), three_shots.frames())
+    with pytest.raises(FileNotFoundError, match="demo_00001"):
+        node.apply("load", 0, "stories/nope", None)
+    with pytest.raises(ValueError, match="relative name"):
+        node.apply("save", 0, "../outside", three_shots)
+
+
+# --- VideoCombine ---------------------------------------------------------------------------------
+
+def test_video_combine_writes_the_story(nodes, three_shots, out_dir):
+    from shotstream_core.video import read_video
+
+    g = three_shots.geometry
+    out = nodes["VideoCombine"]().combine(16, "mp4 + webp", "ShotStream/test", state=three_shots)
+    frames, path = out["result"]
+    assert frames.shape == (3 * g.frames_per_shot, g.height, g.width, 3)
+    assert path == str(out_dir / "ShotStream" / "test_00001.mp4")
+    video, fps = read_video(path)
+    assert video.shape == (3 * g.frames_per_shot, g.height, g.width, 3) and fps == 16
+    assert (out_dir / "ShotStream" / "test_00001.webp").is_file()
+    assert [v["format"] for v in out["ui"]["videos"]] == ["mp4", "webp"]
+    assert out["ui"]["images"][0]["filename"] == "test_00001.webp"
+
+
+def test_video_combine_appends_images_and_checks_inputs(nodes, three_shots, out_dir):
+    g = three_shots.geometry
+    extra = three_shots.shot_frames(0)
+    out = nodes["VideoCombine"]().combine(8, "mp4", "joined", images=extra, state=three_shots)
+    assert out["result"][0].shape[0] == 4 * g.frames_per_shot
+    assert out["ui"]["images"][0]["type"] == "temp"  # a WebP preview for UIs that show only images
+    with pytest.raises(ValueError, match="nothing to write"):
+        nodes["VideoCombine"]().combine(8, "mp4", "x")
+    with pytest.raises(ValueError, match="differ in size"):
+        nodes["VideoCombine"]().combine(8, "mp4", "x", images=torch.zeros(2, g.height + 16, g.width, 3),
+                                        state=three_shots)
