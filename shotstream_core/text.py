@@ -509,7 +509,8 @@ class UMT5Encoder:
         if missing or bad_shape:
             raise ValueError(f"{Path(weights).name} does not match a umT5 encoder of {cfg}: missing "
                              f"{missing[:5]}, wrong shapes {bad_shape[:5]}")
-        model.load_state_dict({k: sd[k].to(dtype) for k in expected}, assign=True)
+        # pop as we convert: a 5.7B-parameter file is never held twice
+        model.load_state_dict({k: sd.pop(k).to(dtype) for k in expected}, assign=True)
         return cls(model.to(device), tok, max_tokens)
 
     def count_tokens(self, text: str) -> int:
