@@ -1,0 +1,468 @@
+"""Shared training infrastructure: configs, torchrun/DDP setup, checkpoints, logs, and the step loop.
+
+Every stage is `python -m training.<stage> --config YAML [--set key=value ...]` and runs unchanged under
+`torchrun --nproc_per_node N` (gloo on CPU, NCCL on CUDA). Resume is exact: a stage that is stopped after
+n steps and restarted reaches the same weights at step N as an uninterrupted run, because every random
+draw of a step comes from a generator seeded by (seed, step, rank) and the optimiser state is saved.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+
+# --- configs ---------------------------------------------------------------------------------------
+
+@dataclass
+class StageConfig:
+    """Fields every stage has. Stages subclass this and add their own."""
+
+    out_dir: str = "runs/tiny/stage"
+    preset: str = "tiny"
+    seed: int = 0
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # wall-clock budget over all resumes of the stage; 0 = none
+    batch_size: int = 8  # per process
+    lr: float = 2e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = False  # autocast on CUDA
+    grad_checkpointing: bool = False
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+def _coerce(value, typ):
+    """YAML value -> the dataclass field's type (tuples from lists, floats from ints)."""
+    origin = typing.get_origin(typ)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and isinstance(value, str):
+        low = value.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):  # the reference parsed "False" as True; we do not
+            return False
+        raise ValueError(f"{value!r} is not a boolean (use true/false)")
+    return value
+
+
+def load_stage_config(cls, path=None, overrides=()):
+    """Dataclass `cls` from a YAML file plus "key=value" overrides (values parsed as YAML)."""
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path}")
+        values.update(yaml.safe_load(path.read_text()) or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = yaml.safe_load(raw)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+    return cls(**{k: _coerce(v, hints[k]) for k, v in values.items()})
+
+
+def save_config(cfg, path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+# --- distributed -----------------------------------------------------------------------------------
+
+class Dist:
+    """The process group of this run (world 1 without torchrun)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, device=torch.device("cpu")):
+        self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
+
+    @classmethod
+    def init(cls, device: str = "auto") -> "Dist":
+        use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device cuda requested but CUDA is not available; use device=cpu or auto")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(local)
+            dev = torch.device("cuda", local)
+        else:
+            dev = torch.device("cpu")
+        if world > 1 and not torch_dist.is_initialized():
+            torch_dist.init_process_group("nccl" if use_cuda else "gloo")
+        return cls(rank, world, local, dev)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def wrap(self, model: nn.Module, fsdp: bool = False) -> nn.Module:
+        """DDP over the process group (FSDP on CUDA if asked); the model itself when world is 1."""
+        if not self.distributed:
+            return model
+        if fsdp:
+            if self.device.type != "cuda":
+                raise ValueError("FSDP is for CUDA runs; on CPU use DDP (fsdp=false)")
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel(model, device_id=self.device)
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch_dist.barrier()
+
+    def all_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.distributed:
+            return t
+        t = t.detach().clone()
+        torch_dist.all_reduce(t)
+        return t / self.world_size
+
+    def close(self) -> None:
+        if self.distributed and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, rank, stream): what makes resume exact."""
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed, step, rank, stream]).generate_state(1)[0]))
+    return g
+
+
+class StepBatches:
+    """Which dataset items each process gets at a step: DistributedSampler epochs, indexed by step."""
+
+    def __init__(self, length: int, batch_size: int, dist: Dist, seed: int):
+        from torch.utils.data import DistributedSampler
+
+        if length < dist.world_size * batch_size:
+            raise ValueError(f"{length} items cannot fill a batch of {batch_size} on {dist.world_size} "
+                             f"process(es); lower batch_size or add data")
+        self.sampler = DistributedSampler(range(length), num_replicas=dist.world_size, rank=dist.rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.per_epoch = len(self.sampler) // batch_size
+        self._epoch, self._order = None, None
+
+    def indices(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch, self._order = epoch, list(iter(self.sampler))
+        return self._order[k * self.batch_size:(k + 1) * self.batch_size]
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]),
+                   "gauss": py_state[2] if py_state[2] is None else float(py_state[2])},
+    }
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+class Checkpointer:
+    """out_dir/checkpoints/step_XXXXXXXX/{<module>.safetensors, state.pt}; written to a temp folder and
+    renamed, so a run killed mid-save leaves the previous checkpoint intact."""
+
+    def __init__(self, out_dir, keep: int = 2):
+        self.root = Path(out_dir) / "checkpoints"
+        self.keep = keep
+
+    def _dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if (p / "state.pt").is_file())
+
+    def latest_step(self) -> int | None:
+        dirs = self._dirs()
+        return int(dirs[-1].name[5:]) if dirs else None
+
+    def path(self, step: int | None = None) -> Path:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.root}")
+        return self.root / f"step_{step:08d}"
+
+    def save(self, step: int, modules: dict, optimizers: dict, extra: dict | None = None) -> Path:
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp_step_{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, module in modules.items():
+            sd = {k: v.detach().contiguous().cpu() for k, v in unwrap(module).state_dict().items()}
+            save_file(sd, str(tmp / f"{name}.safetensors"))
+        state = {"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                 "rng": _rng_state(), "extra": dict(extra or {})}
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in self._dirs()[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, modules: dict, optimizers: dict | None = None, step: int | None = None) -> tuple[int, dict]:
+        folder = self.path(step)
+        for name, module in modules.items():
+            sd = load_file(str(folder / f"{name}.safetensors"))
+            unwrap(module).load_state_dict(sd)
+        state = torch.load(folder / "state.pt", weights_only=True)
+        for name, opt in (optimizers or {}).items():
+            opt.load_state_dict(state["optimizers"][name])
+        _set_rng_state(state["rng"])
+        return int(state["step"]), state["extra"]
+
+    def weights(self, name: str, step: int | None = None) -> dict:
+        return load_file(str(self.path(step) / f"{name}.safetensors"))
+
+
+# --- logging ---------------------------------------------------------------------------------------
+
+class Logger:
+    """log.jsonl (one line per logged step), a tqdm bar with the loss and step time, loss.png."""
+
+    def __init__(self, out_dir, total_steps: int, enabled: bool = True, start: int = 0, desc: str = ""):
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.out_dir / "log.jsonl", "a")
+            self.bar = tqdm(total=total_steps, initial=start, desc=desc or self.out_dir.name,
+                            dynamic_ncols=True, mininterval=5.0)
+        self._last = time.perf_counter()
+
+    def log(self, step: int, **scalars) -> None:
+        now = time.perf_counter()
+        scalars = {k: float(v) for k, v in scalars.items()}
+        scalars.setdefault("step_time", now - self._last)
+        self._last = now
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        self.file.flush()
+        shown = {k: f"{v:.4g}" for k, v in scalars.items() if "loss" in k or k == "step_time"}
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.n = step
+        self.bar.refresh()
+
+    def plot(self) -> Path | None:
+        if not self.enabled:
+            return None
+        return plot_log(self.out_dir / "log.jsonl", self.out_dir / "loss.png")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.file.close()
+
+
+def read_log(path) -> list[dict]:
+    """Entries of a log.jsonl; after a resume the later entry of a step wins."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            d = json.loads(line)
+            by_step[d["step"]] = d
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def plot_log(log_path, png_path, keys=None) -> Path | None:
+    """Every scalar with "loss" in its name against the step (raw, faint, and a moving average)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_log(log_path)
+    if not rows:
+        return None
+    keys = keys or sorted({k for r in rows for k in r if "loss" in k})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if not pts:
+            continue
+        xs, ys = np.array(pts).T
+        ax.plot(xs, ys, alpha=0.3, lw=0.8)
+        w = max(1, len(ys) // 30)
+        if w > 1:
+            ax.plot(xs[w - 1:], np.convolve(ys, np.ones(w) / w, mode="valid"), lw=1.5)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        if ys.min() > 0 and ys.max() / ys.min() > 20:
+            ax.set_yscale("log")
+    fig.suptitle(Path(log_path).parent.name)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return Path(png_path)
+
+
+# --- the step loop ---------------------------------------------------------------------------------
+
+def lr_at(step: int, base: float, warmup: int, total: int, final_ratio: float = 0.1) -> float:
+    """Linear warmup, then cosine decay to final_ratio * base at `total`."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    span = max(1, total - warmup)
+    p = min(1.0, (step - warmup) / span)
+    return base * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def autocast(cfg: StageConfig, device: torch.device):
+    """bf16 autocast on CUDA when cfg.bf16; a no-op context elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(cfg.bf16 and device.type == "cuda"))
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward pass (saves activation memory on GPU)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in unwrap(model).blocks:
+        plain = block.forward
+
+        def forward(*args, _plain=plain, **kw):
+            return checkpoint(_plain, *args, use_reentrant=False, **kw)
+
+        block.forward = forward
+
+
+def setup_threads(cfg: StageConfig) -> None:
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+
+
+def is_done(out_dir) -> bool:
+    return (Path(out_dir) / "done.json").is_file()
+
+
+def mark_done(out_dir, **info) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "done.json").write_text(json.dumps(info, indent=2))
+
+
+def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
+               step_fn: Callable[[int], dict], *, desc: str = "", extra_state: dict | None = None) -> dict:
+    """Resume, run step_fn(step) -> scalars until max_steps or the time budget, checkpoint, log, plot.
+
+    step_fn does the whole optimisation step (lr, forward, backward, optimiser). Returns a summary with
+    the steps done, the final scalars and the wall time of this stage over all its resumes.
+    """
+    out = Path(cfg.out_dir)
+    ckpt = Checkpointer(out, keep=cfg.keep_checkpoints)
+    start, elapsed = 0, 0.0
+    if ckpt.latest_step() is not None:
+        start, extra = ckpt.load(modules, optimizers)
+        elapsed = float(extra.get("elapsed_s", 0.0))
+        if extra_state is not None:
+            extra_state.update(extra.get("user", {}))
+    logger = Logger(out, cfg.max_steps, enabled=dist.is_main, start=start, desc=desc)
+    t0 = time.perf_counter()
+    step, last, reason = start, {}, "max_steps"
+
+    def save(at: int):
+        if dist.is_main:
+            ckpt.save(at, modules, optimizers,
+                      {"elapsed_s": elapsed + time.perf_counter() - t0, "user": dict(extra_state or {})})
+        dist.barrier()
+
+    while step < cfg.max_steps:
+        if cfg.max_minutes > 0 and elapsed + time.perf_counter() - t0 > cfg.max_minutes * 60:
+            reason = "max_minutes"
+            break
+        last = step_fn(step)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            logger.log(step, **last)
+        if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+            save(step)
+    if step > start or ckpt.latest_step() is None:
+        save(step)
+    total = elapsed + time.perf_counter() - t0
+    logger.plot()
+    logger.close()
+    return {"steps": step, "stop_reason": reason, "wall_s": total, "final": last}
+
+
+def run_stage(train_fn: Callable, config_cls, argv=None):
+    """Entry point of every stage: --config YAML, --set key=value (repeatable) -> train_fn(cfg, dist)."""
+    parser = argparse.ArgumentParser(description=(train_fn.__doc__ or "").strip().splitlines()[0] if train_fn.__doc__ else None)
+    parser.add_argument("--config", help="YAML file of the stage's config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config field (repeatable)")
+    args = parser.parse_args(argv)
+    cfg = load_stage_config(config_cls, args.config, args.overrides)
+    setup_threads(cfg)
+    dist = Dist.init(cfg.device)
+    try:
+        return train_fn(cfg, dist)
+    finally:
+        dist.close()

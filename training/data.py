@@ -1,0 +1,206 @@
+"""Training data: the Story World training set on disk, pixel shots for the VAE, pre-encoded latent stories.
+
+On disk (runs/<preset>/data) the stories are in the reference's format (index.csv + JSON captions + mp4)
+and are read back through the general clip reader, exactly as a user's real data would be.
+
+Pre-encoded stories (runs/<preset>/latents, written by training.preencode) are safetensors shards:
+    shard_XXXX.safetensors   "<story>/shot<i>"       [C, F, h, w]  the shot encoded as a clip
+                             "<story>/frames<i>"     [M, C, h, w]  pixel frames encoded alone
+                             "<story>/frame_idx<i>"  [M]           which pixel frames those are
+                             "<story>/prompt<i>"     [L, text_dim] features of the shot's prompt
+    negative.safetensors     "negative"              [L, text_dim] the empty negative prompt
+    index.json               per story: name, shard, ranges, frames per shot, captions, prompts
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from shotstream_core.config import ShotGeometry
+from shotstream_core.context import plan_context
+from shotstream_core.model import prompt_ids_from_flags
+
+
+# --- the Story World training set ------------------------------------------------------------------
+
+def training_stories(num_stories: int, min_shots: int = 2, max_shots: int = 4, start: int = 0):
+    """Stories start.. of the Story World train split with min_shots..max_shots shots (cycled)."""
+    from .storyworld.world import make_split
+
+    if not 1 <= min_shots <= max_shots:
+        raise ValueError(f"need 1 <= min_shots <= max_shots, got {min_shots}, {max_shots}")
+    span = max_shots - min_shots + 1
+    return [make_split("train", 1, num_shots=min_shots + i % span, start=i)[0]
+            for i in range(start, start + num_stories)]
+
+
+def write_training_set(out_dir, num_stories: int, geometry: ShotGeometry, min_shots: int = 2,
+                       max_shots: int = 4, progress: bool = False) -> Path:
+    """Render the stories into out_dir in the reference's format; returns index.csv."""
+    from .storyworld.storage import write_stories
+
+    return write_stories(training_stories(num_stories, min_shots, max_shots), out_dir, geometry,
+                         progress=progress)
+
+
+def read_clips(data_dir, limit: int | None = None, geometry: ShotGeometry | None = None):
+    """(record, StoryClip) of the first `limit` stories of data_dir/index.csv, resized to the geometry."""
+    from .storyworld.storage import read_index
+
+    records = read_index(Path(data_dir))
+    size = (geometry.height, geometry.width) if geometry is not None else None
+    for rec in records[:limit]:
+        yield rec, rec.read(size=size)
+
+
+def shot_frames(clip, geometry: ShotGeometry) -> list[np.ndarray]:
+    """The clip's shots trimmed to the geometry's frames per shot (4k+1); shorter shots are an error."""
+    out = []
+    for k in range(clip.num_shots):
+        frames = clip.shot(k)
+        if len(frames) < geometry.frames_per_shot:
+            raise ValueError(f"shot {k} has {len(frames)} frames; the preset needs {geometry.frames_per_shot} "
+                             f"(re-render the data for this preset or pick a preset with shorter shots)")
+        out.append(frames[: geometry.frames_per_shot])
+    return out
+
+
+def load_shot_frames(data_dir, num_stories: int, geometry: ShotGeometry) -> torch.Tensor:
+    """Every shot of the first num_stories stories: uint8 [S, F, H, W, 3] (for the VAE)."""
+    shots = [s for _, clip in read_clips(data_dir, num_stories, geometry) for s in shot_frames(clip, geometry)]
+    if not shots:
+        raise ValueError(f"no shots found in {data_dir}; write the training set first (training.pipeline)")
+    return torch.from_numpy(np.stack(shots))
+
+
+# --- history (global context) from ground-truth frames -----------------------------------------------
+
+def history_inputs(frame_latents_of_earlier_shots, frames_per_shot, context_frames: int = 6,
+                   latent_shape=None):
+    """Global context of the next shot from its earlier shots' per-frame latents, by the reference rule.
+
+    frame_latents_of_earlier_shots: list of [N_i, C, h, w] (every pixel frame of shot i encoded alone;
+    rows never picked by the rule may be missing, see LatentStoryDataset); frames_per_shot: N_i.
+    Returns (context [C, Fc, h, w], flags: Fc context flags followed by the new shot's flag).
+    The first shot (no history) gets Fc all-zero latents with flag 0; latent_shape (C, h, w) is then needed.
+    """
+    plan = plan_context(list(frames_per_shot), context_frames)
+    if plan.zero_context:
+        if latent_shape is None:
+            if not frame_latents_of_earlier_shots:
+                raise ValueError("the first shot has no history: pass latent_shape=(C, h, w) for its zero context")
+            latent_shape = frame_latents_of_earlier_shots[0].shape[1:]
+        c, h, w = latent_shape
+        return torch.zeros(c, context_frames, h, w), list(plan.flags) + [plan.shot_flag]
+    picked = [frame_latents_of_earlier_shots[s][i] for s, i in plan.picks]  # each [C, h, w]
+    return torch.stack(picked, dim=1), list(plan.flags) + [plan.shot_flag]
+
+
+def context_frame_indices(frames_per_shot: list[int], context_frames: int = 6) -> list[set[int]]:
+    """For a story, the pixel frames of each shot that the context rule can pick for ANY later shot."""
+    needed = [set() for _ in frames_per_shot]
+    for k in range(1, len(frames_per_shot)):
+        for s, i in plan_context(frames_per_shot[:k], context_frames).picks:
+            needed[s].add(i)
+    return needed
+
+
+# --- pre-encoded latent stories ----------------------------------------------------------------------
+
+@dataclass
+class LatentStory:
+    name: str
+    shot_latents: list  # [C, F, h, w] per shot
+    frame_latents: list  # [N_i, C, h, w] per shot (rows never encoded are zero; see frame_encoded)
+    frame_encoded: list  # [N_i] bool per shot
+    prompt_features: list  # [L, text_dim] per shot (text.build_shot_prompt of shot i)
+    negative_features: torch.Tensor  # [L, text_dim]
+    ranges: list
+    meta: dict
+
+    @property
+    def num_shots(self) -> int:
+        return len(self.shot_latents)
+
+
+class LatentStoryDataset:
+    """Pre-encoded stories, all in memory (they are small at the tiny preset)."""
+
+    def __init__(self, latent_dir):
+        self.dir = Path(latent_dir)
+        index = self.dir / "index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"no pre-encoded latents in {self.dir} (run python -m training.preencode)")
+        info = json.loads(index.read_text())
+        self.info = info
+        self.stories = info["stories"]
+        self.negative = load_file(str(self.dir / "negative.safetensors"))["negative"]
+        self._tensors = {}
+        for shard in sorted({s["shard"] for s in self.stories}):
+            self._tensors.update(load_file(str(self.dir / shard)))
+        # (story, shot) pairs: every shot is a training target, shot 0 included
+        self.targets = [(i, k) for i, s in enumerate(self.stories) for k in range(s["num_shots"])]
+
+    def __len__(self) -> int:
+        return len(self.stories)
+
+    def __getitem__(self, i: int) -> LatentStory:
+        s, t = self.stories[i], self._tensors
+        name = s["name"]
+        shots, frames, encoded, prompts = [], [], [], []
+        for k in range(s["num_shots"]):
+            shot = t[f"{name}/shot{k}"]
+            idx = t[f"{name}/frame_idx{k}"]
+            n = s["frames_per_shot"][k]
+            full = torch.zeros(n, *shot.shape[:1], *shot.shape[2:])
+            mask = torch.zeros(n, dtype=torch.bool)
+            if len(idx):
+                full[idx] = t[f"{name}/frames{k}"]
+                mask[idx] = True
+            shots.append(shot)
+            frames.append(full)
+            encoded.append(mask)
+            prompts.append(t[f"{name}/prompt{k}"])
+        return LatentStory(name, shots, frames, encoded, prompts, self.negative, s["ranges"], s)
+
+    def history(self, story: LatentStory, k: int, context_frames: int = 6):
+        """(context [C, Fc, h, w], flags [Fc + 1]) of target shot k from ground-truth frames."""
+        lengths = story.meta["frames_per_shot"][:k]
+        plan = plan_context(lengths, context_frames)
+        missing = [(s, i) for s, i in plan.picks if not story.frame_encoded[s][i]]
+        if missing:
+            raise ValueError(f"story {story.name}: context frames {missing[:3]} were not pre-encoded; "
+                             f"re-run training.preencode with all_frames=true or the same context_frames")
+        c, _, h, w = story.shot_latents[0].shape
+        return history_inputs(story.frame_latents[:k], lengths, context_frames, latent_shape=(c, h, w))
+
+
+# --- batching -----------------------------------------------------------------------------------------
+
+def pad_prompts(prompt_lists: list[list[torch.Tensor]], text_len: int | None = None) -> torch.Tensor:
+    """Per sample a list of [L_i, D] prompts -> [B, P, S, D], zero-padded (P = most prompts of any sample)."""
+    p = max(len(x) for x in prompt_lists)
+    s = max(t.shape[0] for x in prompt_lists for t in x)
+    if text_len is not None:
+        s = min(s, text_len)
+    d = prompt_lists[0][0].shape[-1]
+    out = torch.zeros(len(prompt_lists), p, s, d)
+    for b, prompts in enumerate(prompt_lists):
+        for j, t in enumerate(prompts):
+            out[b, j, : min(len(t), s)] = t[:s]
+    return out
+
+
+def prompt_ids_for(flags: torch.Tensor, num_prompts: list[int]) -> torch.Tensor:
+    """flags [B, F] -> [B, F] prompt index per frame (flag k -> prompt k; one prompt -> 0)."""
+    return torch.stack([prompt_ids_from_flags(f, n) for f, n in zip(flags, num_prompts)])
+
+
+def frame_flags(context_flags: list[int], shot_flag: int, shot_frames: int) -> list[int]:
+    """Per latent frame of [context | shot]: the context flags, then the shot flag repeated."""
+    return list(context_flags) + [shot_flag] * shot_frames

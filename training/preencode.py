@@ -1,0 +1,159 @@
+"""Latent pre-encoding: every training story's shots, context frames and prompts, as safetensors shards.
+
+    python -m training.preencode --config training/configs/tiny-preencode.yaml
+
+Per story: each shot encoded as one clip (first frame alone, then chunks of 4); pixel frames encoded alone
+(the global context is built from single-frame latents, as at inference); the prompt of every shot
+(global caption + "shot{i}:" + shot caption, text.build_shot_prompt) and the empty negative prompt
+encoded with the preset's text encoder. With all_frames=false only the frames the context rule can pick
+for the story's later shots are encoded (on 2 CPU cores the VAE, not the DiT, is the bottleneck).
+
+Resumable: shards are written whole (temp file + rename) and skipped when present. Under torchrun each
+process encodes every world_size-th shard. The time budget stops after the current shard; the index
+then holds what is done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shotstream_core.config import get_preset
+from shotstream_core.loading import make_text_encoder
+from shotstream_core.text import build_shot_prompt
+from shotstream_core.vae import load_vae
+
+from .common import StageConfig, mark_done, run_stage, save_config
+from .data import context_frame_indices, read_clips, shot_frames
+
+
+@dataclass
+class PreencodeConfig(StageConfig):
+    out_dir: str = "runs/tiny/latents"
+    data_dir: str = "runs/tiny/data"
+    vae_path: str = "runs/tiny/vae/vae.safetensors"
+    num_stories: int = 600
+    shard_size: int = 25  # stories per shard
+    all_frames: bool = False  # encode every pixel frame alone (else only those the context rule picks)
+    batch_size: int = 8  # shots per VAE call
+    frame_batch: int = 64  # single frames per VAE call
+    negative_prompt: str = ""
+
+
+@torch.no_grad()
+def encode_shard(records, vae, encoder, cfg: PreencodeConfig, geometry, context_frames: int):
+    """Stories -> (tensors for the shard file, per-story index entries)."""
+    tensors, entries, clips = {}, [], []
+    for rec, clip in records:
+        shots = shot_frames(clip, geometry)
+        name = rec.name
+        lengths = [len(s) for s in shots]
+        needed = ([set(range(n)) for n in lengths] if cfg.all_frames
+                  else context_frame_indices(lengths, context_frames))
+        clips.append((name, shots, needed))
+        prompts = [build_shot_prompt(clip.global_caption, text, i, encoder.count_tokens, encoder.max_tokens)
+                   for i, text in enumerate(clip.shot_captions)]
+        for i, feat in enumerate(encoder.encode(prompts)):
+            tensors[f"{name}/prompt{i}"] = feat.float().cpu().contiguous()
+        entries.append({"name": name, "num_shots": len(shots), "frames_per_shot": lengths,
+                        "ranges": [list(r) for r in clip.ranges], "global_caption": clip.global_caption,
+                        "shot_captions": list(clip.shot_captions), "prompts": prompts,
+                        "video_path": str(rec.video_path), "json_path": str(rec.json_path)})
+    # whole shots, batched across stories: [B, 3, F, H, W]
+    jobs = [(name, k, s) for name, shots, _ in clips for k, s in enumerate(shots)]
+    for i in range(0, len(jobs), cfg.batch_size):
+        part = jobs[i:i + cfg.batch_size]
+        video = torch.stack([torch.from_numpy(s) for _, _, s in part]).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        z = vae.encode(video.to(vae.device)).cpu()
+        for (name, k, _), zk in zip(part, z):
+            tensors[f"{name}/shot{k}"] = zk.contiguous()
+    # single frames encoded alone: [N, 3, H, W]
+    frames = [(name, k, j, shots[k][j]) for name, shots, needed in clips for k in range(len(shots))
+              for j in sorted(needed[k])]
+    latents = []
+    for i in range(0, len(frames), cfg.frame_batch):
+        part = torch.stack([torch.from_numpy(f[3]) for f in frames[i:i + cfg.frame_batch]])
+        latents.append(vae.encode_frames((part.permute(0, 3, 1, 2).float() / 127.5 - 1).to(vae.device)).cpu())
+    latents = torch.cat(latents) if latents else torch.zeros(0)
+    for name, shots, needed in clips:
+        for k in range(len(shots)):
+            rows = [n for n, f in enumerate(frames) if f[0] == name and f[1] == k]
+            tensors[f"{name}/frame_idx{k}"] = torch.tensor([frames[n][2] for n in rows], dtype=torch.long)
+            tensors[f"{name}/frames{k}"] = (latents[rows].contiguous() if rows
+                                           else torch.zeros(0, *tensors[f"{name}/shot{k}"].shape[:1]))
+    return tensors, entries
+
+
+def preencode(cfg: PreencodeConfig, dist) -> dict:
+    """Encode the training stories' shots, context frames and prompts into safetensors shards."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    preset = get_preset(cfg.preset)
+    geometry = preset.geometry
+    vae_path = Path(cfg.vae_path)
+    if not vae_path.is_file():
+        raise FileNotFoundError(f"no trained VAE at {vae_path}; run python -m training.vae_stage first")
+    vae = load_vae(vae_path, device=dist.device)
+    encoder = make_text_encoder(preset.text_encoder, None, preset.dit.text_dim, preset.dit.text_len)
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+        neg = encoder.encode([cfg.negative_prompt])[0].float().contiguous()
+        save_file({"negative": neg}, str(out / "negative.safetensors"))
+
+    records = list(read_clips(cfg.data_dir, cfg.num_stories, geometry))
+    shards = [records[i:i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
+    budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
+    prev = json.loads((out / "progress.json").read_text()).get("elapsed_s", 0.0) if (out / "progress.json").is_file() else 0.0
+    stopped = False
+    for n, shard in enumerate(shards):
+        if n % dist.world_size != dist.rank:
+            continue
+        path = out / f"shard_{n:04d}.safetensors"
+        if path.is_file() and (out / f"shard_{n:04d}.json").is_file():
+            continue
+        if prev + time.perf_counter() - t0 > budget:
+            stopped = True
+            break
+        tensors, entries = encode_shard(shard, vae, encoder, cfg, geometry, preset.sampler.context_frames)
+        tmp = out / f".tmp_{path.name}"
+        save_file(tensors, str(tmp), metadata={"stories": str(len(entries))})
+        os.replace(tmp, path)
+        for e in entries:
+            e["shard"] = path.name
+        (out / f"shard_{n:04d}.json").write_text(json.dumps(entries))
+        if dist.is_main:
+            print(f"shard {n + 1}/{len(shards)} done, {prev + time.perf_counter() - t0:.0f}s", flush=True)
+            (out / "progress.json").write_text(json.dumps({"elapsed_s": prev + time.perf_counter() - t0}))
+    dist.barrier()
+    summary = {}
+    if dist.is_main:
+        stories = []
+        for p in sorted(out.glob("shard_*.json")):
+            stories += json.loads(p.read_text())
+        if not stories:
+            raise RuntimeError(f"no shard was encoded within max_minutes={cfg.max_minutes}; raise the budget")
+        c, f, h, w = load_file(str(out / stories[0]["shard"]))[f"{stories[0]['name']}/shot0"].shape
+        info = {"preset": cfg.preset, "latent_shape": [c, f, h, w], "context_frames": preset.sampler.context_frames,
+                "all_frames": cfg.all_frames, "vae_path": str(vae_path), "stories": stories}
+        (out / "index.json").write_text(json.dumps(info))
+        wall = prev + time.perf_counter() - t0
+        summary = {"stories": len(stories), "shots": sum(s["num_shots"] for s in stories),
+                   "wall_s": wall, "stop_reason": "max_minutes" if stopped else "done"}
+        mark_done(out, **summary)
+        print(json.dumps(summary), flush=True)
+    dist.barrier()
+    return summary
+
+
+def main(argv=None):
+    return run_stage(preencode, PreencodeConfig, argv)
+
+
+if __name__ == "__main__":
+    main()

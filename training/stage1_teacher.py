@@ -1,0 +1,162 @@
+"""Stage 1: the bidirectional next-shot teacher.
+
+    python -m training.stage1_teacher --config training/configs/tiny-teacher.yaml
+
+A training sample is one shot k of a story (every k, so shot 0 with its all-zero context is trained too).
+Its history is the earlier shots' ground-truth single-frame latents picked by the context rule, with shot
+flags from the absolute ranges (context frames carry their shot index, the target carries k, or 1 for
+shot 0). Input [Fc clean context | noisy target], one timestep per sample (the context sees the same t);
+loss w(t) * MSE of the flow (noise - x0) on the target frames. 10% of samples lose their context (zeros,
+flags 0), 10% their text (zero features). Each frame cross-attends to its own shot's prompt.
+
+Unlike the reference (self-attention only, lr 1e-5, fine-tuning a pre-trained Wan), the tiny model starts
+from scratch, so every parameter trains, with AdamW, warmup and a from-scratch learning rate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shotstream_core.config import get_preset
+from shotstream_core.loading import save_dit
+from shotstream_core.model import WanDiT
+from shotstream_core.schedule import FlowSchedule
+
+from .common import (StageConfig, StepBatches, autocast, enable_grad_checkpointing, mark_done, run_stage,
+                     save_config, set_lr, lr_at, step_generator, train_loop, unwrap)
+from .data import LatentStoryDataset, frame_flags, pad_prompts, prompt_ids_for
+
+
+@dataclass
+class TeacherConfig(StageConfig):
+    out_dir: str = "runs/tiny/teacher"
+    latent_dir: str = "runs/tiny/latents"
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    context_dropout: float = 0.1
+    text_dropout: float = 0.1
+    export: str = ""  # optional copy of teacher.safetensors
+    sample_stories: int = 4  # decoded samples for the contact sheet at the end (0 = none)
+    sample_guidance: float = 3.0
+    sample_steps: int = 50
+    vae_path: str = "runs/tiny/vae/vae.safetensors"
+
+
+@dataclass
+class TeacherBatch:
+    """[B, C, Fc+F, h, w] clean sequence, noise on the target frames, flags/prompt ids [B, Fc+F],
+    text [B, P, S, D]."""
+
+    context: torch.Tensor  # [B, C, Fc, h, w]
+    x0: torch.Tensor  # [B, C, F, h, w]
+    flags: torch.Tensor  # [B, Fc+F]
+    prompt_ids: torch.Tensor  # [B, Fc+F]
+    text: torch.Tensor  # [B, P, S, D]
+    negative: torch.Tensor  # [B, 1, S, D]
+
+
+def make_batch(ds: LatentStoryDataset, targets: list[tuple[int, int]], context_frames: int, text_len: int,
+               g: torch.Generator | None = None, context_dropout: float = 0.0, text_dropout: float = 0.0
+               ) -> TeacherBatch:
+    """Assemble (story, shot k) targets with their ground-truth history; applies the dropouts."""
+    ctxs, x0s, flags, prompts, counts = [], [], [], [], []
+    for i, k in targets:
+        story = ds[i]
+        context, fl = ds.history(story, k, context_frames)
+        x0 = story.shot_latents[k]
+        ctx_flags, shot_flag = fl[:-1], fl[-1]
+        texts = list(story.prompt_features[: k + 1])  # prompts of shots 0..k; frames pick theirs by flag
+        u = torch.rand(2, generator=g)
+        if u[0] < context_dropout:
+            context = torch.zeros_like(context)
+            ctx_flags = [0] * len(ctx_flags)
+        if u[1] < text_dropout:
+            texts = [torch.zeros_like(t) for t in texts]
+        ctxs.append(context)
+        x0s.append(x0)
+        flags.append(frame_flags(ctx_flags, shot_flag, x0.shape[1]))
+        prompts.append(texts)
+        counts.append(len(texts))
+    flags_t = torch.tensor(flags, dtype=torch.long)
+    neg = ds.negative[:text_len][None, None].expand(len(targets), 1, -1, -1)
+    return TeacherBatch(torch.stack(ctxs), torch.stack(x0s), flags_t, prompt_ids_for(flags_t, counts),
+                        pad_prompts(prompts, text_len), neg.contiguous())
+
+
+def teacher_loss(model, schedule: FlowSchedule, batch: TeacherBatch, g: torch.Generator, device,
+                 shot_phase: float) -> torch.Tensor:
+    """w(t) * mean over target frames of (v_hat - (noise - x0))^2, averaged over the batch."""
+    b, fc = batch.x0.shape[0], batch.context.shape[2]
+    t = schedule.sample_training_t((b,), generator=g)
+    noise = torch.randn(batch.x0.shape, generator=g)
+    x_t = schedule.add_noise(batch.x0, noise, t)
+    seq = torch.cat([batch.context, x_t], dim=2).to(device)
+    v = model(seq, t.to(device), batch.text.to(device), batch.flags.to(device), batch.prompt_ids.to(device),
+              shot_phase=shot_phase)[:, :, fc:]
+    target = schedule.flow_target(batch.x0, noise).to(device)
+    per_sample = ((v.float() - target) ** 2).mean(dim=(1, 2, 3, 4))
+    return (schedule.training_weight(t).to(device) * per_sample).mean()
+
+
+def build_teacher(preset, device, seed: int) -> WanDiT:
+    torch.manual_seed(seed)
+    return WanDiT(preset.dit).to(device)
+
+
+def train(cfg: TeacherConfig, dist) -> dict:
+    """Train the bidirectional next-shot teacher from scratch on pre-encoded stories."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+    preset = get_preset(cfg.preset)
+    sampler = preset.sampler
+    ds = LatentStoryDataset(cfg.latent_dir)
+    schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
+    teacher = build_teacher(preset, dist.device, cfg.seed)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(teacher)
+    model = dist.wrap(teacher)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    batches = StepBatches(len(ds.targets), cfg.batch_size, dist, cfg.seed)
+
+    def step_fn(step: int) -> dict:
+        g = step_generator(cfg.seed, step, dist.rank)
+        targets = [ds.targets[i] for i in batches.indices(step)]
+        batch = make_batch(ds, targets, sampler.context_frames, preset.dit.text_len, g,
+                           cfg.context_dropout, cfg.text_dropout)
+        set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps))
+        with autocast(cfg, dist.device):
+            loss = teacher_loss(model, schedule, batch, g, dist.device, sampler.rope_shot_phase)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(teacher.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
+        opt.step()
+        return {"loss": float(dist.all_mean(loss.detach())), "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
+
+    summary = train_loop(cfg, dist, {"teacher": teacher}, {"teacher": opt}, step_fn, desc="teacher")
+    if dist.is_main:
+        teacher.eval()
+        save_dit(teacher, out / "teacher.safetensors")
+        if cfg.export:
+            save_dit(teacher, cfg.export)
+        if cfg.sample_stories > 0 and Path(cfg.vae_path).is_file():
+            from .ode_pairs import teacher_sheet
+
+            teacher_sheet(teacher, ds, cfg.vae_path, out / "samples.png", cfg.sample_stories,
+                          cfg.sample_guidance, cfg.sample_steps, preset, seed=cfg.seed)
+        mark_done(out, **summary)
+    dist.barrier()
+    return summary
+
+
+def main(argv=None):
+    return run_stage(train, TeacherConfig, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""VAE stage: train the small Wan2.1-architecture VAE on Story World frames, then set its latent statistics.
+
+    python -m training.vae_stage --config training/configs/tiny-vae.yaml
+
+The VAE is trained as Wan trains it, causally: a clip of 4k+1 frames is encoded as its first frame alone
+and then chunks of 4, and decoded latent frame by latent frame with the causal cache. Loss: L1 + L2
+reconstruction + a small KL on (mu, log_var). Clips are short (9 frames) random spatial crops, which the
+fully convolutional VAE (its only attention is per frame) generalises from to whole 64x64 shots.
+
+Afterwards the per-channel mean/std of the encoder's mu over training shots go into the VAE's
+latent_mean / latent_std buffers, so normalised latents have about unit scale for the DiT.
+Output: OUT/vae.safetensors (loadable by shotstream_core.vae.load_vae), OUT/recon.png, OUT/done.json.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from shotstream_core.config import VAE_TEMPORAL_STRIDE, get_preset, validate_frames
+from shotstream_core.vae import WanVAE, load_vae
+
+from .common import (StageConfig, StepBatches, mark_done, run_stage, save_config, set_lr, lr_at, step_generator,
+                     train_loop, unwrap)
+from .data import load_shot_frames
+
+
+@dataclass
+class VAEStageConfig(StageConfig):
+    out_dir: str = "runs/tiny/vae"
+    data_dir: str = "runs/tiny/data"
+    num_stories: int = 200  # stories whose shots are loaded into memory for training
+    clip_frames: int = 9  # 4k+1: first frame alone, then chunks of 4
+    crop: int = 32  # random square crop (multiple of 8); 0 = whole frames
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    kl_weight: float = 1e-6
+    stats_shots: int = 16  # shots encoded to measure the latent mean/std
+    export: str = ""  # optional copy of vae.safetensors (e.g. shotstream_core/weights/tiny/vae.safetensors)
+
+
+class VAEAutoencoder(nn.Module):
+    """Training view of WanVAE: causal chunked encode, reparameterised sample, causal chunked decode.
+
+    Wrapping it (not the VAE) in DDP makes the whole computation go through DDP's forward.
+    """
+
+    def __init__(self, vae: WanVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, clip: torch.Tensor, eps: torch.Tensor):
+        """clip [B, 3, T, H, W] in [-1, 1]; eps [B, z, (T-1)/4+1, H/8, W/8] -> (recon, mu, log_var)."""
+        vae, stride = self.vae, VAE_TEMPORAL_STRIDE
+        cache: dict = {}
+        chunks = [clip[:, :, :1]] + [clip[:, :, i:i + stride] for i in range(1, clip.shape[2], stride)]
+        h = torch.cat([vae.encoder(c, cache) for c in chunks], dim=2)
+        mu, log_var = vae.conv1(h).chunk(2, dim=1)
+        log_var = log_var.clamp(-30.0, 20.0)
+        z = mu + torch.exp(0.5 * log_var) * eps
+        x = vae.conv2(z)
+        cache = {}
+        recon = torch.cat([vae.decoder(x[:, :, i:i + 1], cache) for i in range(x.shape[2])], dim=2)
+        return recon, mu, log_var
+
+
+def sample_clips(shots: torch.Tensor, idx: list[int], clip_frames: int, crop: int, g: torch.Generator):
+    """shots uint8 [S, F, H, W, 3] -> float clips [B, 3, clip_frames, crop, crop] in [-1, 1]."""
+    _, f, h, w, _ = shots.shape
+    crop_h, crop_w = (crop, crop) if crop else (h, w)
+    out = []
+    for i in idx:
+        t0 = int(torch.randint(0, f - clip_frames + 1, (1,), generator=g))
+        y0 = int(torch.randint(0, h - crop_h + 1, (1,), generator=g))
+        x0 = int(torch.randint(0, w - crop_w + 1, (1,), generator=g))
+        out.append(shots[i, t0:t0 + clip_frames, y0:y0 + crop_h, x0:x0 + crop_w])
+    clips = torch.stack(out).permute(0, 4, 1, 2, 3).float()  # [B, 3, T, h, w]
+    return clips / 127.5 - 1.0
+
+
+@torch.no_grad()
+def latent_statistics(vae: WanVAE, shots: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean / std of the raw encoder mean mu over whole shots [S, F, H, W, 3] uint8."""
+    saved = vae.latent_mean.clone(), vae.latent_std.clone()
+    vae.latent_mean.zero_()
+    vae.latent_std.fill_(1.0)
+    mus = []
+    for i in range(0, len(shots), batch):
+        video = shots[i:i + batch].permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+        mus.append(vae.encode(video).transpose(0, 1).flatten(1))  # [z, N]
+    vae.latent_mean.copy_(saved[0])
+    vae.latent_std.copy_(saved[1])
+    mu = torch.cat(mus, dim=1)
+    return mu.mean(1), mu.std(1).clamp_min(1e-4)
+
+
+def save_vae(vae: WanVAE, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, str(path))
+    return path
+
+
+@torch.no_grad()
+def reconstruction_sheet(vae: WanVAE, shots: torch.Tensor, path, frames=(0, 8, 16, 24, 32)) -> float:
+    """Top rows originals, bottom rows reconstructions (encode -> decode of whole shots); returns PSNR."""
+    from PIL import Image
+
+    video = shots.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    recon = vae.decode(vae.encode(video))
+    mse = float(((recon - video) ** 2).mean())
+    psnr = 10 * np.log10(4.0 / max(mse, 1e-10))
+    frames = [f for f in frames if f < video.shape[2]]
+    rows = []
+    for v, r in zip(video, recon):
+        for src in (v, r):
+            rows.append(torch.cat([src[:, f] for f in frames], dim=2))  # [3, H, W*len]
+    sheet = ((torch.cat(rows, dim=1).clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(path)
+    return psnr
+
+
+def train(cfg: VAEStageConfig, dist) -> dict:
+    """Train the VAE, then fit its latent statistics and export vae.safetensors."""
+    validate_frames(cfg.clip_frames)
+    if cfg.crop and cfg.crop % 8:
+        raise ValueError(f"crop must be a multiple of 8 (VAE stride), got {cfg.crop}")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+    preset = get_preset(cfg.preset)
+    shots = load_shot_frames(cfg.data_dir, cfg.num_stories, preset.geometry)  # [S, F, H, W, 3] uint8
+    if shots.shape[1] < cfg.clip_frames:
+        raise ValueError(f"shots have {shots.shape[1]} frames, fewer than clip_frames={cfg.clip_frames}")
+
+    torch.manual_seed(cfg.seed)
+    vae = WanVAE(preset.vae).to(dist.device)
+    model = dist.wrap(VAEAutoencoder(vae))
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    batches = StepBatches(len(shots), cfg.batch_size, dist, cfg.seed)
+    lat = cfg.crop // 8 if cfg.crop else preset.geometry.latent_height
+
+    def step_fn(step: int) -> dict:
+        g = step_generator(cfg.seed, step, dist.rank)
+        clips = sample_clips(shots, batches.indices(step), cfg.clip_frames, cfg.crop, g).to(dist.device)
+        eps = torch.randn(clips.shape[0], vae.config.z_dim, (cfg.clip_frames - 1) // 4 + 1,
+                          lat, clips.shape[-1] // 8, generator=g).to(dist.device)
+        set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps))
+        recon, mu, log_var = model(clips, eps)
+        l1 = (recon - clips).abs().mean()
+        l2 = ((recon - clips) ** 2).mean()
+        kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
+        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        opt.step()
+        return {"loss": float(dist.all_mean(loss)), "l1": float(l1), "l2": float(l2), "kl": float(kl),
+                "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
+
+    summary = train_loop(cfg, dist, {"vae": vae}, {"vae": opt}, step_fn, desc="vae")
+    if dist.is_main:
+        vae.eval()
+        held = shots[-cfg.stats_shots:] if len(shots) > cfg.stats_shots else shots
+        mean, std = latent_statistics(vae, held.to(dist.device))
+        vae.latent_mean.copy_(mean)
+        vae.latent_std.copy_(std)
+        path = save_vae(vae, out / "vae.safetensors")
+        reloaded = load_vae(path)  # what the engine will load
+        psnr = reconstruction_sheet(reloaded, shots[:4], out / "recon.png")
+        if cfg.export:
+            save_vae(vae, cfg.export)
+        summary.update(psnr_db=psnr, latent_mean=mean.tolist(), latent_std=std.tolist())
+        mark_done(out, **summary)
+    dist.barrier()
+    return summary
+
+
+def main(argv=None):
+    return run_stage(train, VAEStageConfig, argv)
+
+
+if __name__ == "__main__":
+    main()
