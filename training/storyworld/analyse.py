@@ -112,11 +112,56 @@ def _run_around_peak(profile: np.ndarray) -> tuple[int, int]:
 
 # --- shapes ------------------------------------------------------------------------------------------
 
-def _template(shape: str, h: int, w: int) -> np.ndarray:
-    """Binary mask [h, w] of `shape` stretched to fill an h x w box."""
-    v = (np.arange(h, dtype=np.float32)[:, None] + 0.5) / h * 2 - 1  # [-1, 1] over the box
-    u = (np.arange(w, dtype=np.float32)[None, :] + 0.5) / w * 2 - 1
-    return shape_coverage(shape, u * 32, v * 32, 32.0) >= 0.5  # a 64-px shape, scaled into the box
+BLURS = (0.0, 0.04, 0.08, 0.12)  # blur (Gaussian sigma / shape size) the shape templates allow for
+_BASE = 64  # templates are drawn at this size, blurred, cut to their silhouette's box, then resampled
+
+
+def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    if sigma <= 0:
+        return img
+    r = int(np.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    img = np.apply_along_axis(np.convolve, 0, img, k, mode="same")
+    return np.apply_along_axis(np.convolve, 1, img, k, mode="same")
+
+
+def _base_templates() -> dict[str, list[np.ndarray]]:
+    """Per shape, its silhouette (coverage >= 0.5 after blur) at each blur in BLURS, cut to its box.
+
+    Blur rounds corners and eats tips before the silhouette's box is taken, just as codec chroma
+    subsampling and a blurry generator do to a small shape; comparing against the blurred family keeps
+    a soft diamond from looking more like a circle than like a diamond.
+    """
+    n = _BASE + 32
+    c = np.arange(n, dtype=np.float64) + 0.5 - n / 2
+    out = {}
+    for shape in SHAPES:
+        cov = shape_coverage(shape, c[None, :], c[:, None], _BASE / 2)
+        out[shape] = []
+        for r in BLURS:
+            sil = _gaussian_blur(cov, r * _BASE) >= 0.5
+            ys, xs = np.nonzero(sil)
+            out[shape].append(sil[ys.min():ys.max() + 1, xs.min():xs.max() + 1])
+    return out
+
+
+_TEMPLATES: dict[str, list[np.ndarray]] | None = None
+
+
+def _templates(h: int, w: int) -> dict[str, list[np.ndarray]]:
+    """Every shape's blurred silhouettes resampled (nearest) to an h x w box."""
+    global _TEMPLATES
+    if _TEMPLATES is None:
+        _TEMPLATES = _base_templates()
+    out = {}
+    for shape, sils in _TEMPLATES.items():
+        out[shape] = []
+        for t in sils:
+            rows = ((np.arange(h) + 0.5) / h * t.shape[0]).astype(int)
+            cols = ((np.arange(w) + 0.5) / w * t.shape[1]).astype(int)
+            out[shape].append(t[rows][:, cols])
+    return out
 
 
 def _alpha_crop(frame: np.ndarray, labels: np.ndarray, mask: np.ndarray, box) -> np.ndarray:
@@ -151,11 +196,9 @@ def _alpha_crop(frame: np.ndarray, labels: np.ndarray, mask: np.ndarray, box) ->
 
 def classify_shape(crop: np.ndarray) -> tuple[str | None, float]:
     """Best-fitting shape of a binary crop (its bounding box) and its IoU; None below MIN_SHAPE_IOU."""
-    h, w = crop.shape
     best, best_iou = None, 0.0
-    for s in SHAPES:
-        t = _template(s, h, w)
-        iou = (t & crop).sum() / max(1, (t | crop).sum())
+    for s, family in _templates(*crop.shape).items():
+        iou = max((t & crop).sum() / max(1, (t | crop).sum()) for t in family)
         if iou > best_iou:
             best, best_iou = s, float(iou)
     return (best if best_iou >= MIN_SHAPE_IOU else None), best_iou
@@ -336,9 +379,13 @@ class StoryScore:
         return float(np.mean(items)) if items else float("nan")
 
 
-def _match(shot: ShotAnalysis, story: Story, index: int) -> Detection | None:
+def _identify(shot: ShotAnalysis, story: Story, index: int) -> Detection | None:
+    """The detection that stands for a story character: by its colour, or by its shape when the colour
+    is hidden (then the shape is all a caption says about it)."""
     c = story.characters[index]
-    return shot.find(c.shape, None if story.hides_colour_of(index) else c.colour)
+    if story.hides_colour_of(index):
+        return shot.find(c.shape)
+    return next((d for d in shot.characters if d.colour == c.colour), None)
 
 
 def match_cuts(detected, true_starts, tolerance: int = 1) -> tuple[int, int, int]:
@@ -360,11 +407,11 @@ def score_story(story: Story, frames: np.ndarray, ranges) -> StoryScore:
         it, nm = [], []
         if not story.hides_place:
             it.append(float(seen.place == story.place)); nm.append("place")
-        matched = [_match(seen, story, i) for i in truth.cast]
-        for m in matched:
-            it.append(float(m is not None)); nm.append("character")
+        matched = [_identify(seen, story, i) for i in truth.cast]
+        right = [m is not None and m.shape == story.characters[i].shape for i, m in zip(truth.cast, matched)]
+        it += [float(r) for r in right]; nm += ["character"] * len(right)
         extra = [d for d in seen.characters if not any(d is m for m in matched)]
-        it.append(float(all(m is not None for m in matched) and not extra)); nm.append("cast")
+        it.append(float(all(right) and not extra)); nm.append("cast")
         found = [m for m in matched if m is not None]
         if found:
             height = float(np.median([m.height for m in found]))

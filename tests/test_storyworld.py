@@ -1,0 +1,269 @@
+"""Story World: reproducible stories, the reference's data format, and an analyser that can fail.
+
+Quick tests run on a few dozen stories; `test_ground_truth_scores_many` (marked slow, skipped unless
+SHOTSTREAM_SLOW=1) repeats the ground-truth check on 250 stories.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shotstream_core.config import ShotGeometry, get_preset
+from training.storyworld import (COLOURS, PLACES, aggregate, make_split, make_story, read_index,
+                                 read_mp4, read_story_clip, render_shot, render_story, score_story,
+                                 shot_flags, write_mp4, write_story, write_stories)
+from training.storyworld.analyse import MAX_COLOUR_DIST
+from training.storyworld.storage import validate_ranges
+
+ROOT = Path(__file__).resolve().parents[1]
+GEOMETRY = get_preset("tiny").geometry
+slow = pytest.mark.skipif(os.environ.get("SHOTSTREAM_SLOW") != "1", reason="slow; set SHOTSTREAM_SLOW=1")
+
+
+def codec_roundtrip(frames, tmp_path, name="v") -> np.ndarray:
+    path = tmp_path / f"{name}.mp4"
+    write_mp4(path, frames, GEOMETRY.fps)
+    return read_mp4(path)[0]
+
+
+def score_all(stories, make_frames) -> dict:
+    scores = []
+    for i, s in enumerate(stories):
+        frames, ranges = render_story(s, GEOMETRY)
+        scores.append(score_story(s, make_frames(i, s, frames, ranges), ranges))
+    return aggregate(scores)
+
+
+# --- the world ---------------------------------------------------------------------------------------
+
+def test_palette_is_separable():
+    bg = [c for pair in PLACES.values() for c in pair]
+    colours = np.array(bg + list(COLOURS.values()), float)
+    d = np.linalg.norm(colours[:, None] - colours[None], axis=-1)[np.triu_indices(len(colours), 1)]
+    # every palette colour is far from every other, compared with per-story tint + texture + gradient
+    assert d.min() > 50, d.min()
+    assert MAX_COLOUR_DIST < d.max()
+
+
+def test_stories_are_reproducible_and_captions_regular():
+    a, b = make_story(123, 6), make_story(123, 6)
+    assert a == b and a.global_caption == b.global_caption
+    assert make_story(124, 6) != a
+    stories = make_split("train", 300)
+    assert all(s == t for s, t in zip(stories[:5], make_split("train", 5)))
+    words = set()
+    for s in stories:
+        assert len(s.shot_captions) == s.num_shots == 5
+        caps = s.captions_json()
+        assert list(caps) == ["global_caption"] + [f"shot{i + 1}" for i in range(5)]
+        for text in caps.values():
+            words.update(text.replace(",", " ").replace(".", " ").split())
+        if s.hidden is not None:  # the hidden attribute is never named, in any caption
+            all_text = " ".join(caps.values())
+            if s.hidden.kind == "place":
+                assert s.place not in all_text
+            else:
+                assert s.hidden.value not in all_text
+                assert s.hidden.character in s.shots[0].cast
+        for prev, cur in zip(s.shots, s.shots[1:]):
+            assert (prev.framing, set(prev.cast)) != (cur.framing, set(cur.cast))
+    assert len(words) < 45, sorted(words)  # a tiny text encoder must learn this vocabulary
+    share = np.mean([s.hidden is not None for s in stories])
+    assert 0.3 < share < 0.5
+    kinds = {s.hidden.kind for s in stories if s.hidden}
+    assert kinds == {"place", "colour"}
+
+
+def test_eval_split_is_held_out():
+    train = {s.to_dict()["texture_seed"] for s in make_split("train", 500)}
+    ev5, ev10 = make_split("eval5", 50), make_split("eval10", 20)
+    assert {s.num_shots for s in ev5} == {5} and {s.num_shots for s in ev10} == {10}
+    assert not train & {s.texture_seed for s in ev5 + ev10}
+    with pytest.raises(ValueError, match="eval5"):
+        make_split("eval5", 3, num_shots=4)
+
+
+def test_render_shapes_and_other_geometry():
+    s = make_story(5, 3)
+    frames, ranges = render_story(s, GEOMETRY)
+    assert frames.dtype == np.uint8 and frames.shape == (3 * 33, 64, 64, 3)
+    assert ranges == [(0, 33), (33, 66), (66, 99)]
+    g = ShotGeometry(48, 96, 9, 8)  # any valid geometry works
+    s2 = make_story(5, 2, aspect=2.0)
+    f2, r2 = render_story(s2, g)
+    assert f2.shape == (18, 48, 96, 3) and r2 == [(0, 9), (9, 18)]
+    inside = render_shot(s, 0, GEOMETRY)
+    assert np.array_equal(inside, frames[:33])
+    # the background of a shot is static: only pixels near the characters ever change
+    changed = (np.abs(np.diff(frames[:33].astype(int), axis=0)).max(-1) > 0).any(0)
+    assert changed.mean() < 0.5
+
+
+# --- the analyser on the truth and on corrupted videos -----------------------------------------------
+
+def _check_truth(metrics):
+    for k in ("adherence", "memory", "cut_f1", "flicker"):
+        assert metrics[k] >= 0.99, (k, metrics)
+    assert abs(metrics["drift"]) <= 0.01, metrics
+
+
+def test_ground_truth_scores(tmp_path):
+    stories = make_split("eval5", 24) + make_split("eval10", 6)
+    metrics = score_all(stories, lambda i, s, f, r: codec_roundtrip(f, tmp_path))
+    assert metrics["counts"]["memory_shots"] >= 20
+    _check_truth(metrics)
+
+
+@slow
+def test_ground_truth_scores_many(tmp_path):
+    stories = make_split("eval5", 200) + make_split("eval10", 50)
+    metrics = score_all(stories, lambda i, s, f, r: codec_roundtrip(f, tmp_path))
+    print(json.dumps(metrics, indent=1))
+    _check_truth(metrics)
+
+
+def _swapped(story):
+    """The story with shots 2.. rendered in other colours (and, when the place is hidden, another place)."""
+    used = {c.colour for c in story.characters}
+    spare = [c for c in COLOURS if c not in used]
+    chars = tuple(dataclasses.replace(c, colour=spare[i]) for i, c in enumerate(story.characters))
+    other = next(p for p in PLACES if p != story.place)
+    return dataclasses.replace(story, characters=chars, place=other if story.hides_place else story.place)
+
+
+@pytest.fixture(scope="module")
+def corruption_stories():
+    stories = make_split("eval10", 12)
+    assert sum(s.hidden is not None for s in stories) >= 3
+    return stories
+
+
+def test_shuffled_frames_fail(corruption_stories):
+    rng = np.random.default_rng(0)
+    m = score_all(corruption_stories, lambda i, s, f, r: f[rng.permutation(len(f))])
+    assert m["cut_f1"] < 0.3, m
+    assert m["flicker"] < 0.95, m
+    assert m["adherence_by_item"]["motion"] < 0.5, m
+    assert m["adherence"] < 0.8, m
+
+
+def test_colours_swapped_between_shots_fail(corruption_stories):
+    def swap(i, s, f, r):
+        other = _swapped(s)
+        return np.concatenate([f[: r[0][1]]] + [render_shot(other, k, GEOMETRY) for k in range(1, s.num_shots)])
+
+    m = score_all(corruption_stories, swap)
+    assert m["memory"] < 0.1, m  # every later shot contradicts shot 1
+    assert m["adherence_by_item"]["character"] < 0.3, m
+    assert m["cut_f1"] > 0.99 and m["flicker"] > 0.99  # what was not corrupted still scores
+
+
+def test_noise_fails(corruption_stories):
+    rng = np.random.default_rng(1)
+    m = score_all(corruption_stories, lambda i, s, f, r: rng.integers(0, 256, f.shape, dtype=np.uint8))
+    for k in ("adherence", "memory", "cut_f1", "flicker"):
+        assert m[k] < 0.1, (k, m)
+
+
+def test_decay_in_later_shots_shows_as_drift(corruption_stories):
+    rng = np.random.default_rng(2)
+
+    def decay(i, s, f, r):
+        f = f.copy()
+        f[r[5][0]:] = rng.integers(0, 256, f[r[5][0]:].shape, dtype=np.uint8)
+        return f
+
+    m = score_all(corruption_stories, decay)
+    assert m["drift"] < -0.8, m
+
+
+# --- on-disk format and the reader -------------------------------------------------------------------
+
+@pytest.mark.parametrize("gap", [0, 3])
+def test_write_then_read_back(tmp_path, gap):
+    story = make_story(77, 4)
+    row = write_story(story, tmp_path, "0001", GEOMETRY, gap=gap)
+    from training.storyworld.storage import write_index
+    write_index(tmp_path, [row])
+    truth, ranges = render_story(story, GEOMETRY, gap=gap)
+    (rec,) = read_index(tmp_path / "index.csv")
+    assert rec.ranges == ranges
+    clip = rec.read()
+    assert clip.frames.shape == truth.shape
+    assert np.abs(clip.frames.astype(int) - truth).mean() < 4  # codec error only
+    assert clip.global_caption == story.global_caption and clip.shot_captions == list(story.shot_captions)
+    assert clip.fps == GEOMETRY.fps
+    for k, (a, b) in enumerate(ranges):  # flags follow absolute ranges; gap frames belong to no shot
+        assert (clip.shot_flags[a:b] == k).all()
+    gaps = np.ones(len(truth), bool)
+    for a, b in ranges:
+        gaps[a:b] = False
+    assert (clip.shot_flags[gaps] == -1).all() and gaps.sum() == 3 * gap
+    caps = json.loads((tmp_path / "0001.json").read_text())
+    assert caps["video_path"] == "0001.mp4" and caps["shot4"] == story.shot_captions[3]
+    # resize while decoding, for training at another geometry
+    small = read_story_clip(rec.video_path, rec.json_path, rec.ranges, size=(32, 48))
+    assert small.frames.shape[1:] == (32, 48, 3)
+
+
+def test_reader_rejects_bad_ranges_and_captions(tmp_path):
+    with pytest.raises(ValueError, match="overlap"):
+        validate_ranges([(0, 10), (5, 20)])
+    with pytest.raises(ValueError, match="only"):
+        validate_ranges([(0, 10)], num_frames=5)
+    assert shot_flags([(2, 4), (6, 7)], 8).tolist() == [-1, -1, 0, 0, -1, -1, 1, -1]
+    story = make_story(3, 2)
+    row = write_story(story, tmp_path, "a", GEOMETRY)
+    caps = json.loads((tmp_path / "a.json").read_text())
+    del caps["shot2"]
+    (tmp_path / "a.json").write_text(json.dumps(caps))
+    with pytest.raises(ValueError, match="shot1..shot2"):
+        read_story_clip(tmp_path / "a.mp4", tmp_path / "a.json", json.loads(row["frame_number"]))
+
+
+# --- CLI -----------------------------------------------------------------------------------------------
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "training.storyworld", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True)
+
+
+def test_cli_make_score_sheet(tmp_path):
+    stories, videos = tmp_path / "stories", tmp_path / "videos"
+    _cli("make", "--out", str(stories), "--stories", "3", "--seed", "9", "--shots", "2-4", "--quiet")
+    rows = read_index(stories / "index.csv")
+    assert len(rows) == 3 and all(2 <= len(r.ranges) <= 4 for r in rows)
+    # "generated" videos: the truth for two stories, noise for the third
+    videos.mkdir()
+    for i, r in enumerate(rows):
+        frames, _ = read_mp4(r.video_path)
+        if i == 2:
+            frames = np.random.default_rng(0).integers(0, 256, frames.shape, dtype=np.uint8)
+        write_mp4(videos / f"{r.name}.mp4", frames, GEOMETRY.fps)
+    _cli("score", "--stories", str(stories), "--videos", str(videos), "--out", str(tmp_path / "m.json"))
+    m = json.loads((tmp_path / "m.json").read_text())
+    per = {s["name"]: s["adherence"] for s in m["stories"]}
+    assert per[rows[0].name] > 0.99 and per[rows[2].name] < 0.2
+    _cli("sheet", str(stories / rows[0].name), "--out", str(tmp_path / "sheet.png"))
+    _cli("sheet", str(videos / f"{rows[1].name}.mp4"), "--out", str(tmp_path / "bare.png"))  # cuts found
+    img = Image.open(tmp_path / "sheet.png")
+    assert img.width >= 4 * 128 and img.height >= len(rows[0].ranges) * 128
+    with pytest.raises(subprocess.CalledProcessError):
+        _cli("make", "--out", str(tmp_path / "x"), "--stories", "1", "--seed", "20250917")
+
+
+def test_write_stories_index(tmp_path):
+    csv_path = write_stories(make_split("train", 2, num_shots=3), tmp_path, GEOMETRY)
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "shot_num_from_caption,json_path,video_path,frame_number"
+    assert lines[1] == '3,0001.json,0001.mp4,"[[0, 33], [33, 66], [66, 99]]"'
