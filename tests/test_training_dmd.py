@@ -1,5 +1,6 @@
 """Stages 3-4: self-forcing rollout, DMD / critic losses, LoRA, and the stage entry points (micro preset)."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from training.dmd import DMDHyper, DMDLoss, DMDTrainer, is_generator_step, uncon
 from training.lora import adapter_state_dict, apply_lora, merged_state_dict
 from training.rollout import SelfForcingRollout, ShotConditioning, make_conditioning
 
+REPO = Path(__file__).resolve().parents[1]
 PRESET = get_preset("micro")
 CFG, GEO, SAMPLER = PRESET.dit, PRESET.geometry, PRESET.sampler
 C, F, H, W = CFG.in_channels, GEO.latent_frames, GEO.latent_height, GEO.latent_width
@@ -46,7 +48,7 @@ def micro_engine(student):
 
 def first_shot_cond(text_seed=0, batch=1):
     g = torch.Generator().manual_seed(text_seed)
-    prompts = [torch.randn(1, 5, CFG.text_dim, generator=g) for _ in range(batch)]
+    prompts = [[torch.randn(5, CFG.text_dim, generator=g)] for _ in range(batch)]
     plan = plan_context([], FC)
     return make_conditioning(torch.zeros(batch, C, FC, H, W), prompts, [plan.flags] * batch,
                              [plan.shot_flag] * batch, F)
@@ -122,7 +124,7 @@ def test_rollout_rejects_bad_exit_step():
 
 
 def test_make_conditioning_gives_single_prompt_samples_their_own_caption():
-    prompts = [torch.randn(1, 3, CFG.text_dim), torch.randn(3, 4, CFG.text_dim)]
+    prompts = [[torch.randn(3, CFG.text_dim)], list(torch.randn(3, 4, CFG.text_dim))]
     cond = make_conditioning(torch.zeros(2, C, FC, H, W), prompts, [[0] * FC, [0, 0, 0, 1, 1, 1]], [1, 2], F)
     assert cond.text.shape == (2, 3, 4, CFG.text_dim)
     assert cond.prompt_ids[0].tolist() == [0] * (FC + F)  # shot flag 1, but only its own prompt exists
@@ -267,3 +269,87 @@ def test_lora_wraps_every_block_linear_and_merges():
         torch.testing.assert_close(via_loader[k], merged[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="already"):
         apply_lora(model, rank=2)
+
+
+# --- the stage entry points ---------------------------------------------------------------------------
+
+def write_micro_latents(folder, stories=4, shots=3, seed=0):
+    """A latent set in training.preencode's layout (data.py docstring), with random latents and prompts."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    n = GEO.frames_per_shot
+    tensors, entries = {}, []
+    for s in range(stories):
+        name = f"story{s:03d}"
+        for k in range(shots):
+            tensors[f"{name}/shot{k}"] = torch.randn(C, F, H, W, generator=g)
+            tensors[f"{name}/frame_idx{k}"] = torch.arange(n)
+            tensors[f"{name}/frames{k}"] = torch.randn(n, C, H, W, generator=g)
+            tensors[f"{name}/prompt{k}"] = torch.randn(4 + k, CFG.text_dim, generator=g)
+        entries.append({"name": name, "num_shots": shots, "frames_per_shot": [n] * shots,
+                        "ranges": [[k * n, (k + 1) * n] for k in range(shots)], "shard": "shard_0000.safetensors"})
+    save_file(tensors, str(folder / "shard_0000.safetensors"))
+    save_file({"negative": torch.randn(2, CFG.text_dim, generator=g)}, str(folder / "negative.safetensors"))
+    (folder / "index.json").write_text(json.dumps({"preset": "micro", "stories": entries}))
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """teacher / stage-2 student / VAE / latents of the micro preset, as the earlier stages leave them."""
+    from shotstream_core.loading import save_dit
+    from training.vae_stage import save_vae
+
+    root = tmp_path_factory.mktemp("micro_run")
+    torch.manual_seed(0)
+    teacher = WanDiT(CFG)
+    student = CausalWanDiT(CFG)
+    student.load_state_dict(teacher.state_dict())
+    save_dit(teacher, root / "teacher.safetensors")
+    save_dit(student, root / "stage2.safetensors")
+    save_vae(WanVAE(PRESET.vae), root / "vae.safetensors")
+    write_micro_latents(root / "latents")
+    return root
+
+
+def stage_args(run, stage, out, *extra):
+    common = [f"teacher={run / 'teacher.safetensors'}", f"latent_dir={run / 'latents'}", f"out_dir={out}"]
+    if stage == 3:
+        common.append(f"student={run / 'stage2.safetensors'}")
+    else:
+        common += [f"student={run / 'stage2.safetensors'}", f"vae={run / 'vae.safetensors'}"]
+    argv = ["--config", str(REPO / "training" / "configs" / f"micro-stage{stage}.yaml")]
+    for item in common + list(extra):
+        argv += ["--set", item]
+    return argv
+
+
+def read_weights(folder, name):
+    from training.common import Checkpointer
+
+    return Checkpointer(folder).weights(name)
+
+
+@pytest.mark.parametrize("stage", [3, 4])
+def test_stage_resume_is_exact(micro_run, tmp_path, stage):
+    """Stopping after 4 steps (mid-clip in stage 4: 3 shots a clip) and resuming equals 6 uninterrupted
+    steps, bit for bit."""
+    from training import stage3_dmd, stage4_dmd
+
+    main = stage3_dmd.main if stage == 3 else stage4_dmd.main
+    whole = main(stage_args(micro_run, stage, tmp_path / "whole", "ckpt_every=100"))
+    main(stage_args(micro_run, stage, tmp_path / "cut", "max_steps=4", "ckpt_every=100"))
+    resumed = main(stage_args(micro_run, stage, tmp_path / "cut", "ckpt_every=100"))
+    assert whole["steps"] == resumed["steps"] == 6
+    for name in ("generator", "critic"):
+        a, b = read_weights(tmp_path / "whole", name), read_weights(tmp_path / "cut", name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # the exported student loads in the engine's loader and differs from where it started
+    from shotstream_core.loading import load_dit_state
+    sd, cfg = load_dit_state(tmp_path / "whole" / "student.safetensors")
+    start, _ = load_dit_state(micro_run / "stage2.safetensors")
+    assert cfg == CFG and any(not torch.equal(sd[k], start[k]) for k in sd)
+    assert (tmp_path / "whole" / "loss.png").is_file()

@@ -22,8 +22,10 @@ import torch
 
 from shotstream_core.cache import KVCache
 from shotstream_core.config import SamplerConfig
-from shotstream_core.model import CausalWanDiT, prompt_ids_from_flags
+from shotstream_core.model import CausalWanDiT
 from shotstream_core.schedule import FlowSchedule
+
+from .data import frame_flags, pad_prompts, prompt_ids_for
 
 
 @dataclass
@@ -53,22 +55,19 @@ class ShotConditioning:
             raise ValueError(f"text must be [B={b}, P, S, text_dim], got {tuple(self.text.shape)}")
 
 
-def make_conditioning(context: torch.Tensor, prompts: list[torch.Tensor], context_flags: list[list[int]],
-                      shot_flags: list[int], frames: int) -> ShotConditioning:
-    """Batch per-sample histories. Sample i: prompts[i] [P_i, L_i, text_dim], context_flags[i] (Fc ints),
-    shot_flags[i]. Prompt ids are built per sample (so a sample with one prompt, e.g. a first shot or a
-    dropped history, reads its own caption whatever the others hold), then prompts are zero-padded to
-    [B, max P, max S, text_dim]."""
+def make_conditioning(context: torch.Tensor, prompts: list[list[torch.Tensor]], context_flags: list[list[int]],
+                      shot_flags: list[int], frames: int, text_len: int | None = None) -> ShotConditioning:
+    """Batch per-sample histories. Sample i: prompts[i] (its P_i prompts, each [L, text_dim]),
+    context_flags[i] (Fc ints), shot_flags[i]. Prompt ids are built per sample, so a sample with one prompt
+    (a first shot, or a dropped history) reads its own caption whatever the others hold; prompts are then
+    zero-padded to [B, max P, max S, text_dim]."""
     b = context.shape[0]
     if not (len(prompts) == len(context_flags) == len(shot_flags) == b):
-        raise ValueError(f"need one prompt stack, context flag list and shot flag per sample (B={b})")
-    flags = torch.tensor([list(cf) + [sf] * frames for cf, sf in zip(context_flags, shot_flags)], dtype=torch.long)
-    prompt_ids = torch.stack([prompt_ids_from_flags(f, p.shape[0]) for f, p in zip(flags, prompts)])
-    num_p, num_s = max(p.shape[0] for p in prompts), max(p.shape[1] for p in prompts)
-    text = torch.zeros(b, num_p, num_s, prompts[0].shape[-1])
-    for i, p in enumerate(prompts):
-        text[i, : p.shape[0], : p.shape[1]] = p
-    return ShotConditioning(context, text, flags, prompt_ids).to(context.device)
+        raise ValueError(f"need one prompt list, context flag list and shot flag per sample (B={b})")
+    flags = torch.tensor([frame_flags(cf, sf, frames) for cf, sf in zip(context_flags, shot_flags)], dtype=torch.long)
+    prompt_ids = prompt_ids_for(flags, [len(p) for p in prompts])
+    text = pad_prompts(prompts, text_len)
+    return ShotConditioning(context, text.to(context.device), flags.to(context.device), prompt_ids.to(context.device))
 
 
 class SelfForcingRollout:

@@ -1,0 +1,208 @@
+"""Stage 3: intra-shot self-forcing DMD on ground-truth history.
+
+    python -m training.stage3_dmd --config training/configs/tiny-stage3.yaml [--set key=value ...]
+    torchrun --nproc_per_node 2 -m training.stage3_dmd --config ...      (gloo on CPU, NCCL on CUDA)
+
+Generator = the stage-2 causal student; real score = the frozen stage-1 teacher (CFG on its x0);
+fake score = a trainable copy of the teacher. Each step takes a batch of (story, shot) targets; the
+history of a target shot is its story's ground-truth earlier shots, chosen and encoded by the inference
+rule (data.LatentStoryDataset.history), and with probability history_dropout it is dropped (zero context,
+flag 0, the shot's own caption only). The student rolls the shot out block by block (rollout.py) and one
+optimiser step follows: the generator's DMD step once every 1 + critic_per_generator steps, the critic's
+flow-matching step otherwise. Resume, time budget, logs and plots come from common.train_loop.
+
+Output: OUT/student.safetensors (the generator, loadable by the engine), OUT/loss.png, OUT/log.jsonl,
+OUT/done.json, and a copy at `export` when set.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shotstream_core.config import get_preset
+from shotstream_core.loading import ModelLoadError, load_dit_state, save_dit
+from shotstream_core.model import CausalWanDiT, WanDiT
+
+from .common import Dist, StageConfig, mark_done, run_stage, save_config, step_generator, train_loop, unwrap
+from .data import LatentStoryDataset
+from .dmd import DMDHyper, DMDTrainer, is_generator_step, uncond_like
+from .rollout import SelfForcingRollout, make_conditioning
+
+
+@dataclass
+class DMDStageConfig(StageConfig):
+    """Fields shared by stages 3 and 4. lr / grad_clip are the generator's; the critic has its own."""
+
+    out_dir: str = "runs/tiny/stage3"
+    teacher: str = "runs/tiny/teacher/teacher.safetensors"  # real score, and the fake score's start
+    student: str = "runs/tiny/stage2/student.safetensors"  # the generator's start
+    latent_dir: str = "runs/tiny/latents"
+    export: str = ""  # optional copy of student.safetensors (e.g. into shotstream_core/weights/tiny)
+    batch_size: int = 4
+    max_steps: int = 100000
+    lr: float = 2e-5  # generator (reference 2e-6 for a pretrained 1.3B)
+    lr_critic: float = 4e-6  # critic (reference 4e-7); keep the 5:1 ratio
+    warmup_steps: int = 0  # the reference uses constant learning rates
+    beta1: float = 0.0
+    beta2: float = 0.999
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # generator
+    grad_clip_critic: float = 10.0
+    guidance: float = 3.0  # CFG on the real score
+    t_min: int = 20  # DMD / critic timestep: shifted-table index in [t_min, t_max]
+    t_max: int = 980
+    critic_per_generator: int = 5
+    refresh_sigma: float = 0.008  # noise on the cache-refresh input (told t = 0)
+    history_dropout: float = 0.1  # zero context + own caption, as the teacher was trained
+    ckpt_every: int = 50
+
+    def hyper(self) -> DMDHyper:
+        return DMDHyper(lr_generator=self.lr, lr_critic=self.lr_critic, betas=(self.beta1, self.beta2),
+                        weight_decay=self.weight_decay, guidance=self.guidance, t_min=self.t_min,
+                        t_max=self.t_max, critic_per_generator=self.critic_per_generator,
+                        refresh_sigma=self.refresh_sigma, grad_clip_generator=self.grad_clip,
+                        grad_clip_critic=self.grad_clip_critic)
+
+
+def load_dit(path: str, cls, what: str, preset, device) -> torch.nn.Module:
+    """A DiT of class `cls` from a weights file, checked against the preset; clear error if absent."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what} weights not found at {path}: run the earlier stage first, or set "
+                                f"the path in the config")
+    sd, dcfg = load_dit_state(path)
+    if dcfg != preset.dit:
+        raise ModelLoadError(f"{path} is a {dcfg.dim}-dim {dcfg.num_layers}-layer DiT, not the {preset.name} "
+                             f"preset's {preset.dit.dim}-dim {preset.dit.num_layers}-layer one")
+    model = cls(dcfg)
+    model.load_state_dict(sd)
+    return model.to(device)
+
+
+class DMDSetup:
+    """Models, trainer and data shared by stages 3 and 4."""
+
+    def __init__(self, cfg: DMDStageConfig, dist: Dist):
+        self.cfg, self.dist = cfg, dist
+        self.preset = get_preset(cfg.preset)
+        dev = dist.device
+        teacher = load_dit(cfg.teacher, WanDiT, "teacher (stage 1)", self.preset, dev).eval().requires_grad_(False)
+        student = load_dit(cfg.student, CausalWanDiT, "student", self.preset, dev).train()
+        fake = copy.deepcopy(teacher).train().requires_grad_(True)
+        self.prepare(student, fake)
+        # The generator's rollout calls forward_cached many times per backward, so its gradients are
+        # averaged by hand (dmd.sync_gradients); DDP still broadcasts its start. The critic is plain DDP.
+        self.student, self.fake, self.teacher = dist.wrap(student), dist.wrap(fake), teacher
+        self.rollout = SelfForcingRollout(self.preset.sampler, cfg.refresh_sigma)
+        self.trainer = DMDTrainer(self.student, teacher, self.fake, self.rollout, cfg.hyper(), dist)
+        self.data = LatentStoryDataset(cfg.latent_dir)
+        self._stories = {}
+        geo = self.preset.geometry
+        self.shot_shape = (self.preset.dit.in_channels, geo.latent_frames, geo.latent_height, geo.latent_width)
+
+    def prepare(self, student, fake) -> None:
+        """Hook for stage 4 (LoRA) before the models are wrapped and their optimisers made."""
+
+    @property
+    def modules(self) -> dict:
+        return {"generator": self.student, "critic": self.fake}
+
+    @property
+    def optimizers(self) -> dict:
+        return {"generator": self.trainer.opt_g, "critic": self.trainer.opt_c}
+
+    def story(self, i: int):
+        if i not in self._stories:
+            self._stories[i] = self.data[i]
+        return self._stories[i]
+
+    def set_lr(self, step: int) -> None:
+        warm = 1.0 if self.cfg.warmup_steps <= 0 else min(1.0, (step + 1) / self.cfg.warmup_steps)
+        for opt, base in ((self.trainer.opt_g, self.cfg.lr), (self.trainer.opt_c, self.cfg.lr_critic)):
+            for group in opt.param_groups:
+                group["lr"] = base * warm
+
+    def zero_history(self):
+        """Context of a first shot or a dropped history: zeros, flag 0; the shot gets flag 1."""
+        c, _, h, w = self.shot_shape
+        fc = self.preset.sampler.context_frames
+        return torch.zeros(c, fc, h, w), [0] * fc, 1
+
+    def train_step(self, step: int, context, prompts, ctx_flags, shot_flags, generator) -> tuple[dict, torch.Tensor]:
+        """Batch the samples and do one generator or critic update; returns (scalars, generated shot)."""
+        dev = self.dist.device
+        cond = make_conditioning(torch.stack(context).to(dev), prompts, ctx_flags, shot_flags, self.shot_shape[1],
+                                 self.preset.dit.text_len)
+        uncond = uncond_like(cond.text, self.data.negative[: self.preset.dit.text_len].to(dev))
+        noise = torch.randn(len(context), *self.shot_shape, generator=generator).to(dev)
+        self.set_lr(step)
+        stats, shot = self.trainer.step(step, cond, uncond, noise, generator)
+        stats = {k: float(self.dist.all_mean(torch.tensor(v))) for k, v in stats.items()}
+        return stats, shot
+
+    def export(self, generator_state: dict | None = None) -> Path:
+        """OUT/student.safetensors (+ the `export` copy) from the generator's weights."""
+        model = CausalWanDiT(self.preset.dit)
+        model.load_state_dict(generator_state if generator_state is not None else unwrap(self.student).state_dict())
+        path = save_dit(model, Path(self.cfg.out_dir) / "student.safetensors")
+        if self.cfg.export:
+            save_dit(model, self.cfg.export)
+        return path
+
+
+def intra_shot_batch(setup: DMDSetup, generator: torch.Generator):
+    """Per sample: a random (story, shot) target with its ground-truth history (or a dropped one)."""
+    cfg = setup.cfg
+    fc = setup.preset.sampler.context_frames
+    picks = torch.randint(0, len(setup.data.targets), (cfg.batch_size,), generator=generator).tolist()
+    drops = (torch.rand(cfg.batch_size, generator=generator) < cfg.history_dropout).tolist()
+    context, prompts, ctx_flags, shot_flags = [], [], [], []
+    for pick, drop in zip(picks, drops):
+        i, k = setup.data.targets[pick]
+        story = setup.story(i)
+        if k == 0 or drop:  # the shot's OWN caption, alone (the reference used the second shot's)
+            ctx, flags, shot_flag = setup.zero_history()
+            shot_prompts = [story.prompt_features[k]]
+        else:
+            ctx, all_flags = setup.data.history(story, k, fc)
+            flags, shot_flag = all_flags[:-1], all_flags[-1]
+            shot_prompts = story.prompt_features[: k + 1]
+        context.append(ctx)
+        prompts.append(shot_prompts)
+        ctx_flags.append(flags)
+        shot_flags.append(shot_flag)
+    return context, prompts, ctx_flags, shot_flags
+
+
+def train(cfg: DMDStageConfig, dist: Dist) -> dict:
+    """Stage 3: intra-shot self-forcing DMD on ground-truth history."""
+    out = Path(cfg.out_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    setup = DMDSetup(cfg, dist)
+
+    def step_fn(step: int) -> dict:
+        gen = step_generator(cfg.seed, step, dist.rank)
+        stats, _ = setup.train_step(step, *intra_shot_batch(setup, gen), gen)
+        return stats
+
+    summary = train_loop(cfg, dist, setup.modules, setup.optimizers, step_fn, desc="stage3 dmd")
+    if dist.is_main:
+        summary["student"] = str(setup.export())
+        mark_done(out, **summary)
+    dist.barrier()
+    return summary
+
+
+def main(argv=None):
+    return run_stage(train, DMDStageConfig, argv)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["DMDStageConfig", "DMDSetup", "intra_shot_batch", "is_generator_step", "load_dit", "train"]

@@ -1,0 +1,138 @@
+"""Stage 4: inter-shot self-forcing DMD on the model's own history.
+
+    python -m training.stage4_dmd --config training/configs/tiny-stage4.yaml [--set key=value ...]
+
+Same losses and 1:critic_per_generator update cycle as stage 3, but a batch of clips is rolled out shot
+by shot, in order, with one optimiser step per shot. The history of shot k is the student's own shots
+0..k-1 of that clip: decoded with the VAE, rounded to 8-bit frames as a story state keeps them, and the
+frames chosen by the inference rule (context.plan_context) re-encoded one by one (vae.encode_frames),
+exactly as the engine builds its context. Shot 0, and a sample whose history is dropped, train with the
+shot's OWN caption alone (the reference paired them with the second shot's caption).
+
+Optionally (lora_rank > 0) generator and critic train LoRA adapters on every Linear of every block; the
+exported student has them merged into full weights, and OUT/lora.safetensors keeps the generator's
+adapter in PEFT naming. The tiny model fine-tunes fully (lora_rank 0).
+
+A clip in progress (its stories and generated shots) is part of the checkpoint, so a stop mid-clip
+resumes exactly (on one process; under torchrun the other ranks continue with rank 0's clip).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from shotstream_core.context import plan_context
+from shotstream_core.vae import load_vae
+
+from .common import Dist, mark_done, run_stage, save_config, step_generator, train_loop, unwrap
+from .lora import adapter_state_dict, apply_lora, merged_state_dict
+from .stage3_dmd import DMDSetup, DMDStageConfig
+
+
+@dataclass
+class Stage4Config(DMDStageConfig):
+    out_dir: str = "runs/tiny/stage4"
+    student: str = "runs/tiny/stage3/student.safetensors"
+    vae: str = "runs/tiny/vae/vae.safetensors"
+    shots_per_clip: int = 4  # shots rolled out in order per clip (stories with fewer are skipped)
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float = 0.0  # 0 = rank
+    lora_critic: bool = True  # the critic trains LoRA too (as the reference), else fully
+
+
+class InterShotSetup(DMDSetup):
+    def __init__(self, cfg: Stage4Config, dist: Dist):
+        super().__init__(cfg, dist)
+        if not Path(cfg.vae).is_file():
+            raise FileNotFoundError(f"VAE weights not found at {cfg.vae}: run the VAE stage first, or set vae=")
+        self.vae = load_vae(cfg.vae, torch.float32, dist.device).eval().requires_grad_(False)
+        self.clips = [i for i, s in enumerate(self.data.stories) if s["num_shots"] >= cfg.shots_per_clip]
+        if len(self.clips) < cfg.batch_size:
+            longest = max(s["num_shots"] for s in self.data.stories)
+            raise ValueError(f"only {len(self.clips)} stories have >= {cfg.shots_per_clip} shots (longest: "
+                             f"{longest}); lower shots_per_clip or batch_size")
+        self.frames_per_shot = self.preset.geometry.frames_per_shot
+
+    def prepare(self, student, fake) -> None:
+        cfg = self.cfg
+        if cfg.lora_rank > 0:
+            alpha = cfg.lora_alpha or cfg.lora_rank
+            apply_lora(student, cfg.lora_rank, alpha)
+            if cfg.lora_critic:
+                apply_lora(fake, cfg.lora_rank, alpha)
+
+    @torch.no_grad()
+    def to_frames(self, shot: torch.Tensor) -> torch.Tensor:
+        """Generated latents [B, C, F, h, w] -> uint8 frames [B, N, H, W, 3], as a StoryState stores them."""
+        pixels = self.vae.decode(shot.float())  # [B, 3, N, H, W] in [-1, 1]
+        return ((pixels.permute(0, 2, 3, 4, 1) + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+    @torch.no_grad()
+    def own_history(self, history: list[torch.Tensor], b: int):
+        """Context of sample b from its generated shots (the engine's rule): ([C, Fc, h, w], flags, shot flag)."""
+        plan = plan_context([self.frames_per_shot] * len(history), self.preset.sampler.context_frames)
+        frames = torch.stack([history[s][b, i] for s, i in plan.picks])  # uint8 [Fc, H, W, 3]
+        pixels = frames.permute(0, 3, 1, 2).to(self.dist.device, torch.float32) / 127.5 - 1
+        latents = self.vae.encode_frames(pixels)  # [Fc, C, h, w], each frame encoded alone
+        return latents.permute(1, 0, 2, 3).cpu(), list(plan.flags), plan.shot_flag
+
+    def export_lora(self) -> dict:
+        """Merged generator weights; the adapter itself goes to OUT/lora.safetensors."""
+        student = unwrap(self.student)
+        save_file(adapter_state_dict(student), str(Path(self.cfg.out_dir) / "lora.safetensors"))
+        return merged_state_dict(student)
+
+
+def train(cfg: Stage4Config, dist: Dist) -> dict:
+    """Stage 4: inter-shot self-forcing DMD on the model's own history."""
+    out = Path(cfg.out_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    setup = InterShotSetup(cfg, dist)
+    clip = {"stories": [], "shot": 0, "history": []}  # the clip in progress; saved with checkpoints
+
+    def step_fn(step: int) -> dict:
+        if not clip["stories"] or clip["shot"] >= cfg.shots_per_clip:  # a new clip
+            pick = step_generator(cfg.seed, step, dist.rank, stream=1)
+            order = torch.randperm(len(setup.clips), generator=pick)[: cfg.batch_size].tolist()
+            clip.update(stories=[setup.clips[i] for i in order], shot=0, history=[])
+        k = clip["shot"]
+        gen = step_generator(cfg.seed, step, dist.rank)
+        drops = (torch.rand(cfg.batch_size, generator=gen) < cfg.history_dropout).tolist()
+        context, prompts, ctx_flags, shot_flags = [], [], [], []
+        for b, (i, drop) in enumerate(zip(clip["stories"], drops)):
+            story = setup.story(i)
+            if k == 0 or drop:  # the shot's OWN caption, alone
+                ctx, flags, shot_flag = setup.zero_history()
+                shot_prompts = [story.prompt_features[k]]
+            else:
+                ctx, flags, shot_flag = setup.own_history(clip["history"], b)
+                shot_prompts = story.prompt_features[: k + 1]
+            context.append(ctx)
+            prompts.append(shot_prompts)
+            ctx_flags.append(flags)
+            shot_flags.append(shot_flag)
+        stats, shot = setup.train_step(step, context, prompts, ctx_flags, shot_flags, gen)
+        clip["history"] = clip["history"] + [setup.to_frames(shot)]
+        clip["shot"] = k + 1
+        return {**stats, "shot": k}
+
+    summary = train_loop(cfg, dist, setup.modules, setup.optimizers, step_fn, desc="stage4 dmd",
+                         extra_state=clip)
+    if dist.is_main:
+        summary["student"] = str(setup.export(setup.export_lora() if cfg.lora_rank > 0 else None))
+        mark_done(out, **summary)
+    dist.barrier()
+    return summary
+
+
+def main(argv=None):
+    return run_stage(train, Stage4Config, argv)
+
+
+if __name__ == "__main__":
+    main()
