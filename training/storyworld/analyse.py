@@ -23,8 +23,9 @@ Metrics (all "higher is better" except drift, which is a difference; see `aggreg
 - drift: adherence over shots 6-10 minus adherence over shots 1-5, on stories with at least 10 shots
   (0 is perfect, negative means the story decays).
 - flicker: 1 - (mean absolute frame-to-frame change of background pixels inside shots) / FLICKER_SCALE,
-  clipped to [0, 1]. 1 = a perfectly steady background; FLICKER_SCALE = 255/3 is the mean change of
-  independent uniform noise, so pure noise scores about 0.
+  clipped to [0, 1], so that higher is better like every other score. 1 = a perfectly steady background
+  (the truth through H.264 changes by about 0.1 of 255 a frame: 0.996); FLICKER_SCALE = 32 (1/8 of the
+  range) scores 0, and pure noise (a mean change of 255/3) is far below it.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ STILL_BELOW = 0.08  # displacement over the shot (fraction of the side) below wh
 CUT_MIN_CHANGE = 1.5  # least mean abs change (0-255) of a cut
 CUT_RATIO = 4.0  # a cut's change must exceed this many times the median change around it
 CUT_WINDOW = 8
-FLICKER_SCALE = 255.0 / 3.0
+FLICKER_SCALE = 32.0  # mean change (of 255) per frame that scores 0; noise (about 85) is far beyond
 CHAR_DILATE = 2
 SHAPE_EVERY = 4  # read the silhouette (shape, height) of every 4th frame a character is seen in
 # RGB -> (Y, Cb, Cr) with chroma weighted down: silhouettes come from luma wherever it has contrast.
