@@ -37,8 +37,8 @@ class DMDStageConfig(StageConfig):
     """Fields shared by stages 3 and 4. lr / grad_clip are the generator's; the critic has its own."""
 
     out_dir: str = "runs/tiny/stage3"
-    teacher: str = "runs/tiny/teacher/teacher.safetensors"  # real score, and the fake score's start
-    student: str = "runs/tiny/stage2/student.safetensors"  # the generator's start
+    teacher_path: str = "runs/tiny/teacher/teacher.safetensors"  # real score, and the fake score's start
+    student_path: str = "runs/tiny/stage2/student.safetensors"  # the generator's start
     latent_dir: str = "runs/tiny/latents"
     export: str = ""  # optional copy of student.safetensors (e.g. into shotstream_core/weights/tiny)
     batch_size: int = 4
@@ -88,8 +88,8 @@ class DMDSetup:
         self.cfg, self.dist = cfg, dist
         self.preset = get_preset(cfg.preset)
         dev = dist.device
-        teacher = load_dit(cfg.teacher, WanDiT, "teacher (stage 1)", self.preset, dev).eval().requires_grad_(False)
-        student = load_dit(cfg.student, CausalWanDiT, "student", self.preset, dev).train()
+        teacher = load_dit(cfg.teacher_path, WanDiT, "teacher (stage 1)", self.preset, dev).eval().requires_grad_(False)
+        student = load_dit(cfg.student_path, CausalWanDiT, "student", self.preset, dev).train()
         fake = copy.deepcopy(teacher).train().requires_grad_(True)
         self.prepare(student, fake)
         # The generator's rollout calls forward_cached many times per backward, so its gradients are

@@ -35,8 +35,8 @@ from .stage3_dmd import DMDSetup, DMDStageConfig
 @dataclass
 class Stage4Config(DMDStageConfig):
     out_dir: str = "runs/tiny/stage4"
-    student: str = "runs/tiny/stage3/student.safetensors"
-    vae: str = "runs/tiny/vae/vae.safetensors"
+    student_path: str = "runs/tiny/stage3/student.safetensors"
+    vae_path: str = "runs/tiny/vae/vae.safetensors"
     shots_per_clip: int = 4  # shots rolled out in order per clip (stories with fewer are skipped)
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float = 0.0  # 0 = rank
@@ -46,9 +46,9 @@ class Stage4Config(DMDStageConfig):
 class InterShotSetup(DMDSetup):
     def __init__(self, cfg: Stage4Config, dist: Dist):
         super().__init__(cfg, dist)
-        if not Path(cfg.vae).is_file():
-            raise FileNotFoundError(f"VAE weights not found at {cfg.vae}: run the VAE stage first, or set vae=")
-        self.vae = load_vae(cfg.vae, torch.float32, dist.device).eval().requires_grad_(False)
+        if not Path(cfg.vae_path).is_file():
+            raise FileNotFoundError(f"VAE weights not found at {cfg.vae_path}: run the VAE stage first, or set vae_path=")
+        self.vae = load_vae(cfg.vae_path, torch.float32, dist.device).eval().requires_grad_(False)
         self.clips = [i for i, s in enumerate(self.data.stories) if s["num_shots"] >= cfg.shots_per_clip]
         if len(self.clips) < cfg.batch_size:
             longest = max(s["num_shots"] for s in self.data.stories)
