@@ -13,72 +13,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import pickle
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from .attention import resolve_backend
 from .config import PRESETS, DiTConfig, Preset, get_preset
+from .files import ModelLoadError, describe_checkpoint, read_tensors
 from .model import CausalWanDiT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 DIT_MARKER = "patch_embedding.weight"
 BUNDLED_DIR = Path(__file__).parent / "weights"
-
-
-class ModelLoadError(ValueError):
-    """A file that cannot be used: the message names the file and what was expected."""
-
-
-# --- reading files ----------------------------------------------------------------------------------
-
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors / .pt / .pth file, or of a Wan2.1 model folder. Never runs pickled code."""
-    path = Path(path)
-    if path.is_dir():
-        return _read_folder(path)
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except SafetensorError as e:
-        raise ModelLoadError(f"{path.name} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-    except pickle.UnpicklingError as e:
-        raise ModelLoadError(
-            f"{path.name} is a pickle that needs code to load; ShotStream only loads tensors "
-            f"(safetensors, or torch.save of plain tensor dicts): {str(e).splitlines()[0]}") from None
-    except RuntimeError as e:
-        raise ModelLoadError(f"{path.name} could not be read as a torch checkpoint (truncated or not a checkpoint?): {e}") from None
-    return _unwrap(obj, path)
-
-
-def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
-    """Training checkpoints nest weights: {"generator": {...}, "fake_score": ..., optimiser state}."""
-    if isinstance(obj, dict):
-        for key in ("generator_ema", "generator", "state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                return _unwrap(obj[key], path)
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            return tensors
-    raise ModelLoadError(f"{path.name} holds no tensor dict (found {type(obj).__name__})")
-
-
-def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{folder} has no .safetensors weights (expected diffusion_pytorch_model*.safetensors)")
-    sd = {}
-    for f in files:
-        sd.update(read_tensors(f))
-    return sd
 
 
 def file_metadata(path: str | Path) -> dict:
@@ -106,18 +56,6 @@ def strip_dit_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if prefix + DIT_MARKER in sd:
             return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
-
-
-def describe(sd: dict[str, torch.Tensor]) -> str:
-    keys = list(sd)
-    has = lambda frag: any(frag in k for k in keys)  # noqa: E731
-    if has("decoder.") and has("encoder."):
-        return "a VAE (encoder/decoder keys)"
-    if has("relative_attention_bias") or has("token_embedding") or "shared.weight" in sd:
-        return "a T5 / umT5 text encoder"
-    if has("lora_A") or has("lora_down"):
-        return "a LoRA (merge it into a DiT with the LoRA option instead)"
-    return f"an unrecognised checkpoint ({len(keys)} tensors, e.g. {', '.join(sorted(keys)[:3])})"
 
 
 # --- config inference -------------------------------------------------------------------------------
@@ -183,7 +121,7 @@ def merge_lora(sd: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], stren
                 module = key[: -len(down) - 1]
                 pairs[module] = (key, key[: -len(down)] + up)
     if not pairs:
-        raise ModelLoadError(f"no LoRA pairs found (expected keys ending in lora_A/lora_B.weight); found {describe(lora)}")
+        raise ModelLoadError(f"no LoRA pairs found (expected keys ending in lora_A/lora_B.weight); found {describe_checkpoint(lora)}")
     for module, (down_key, up_key) in pairs.items():
         target = module
         for prefix in ("base_model.model.", "diffusion_model.", "model.diffusion_model.", "lora_unet_"):
@@ -207,7 +145,7 @@ def load_dit_state(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfig
     sd = strip_dit_prefix(read_tensors(path))
     if DIT_MARKER not in sd:
         raise ModelLoadError(
-            f"{path.name} is not a Wan2.1 DiT: it looks like {describe(sd)}. Expected a diffusion transformer "
+            f"{path.name} is not a Wan2.1 DiT: it looks like {describe_checkpoint(sd)}. Expected a diffusion transformer "
             f"(keys like '{DIT_MARKER}', 'blocks.0.self_attn.q.weight'): a ShotStream .pt, a Wan2.1 "
             "diffusion_pytorch_model.safetensors, or ComfyUI's diffusion_models/wan2.1_t2v_*.safetensors")
     cfg = infer_dit_config(sd, file_metadata(path))

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .vae import describe_checkpoint, read_state_dict
+from .files import describe_checkpoint, read_tensors
 
 
 @runtime_checkable
@@ -408,7 +408,7 @@ def _looks_like_umt5(sd: dict[str, torch.Tensor]) -> bool:
 
 def load_umt5_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], bytes | None]:
     """(Wan-named float tensors, embedded sentencepiece model bytes or None) of a umT5 encoder file."""
-    raw = read_state_dict(path)
+    raw = read_tensors(path)
     spiece = raw.pop(SPIECE_KEY, None)
     if not _looks_like_umt5(raw):
         raise ValueError(

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, validate_frames, validate_size
+from .files import describe_checkpoint, read_tensors
 
 # Per-channel statistics of Wan2.1 latents (from Wan2.1's wan/modules/vae.py).
 WAN21_LATENT_MEAN = (
@@ -423,46 +424,6 @@ _WAN_VAE_MARKER = "decoder.middle.0.residual.0.gamma"
 _STRIP_PREFIXES = ("first_stage_model.", "vae.", "model.")
 
 
-def read_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or torch .pth/.pt file (never unpickles code: weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device=str(device))
-    sd = torch.load(path, map_location=device, weights_only=True, mmap=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(sd).__name__})")
-    return sd
-
-
-def describe_checkpoint(keys: Iterable[str]) -> str:
-    """A short guess of what a checkpoint is, for error messages."""
-    keys = set(keys)
-
-    def has(fragment: str) -> bool:
-        return any(fragment in k for k in keys)
-
-    if has("self_attn.norm_q") and has("cross_attn"):
-        return "a Wan diffusion transformer (DiT)"
-    if has("SelfAttention.relative_attention_bias") or has("pos_embedding.embedding.weight") or "shared.weight" in keys:
-        return "a T5 / umT5 text encoder"
-    if has("embeddings.word_embeddings"):
-        return "a BERT-style text encoder"
-    if has("decoder.upsamples.0.upsamples.0.residual"):
-        return "a Wan2.2 VAE (48 latent channels)"
-    if has("decoder.conv_in.") or has("decoder.up_blocks."):
-        return "a VAE in diffusers layout"
-    if has("lora_A") or has("lora_down"):
-        return "a LoRA"
-    sample = ", ".join(sorted(keys)[:3])
-    return f"an unrecognised checkpoint ({len(keys)} tensors, e.g. {sample})"
-
-
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in _STRIP_PREFIXES:
         if prefix + _WAN_VAE_MARKER in sd:
@@ -500,7 +461,7 @@ def vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> VAEConfig:
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> WanVAE:
     """Load Wan2.1_VAE.pth, ComfyUI's vae/wan_2.1_vae.safetensors, or a VAE saved by this project."""
-    sd = _strip_prefix(read_state_dict(path))
+    sd = _strip_prefix(read_tensors(path))
     if _WAN_VAE_MARKER not in sd or "encoder.conv1.weight" not in sd or "conv2.weight" not in sd:
         raise ValueError(
             f"{Path(path).name} is not a Wan2.1 VAE: found {describe_checkpoint(sd)}; expected a Wan2.1 VAE "

@@ -1,0 +1,84 @@
+"""Reading checkpoint files safely, and naming what a wrong file is.
+
+Every loader (DiT, VAE, text encoders) reads through `read_tensors`: safetensors, or torch files with
+weights_only=True, so loading never runs pickled code.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+
+class ModelLoadError(ValueError):
+    """A file that cannot be used: the message names the file and what was expected."""
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors / .pt / .pth file, or of a folder of .safetensors shards."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("diffusion_pytorch_model*.safetensors")) or sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{path} has no .safetensors weights (expected diffusion_pytorch_model*.safetensors)")
+        sd = {}
+        for f in files:
+            sd.update(read_tensors(f))
+        return sd
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except SafetensorError as e:
+        raise ModelLoadError(f"{path.name} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(
+            f"{path.name} is a pickle that needs code to load; ShotStream only loads tensors "
+            f"(safetensors, or torch.save of plain tensor dicts): {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:
+        raise ModelLoadError(f"{path.name} could not be read as a torch checkpoint (truncated or not a checkpoint?): {e}") from None
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    """Training checkpoints nest weights: {"generator": {...}, "fake_score": ..., optimiser state}."""
+    if isinstance(obj, dict):
+        for key in ("generator", "generator_ema", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                return _unwrap(obj[key], path)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise ModelLoadError(f"{path.name} holds no tensor dict (found {type(obj).__name__})")
+
+
+def describe_checkpoint(keys: Iterable[str]) -> str:
+    """A short guess of what a checkpoint is, for error messages."""
+    keys = set(keys)
+
+    def has(fragment: str) -> bool:
+        return any(fragment in k for k in keys)
+
+    if has("self_attn.norm_q") and has("cross_attn"):
+        return "a Wan diffusion transformer (DiT)"
+    if has("SelfAttention.relative_attention_bias") or has("pos_embedding.embedding.weight") or "shared.weight" in keys \
+            or has("token_embedding"):
+        return "a T5 / umT5 text encoder"
+    if has("embeddings.word_embeddings"):
+        return "a BERT-style text encoder"
+    if has("decoder.upsamples.0.upsamples.0.residual"):
+        return "a Wan2.2 VAE (48 latent channels)"
+    if has("decoder.conv_in.") or has("decoder.up_blocks."):
+        return "a VAE in diffusers layout"
+    if has("encoder.") and has("decoder."):
+        return "a VAE (encoder/decoder keys)"
+    if has("lora_A") or has("lora_down"):
+        return "a LoRA (merge it into a DiT with the LoRA option instead)"
+    sample = ", ".join(sorted(keys)[:3])
+    return f"an unrecognised checkpoint ({len(keys)} tensors, e.g. {sample})"
