@@ -117,7 +117,8 @@ def train(cfg: Stage4Config, dist: Dist) -> dict:
             ctx_flags.append(flags)
             shot_flags.append(shot_flag)
         stats, shot = setup.train_step(step, context, prompts, ctx_flags, shot_flags, gen)
-        clip["history"] = clip["history"] + [setup.to_frames(shot)]
+        if k + 1 < cfg.shots_per_clip:  # the clip's last shot is nobody's history: skip its decode
+            clip["history"] = clip["history"] + [setup.to_frames(shot)]
         clip["shot"] = k + 1
         return {**stats, "shot": k}
 
