@@ -23,4 +23,12 @@ from .storage import (ClipRecord, StoryClip, read_index, read_mp4, read_story_cl
 from .world import (COLOURS, EVAL_SEED, FRAMINGS, MOTIONS, PLACES, SHAPES, TRAIN_SEED, Character, Hidden,
                     Shot, Story, make_split, make_story, story_seed)
 
-__all__ = [n for n in dir() if not n.startswith("_")]
+__all__ = [
+    "COLOURS", "EVAL_SEED", "FRAMINGS", "MOTIONS", "PLACES", "SHAPES", "TRAIN_SEED",
+    "Character", "Hidden", "Shot", "Story", "make_split", "make_story", "story_seed",
+    "default_geometry", "render_shot", "render_story",
+    "ClipRecord", "StoryClip", "read_index", "read_mp4", "read_story_clip", "read_truth", "shot_flags",
+    "write_index", "write_mp4", "write_stories", "write_story",
+    "VideoAnalysis", "StoryScore", "aggregate", "analyse_shot", "analyse_video", "detect_cuts",
+    "score_story", "score_dirs", "contact_sheet", "sheet_for",
+]
