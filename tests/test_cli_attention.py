@@ -1,0 +1,56 @@
+"""CLI end to end on the micro preset, and the attention backend choice."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shotstream_core.attention import attention, resolve_backend
+from shotstream_core.video import read_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cli_generates_a_story_video(tmp_path):
+    story = tmp_path / "story.json"
+    story.write_text(json.dumps({"global_caption": "a red circle on a meadow.", "shot1": "wide shot, still",
+                                 "shot2": "close-up, moves left"}))
+    out = tmp_path / "story.mp4"
+    proc = subprocess.run([sys.executable, "-m", "shotstream_core", "generate", str(story), "--out", str(out),
+                           "--model", "micro", "--seed", "3", "--save-state", str(tmp_path / "state")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    frames, fps = read_video(out)
+    assert frames.shape == (2 * 21, 32, 32, 3) and fps == 16
+    assert "random weights" in proc.stderr  # the micro preset has no trained weights, and says so
+    assert (tmp_path / "state.safetensors").exists() and (tmp_path / "state.json").exists()
+
+
+def test_cli_bad_frames_is_one_clear_line(tmp_path):
+    story = tmp_path / "story.json"
+    story.write_text(json.dumps({"global_caption": "g", "shot1": "s"}))
+    proc = subprocess.run([sys.executable, "-m", "shotstream_core", "generate", str(story), "--out",
+                           str(tmp_path / "x.mp4"), "--model", "micro", "--frames-per-shot", "20"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "4k+1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_backend_resolution_and_errors():
+    assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("sdpa", "cpu") == "sdpa"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_backend("flash_attn_2", "cpu")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("xformers", "cpu")
+
+
+def test_sdpa_matches_explicit_softmax_attention_with_mask():
+    q, k, v = torch.randn(2, 5, 3, 8), torch.randn(2, 7, 3, 8), torch.randn(2, 7, 3, 8)
+    mask = torch.rand(5, 7) > 0.3
+    mask[:, 0] = True
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8**0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    ref = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    torch.testing.assert_close(attention(q, k, v, "sdpa", mask), ref, atol=1e-5, rtol=1e-5)
