@@ -12,6 +12,7 @@ t: a shifted-table index uniform in [t_min, t_max] (20..980), one t per sample f
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -141,9 +142,10 @@ class DMDTrainer:
     optimisers, the rollout and the loss; `step` does one generator or critic update."""
 
     def __init__(self, student: nn.Module, real: WanDiT, fake: nn.Module, rollout: SelfForcingRollout,
-                 hyper: DMDHyper, dist=None):
+                 hyper: DMDHyper, dist=None, autocast=contextlib.nullcontext):
         self.student, self.real, self.fake = student, real, fake  # student/fake may be DDP-wrapped
         self.rollout, self.hyper, self.dist = rollout, hyper, dist
+        self.autocast = autocast  # context factory for the forward passes (bf16 on GPU); backward runs outside
         self.real.requires_grad_(False).eval()
         self.loss = DMDLoss(rollout.schedule, hyper.guidance, hyper.t_min, hyper.t_max,
                             rollout.sampler.rope_shot_phase)
@@ -158,17 +160,19 @@ class DMDTrainer:
         """One optimiser step; returns (scalars to log, the generated shot [B, C, F, h, w], detached)."""
         if is_generator_step(step, self.hyper.critic_per_generator):
             self.opt_g.zero_grad(set_to_none=True)
-            x = self.generate(cond, noise, generator, grad=True)
-            loss, stats = self.loss.generator_loss(x, cond, uncond_text, self.real, self.fake, generator)
+            with self.autocast():
+                x = self.generate(cond, noise, generator, grad=True)
+                loss, stats = self.loss.generator_loss(x, cond, uncond_text, self.real, self.fake, generator)
             loss.backward()
             sync_gradients(_unwrap(self.student), self.dist)
             norm = nn.utils.clip_grad_norm_(_unwrap(self.student).parameters(), self.hyper.grad_clip_generator)
             self.opt_g.step()
-            return {"generator_loss": loss.item(), "generator_grad_norm": float(norm), **stats}, x.detach()
+            return {"generator_loss": loss.item(), "generator_grad_norm": float(norm), **stats}, x.detach().float()
         self.opt_c.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            x = self.generate(cond, noise, generator, grad=False)
-        loss = self.loss.critic_loss(x, cond, self.fake, generator)
+        with self.autocast():
+            with torch.no_grad():
+                x = self.generate(cond, noise, generator, grad=False).float()
+            loss = self.loss.critic_loss(x, cond, self.fake, generator)
         loss.backward()
         norm = nn.utils.clip_grad_norm_(_unwrap(self.fake).parameters(), self.hyper.grad_clip_critic)
         self.opt_c.step()

@@ -26,7 +26,8 @@ from shotstream_core.config import get_preset
 from shotstream_core.loading import ModelLoadError, load_dit_state, save_dit
 from shotstream_core.model import CausalWanDiT, WanDiT
 
-from .common import Dist, StageConfig, mark_done, run_stage, save_config, step_generator, train_loop, unwrap
+from .common import (Dist, StageConfig, autocast, enable_grad_checkpointing, mark_done, run_stage, save_config,
+                     step_generator, train_loop, unwrap)
 from .data import LatentStoryDataset
 from .dmd import DMDHyper, DMDTrainer, is_generator_step, uncond_like
 from .rollout import SelfForcingRollout, make_conditioning
@@ -92,11 +93,15 @@ class DMDSetup:
         student = load_dit(cfg.student_path, CausalWanDiT, "student", self.preset, dev).train()
         fake = copy.deepcopy(teacher).train().requires_grad_(True)
         self.prepare(student, fake)
+        if cfg.grad_checkpointing:  # GPU memory: recompute blocks in backward (cache writes are idempotent)
+            enable_grad_checkpointing(student)
+            enable_grad_checkpointing(fake)
         # The generator's rollout calls forward_cached many times per backward, so its gradients are
         # averaged by hand (dmd.sync_gradients); DDP still broadcasts its start. The critic is plain DDP.
         self.student, self.fake, self.teacher = dist.wrap(student), dist.wrap(fake), teacher
         self.rollout = SelfForcingRollout(self.preset.sampler, cfg.refresh_sigma)
-        self.trainer = DMDTrainer(self.student, teacher, self.fake, self.rollout, cfg.hyper(), dist)
+        self.trainer = DMDTrainer(self.student, teacher, self.fake, self.rollout, cfg.hyper(), dist,
+                                  autocast=lambda: autocast(cfg, dev))
         self.data = LatentStoryDataset(cfg.latent_dir)
         self._stories = {}
         geo = self.preset.geometry
