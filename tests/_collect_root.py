@@ -11,3 +11,10 @@ def pytest_collect_directory(path, parent):
     if path == ROOT:
         return pytest.Dir.from_parent(parent, path=path)
     return None
+
+
+def pytest_configure(config):
+    # The test models are tiny: one thread avoids oversubscribing a small shared CPU (much faster here).
+    import torch
+
+    torch.set_num_threads(1)

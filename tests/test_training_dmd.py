@@ -389,7 +389,6 @@ def test_stage4_lora_trains_adapters_and_exports_merged_weights(micro_run, tmp_p
         torch.testing.assert_close(via_loader[k], merged[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_stage3_under_two_process_torchrun(micro_run, tmp_path):
     """2-process gloo run: both ranks finish and rank 0 writes the checkpoint and the student."""
     import subprocess
