@@ -140,6 +140,17 @@ def test_shots_never_mutate_the_incoming_state_and_are_deterministic(nodes, micr
     assert not torch.equal(f2a, f2c) and s1.num_shots == 1  # an edited shot 2 re-runs from the untouched shot 1
 
 
+def test_two_chains_share_one_model_without_touching_each_other(nodes, micro):
+    g = micro.geometry
+    a1, _ = shot(nodes, micro, prompt(nodes, seed=1))
+    _, a2_alone = shot(nodes, micro, prompt(nodes, "close-up, moving up.", seed=2), a1)
+    # chain B (another size) runs on the same model between A's shots
+    b1, fb = shot(nodes, micro, prompt(nodes, seed=7), geometry=g.replace(width=g.width + 16))
+    a2, a2_frames = shot(nodes, micro, prompt(nodes, "close-up, moving up.", seed=2), a1)
+    assert fb.shape[2] == g.width + 16 and b1.story_id != a1.story_id
+    assert torch.equal(a2_frames, a2_alone) and a1.num_shots == 1 and b1.num_shots == 1
+
+
 def test_interrupt_leaves_the_state_and_a_rerun_matches(nodes, micro, host, monkeypatch):
     s1, _ = shot(nodes, micro, prompt(nodes, seed=1))
     _, reference = shot(nodes, micro, prompt(nodes, "wide shot, moving right.", seed=5), s1)

@@ -130,3 +130,14 @@ def test_branching_story_has_two_third_shots_from_one_state():
     captions = {api[api[n]["inputs"]["prompt"][0]]["inputs"]["caption"] for n in thirds}
     assert len(captions) == 2  # two different alternatives
     assert Counter(n["class_type"] for n in api.values())["VideoCombine"] == 2
+
+
+def test_the_workflows_tell_one_story():
+    # Same node ids and inputs for the model and shots 1-3 in all three: a host that ran one reuses those
+    # shots from its cache for the others (the host tests rely on it to stay fast).
+    starter = load("story_3shot_starter", api=True)
+    shared = [k for k, v in starter.items() if v["class_type"] != "VideoCombine"]
+    for name in NAMES[1:]:
+        other = load(name, api=True)
+        for k in shared:
+            assert (other[k]["class_type"], other[k]["inputs"]) == (starter[k]["class_type"], starter[k]["inputs"])
