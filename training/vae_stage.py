@@ -41,6 +41,8 @@ class VAEStageConfig(StageConfig):
     l1_weight: float = 1.0
     l2_weight: float = 1.0
     kl_weight: float = 1e-6
+    sample_latent: bool = True  # reparameterised sample (VAE); false: z = mu (plain autoencoder)
+    init_from: str = ""  # start from these VAE weights (a refine phase); statistics are re-fitted
     stats_shots: int = 16  # shots encoded to measure the latent mean/std
     export: str = ""  # optional copy of vae.safetensors (e.g. shotstream_core/weights/tiny/vae.safetensors)
 
@@ -51,9 +53,10 @@ class VAEAutoencoder(nn.Module):
     Wrapping it (not the VAE) in DDP makes the whole computation go through DDP's forward.
     """
 
-    def __init__(self, vae: WanVAE):
+    def __init__(self, vae: WanVAE, sample_latent: bool = True):
         super().__init__()
         self.vae = vae
+        self.sample_latent = sample_latent
 
     def forward(self, clip: torch.Tensor, eps: torch.Tensor):
         """clip [B, 3, T, H, W] in [-1, 1]; eps [B, z, (T-1)/4+1, H/8, W/8] -> (recon, mu, log_var)."""
@@ -63,7 +66,7 @@ class VAEAutoencoder(nn.Module):
         h = torch.cat([vae.encoder(c, cache) for c in chunks], dim=2)
         mu, log_var = vae.conv1(h).chunk(2, dim=1)
         log_var = log_var.clamp(-30.0, 20.0)
-        z = mu + torch.exp(0.5 * log_var) * eps
+        z = mu + torch.exp(0.5 * log_var) * eps if self.sample_latent else mu
         x = vae.conv2(z)
         cache = {}
         recon = torch.cat([vae.decoder(x[:, :, i:i + 1], cache) for i in range(x.shape[2])], dim=2)
@@ -141,8 +144,14 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         raise ValueError(f"shots have {shots.shape[1]} frames, fewer than clip_frames={cfg.clip_frames}")
 
     torch.manual_seed(cfg.seed)
-    vae = WanVAE(preset.vae).to(dist.device)
-    model = dist.wrap(VAEAutoencoder(vae))
+    vae = WanVAE(preset.vae)
+    if cfg.init_from:
+        init = load_vae(cfg.init_from)
+        vae.load_state_dict(init.state_dict())
+        vae.latent_mean.zero_()  # training works on raw mu; statistics are fitted again at the end
+        vae.latent_std.fill_(1.0)
+    vae = vae.to(dist.device)
+    model = dist.wrap(VAEAutoencoder(vae, cfg.sample_latent))
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     batches = StepBatches(len(shots), cfg.batch_size, dist, cfg.seed)
     lat = cfg.crop // 8 if cfg.crop else preset.geometry.latent_height

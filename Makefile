@@ -1,0 +1,17 @@
+# ShotStream for ComfyUI: common tasks.
+PYTHON ?= .venv/bin/python
+NPROC ?= 1
+
+.PHONY: test test-all train-tiny train-micro
+
+test:  ## the default test suite (slow tests excluded)
+	$(PYTHON) -m pytest -q -m "not slow"
+
+test-all:
+	$(PYTHON) -m pytest -q
+
+train-tiny:  ## the embedded tiny model, all stages (skips finished ones, resumes a cut one)
+	$(PYTHON) -m training.pipeline --preset tiny --nproc $(NPROC)
+
+train-micro:  ## the whole pipeline at unit-test size
+	$(PYTHON) -m training.pipeline --preset micro --no-eval

@@ -1,0 +1,244 @@
+"""ODE pairs for stage 2: teacher trajectories saved at the student's few-step times.
+
+    python -m training.ode_pairs --config training/configs/tiny-ode.yaml
+
+For each (story, shot k) target the teacher samples 50 Euler steps (shift 8, CFG against the empty
+negative prompt) from fresh noise, with the shot's ground-truth history as context. The latents at the
+student's warped times (1000, 957.93, 888.89, 737.59: grid steps 0, 13, 25, 37) and the final x0 are saved
+as safetensors shards with the context, the frame flags and prompt ids; prompts stay in the latent store,
+referenced by (story index, shot).
+
+guidance_check: before generating, a few held-out training-split stories (never the evaluation split) are
+sampled at each listed CFG scale, decoded and scored with the Story World analyser (adherence of the
+generated shot); the best scale is used and written to OUT/guidance.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from shotstream_core.config import get_preset
+from shotstream_core.loading import load_dit_state
+from shotstream_core.model import WanDiT
+from shotstream_core.schedule import FlowSchedule
+from shotstream_core.teacher import sample_teacher
+
+from .common import StageConfig, mark_done, run_stage, save_config, step_generator
+from .data import LatentStoryDataset
+
+
+@dataclass
+class ODEConfig(StageConfig):
+    out_dir: str = "runs/tiny/ode"
+    latent_dir: str = "runs/tiny/latents"
+    teacher_path: str = "runs/tiny/teacher/teacher.safetensors"
+    vae_path: str = "runs/tiny/vae/vae.safetensors"
+    num_pairs: int = 0  # targets to generate (0 = every (story, shot) of the latent store)
+    batch_size: int = 32
+    shard_size: int = 256
+    steps: int = 50
+    guidance: float = 6.0  # the reference's scale; replaced by the check's pick when guidance_check is set
+    guidance_check: tuple[float, ...] = ()
+    check_targets: int = 12  # (story, shot) targets of the check, taken from the END of the latent store
+
+
+def load_teacher(path, device) -> WanDiT:
+    sd, cfg = load_dit_state(path)
+    teacher = WanDiT(cfg)
+    teacher.load_state_dict(sd)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def target_inputs(ds: LatentStoryDataset, targets, context_frames: int, text_len: int):
+    """Ground-truth history, flags, prompt ids and text of targets, without dropout."""
+    from .stage1_teacher import make_batch
+
+    return make_batch(ds, targets, context_frames, text_len)
+
+
+@torch.no_grad()
+def sample_targets(teacher, ds, targets, preset, guidance: float, steps: int, seed: int, device, save_at=()):
+    """Teacher samples of (story, shot) targets -> (x0 [B, C, F, h, w], {t: x_t}, batch)."""
+    sampler = preset.sampler
+    batch = target_inputs(ds, targets, sampler.context_frames, preset.dit.text_len)
+    g = step_generator(seed, 0, 0, stream=7)
+    noise = torch.randn(batch.x0.shape, generator=g)
+    x0, saved = sample_teacher(teacher, batch.context.to(device), noise.to(device), batch.text.to(device),
+                               batch.flags.to(device), batch.prompt_ids.to(device), batch.negative.to(device),
+                               steps=steps, guidance=guidance, shift=sampler.shift, save_at=save_at,
+                               num_train_timesteps=sampler.num_train_timesteps, shot_phase=sampler.rope_shot_phase)
+    return x0.cpu(), {t: v.cpu() for t, v in saved.items()}, batch
+
+
+def _to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8."""
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+
+
+@torch.no_grad()
+def shot_adherence(ds, targets, x0, vae) -> list[float]:
+    """Analyser adherence of each generated shot k, scored inside its story after the ground-truth
+    pixels of shots 0..k-1 (read back from the training video)."""
+    import dataclasses
+
+    from .storyworld.analyse import score_story
+    from .storyworld.storage import read_story_clip, read_truth
+
+    video = vae.decode(x0.to(vae.device)).cpu()
+    out = []
+    for (i, k), v in zip(targets, video):
+        meta = ds.stories[i]
+        story, _, _ = read_truth(str(meta["json_path"])[: -len(".json")] + ".truth.json")
+        clip = read_story_clip(meta["video_path"], meta["json_path"], meta["ranges"])
+        frames = [clip.shot(j)[: meta["frames_per_shot"][j]] for j in range(k)] + [_to_uint8(v)]
+        ranges, pos = [], 0
+        for f in frames:
+            ranges.append((pos, pos + len(f)))
+            pos += len(f)
+        sub = dataclasses.replace(story, shots=story.shots[: k + 1])
+        score = score_story(sub, np.concatenate(frames), ranges)
+        out.append(score.adherence(slice(k, k + 1)))
+    return out
+
+
+def check_guidance(teacher, ds, preset, scales, n_targets: int, vae, device, steps: int, seed: int) -> dict:
+    targets = ds.targets[-n_targets:]
+    result = {}
+    for s in scales:
+        x0, _, _ = sample_targets(teacher, ds, targets, preset, s, steps, seed, device)
+        result[float(s)] = float(np.mean(shot_adherence(ds, targets, x0, vae)))
+        print(f"guidance {s}: adherence {result[float(s)]:.3f}", flush=True)
+    return result
+
+
+@torch.no_grad()
+def teacher_sheet(teacher, ds, vae_path, path, n: int, guidance: float, steps: int, preset, seed: int = 0):
+    """Contact sheet: per row one target shot, ground truth (top) and teacher sample (bottom), 5 frames."""
+    from PIL import Image
+
+    from shotstream_core.vae import load_vae
+
+    vae = load_vae(vae_path)
+    stride = max(1, len(ds.targets) // n)
+    targets = [ds.targets[j] for j in range(0, stride * n, stride)][:n]
+    x0, _, batch = sample_targets(teacher, ds, targets, preset, guidance, steps, seed, next(teacher.parameters()).device)
+    gen = vae.decode(x0)
+    gt = vae.decode(batch.x0)
+    idx = np.linspace(0, gen.shape[2] - 1, 5).round().astype(int)
+    rows = []
+    for a, b in zip(gt, gen):
+        rows.append(np.concatenate([_to_uint8(a)[i] for i in idx], axis=1))
+        rows.append(np.concatenate([_to_uint8(b)[i] for i in idx], axis=1))
+    sheet = np.concatenate(rows, axis=0)
+    Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(path)
+    return path
+
+
+def generate(cfg: ODEConfig, dist) -> dict:
+    """Sample the teacher on every target and store the trajectory latents at the student's times."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    preset = get_preset(cfg.preset)
+    sampler = preset.sampler
+    schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
+    student_t = [float(t) for t in schedule.warp(sampler.denoising_steps)]
+    ds = LatentStoryDataset(cfg.latent_dir)
+    teacher = load_teacher(cfg.teacher_path, dist.device)
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+
+    guidance = cfg.guidance
+    gpath = out / "guidance.json"
+    if cfg.guidance_check:
+        if gpath.is_file():
+            guidance = json.loads(gpath.read_text())["guidance"]
+        else:
+            from shotstream_core.vae import load_vae
+
+            scores = check_guidance(teacher, ds, preset, cfg.guidance_check, cfg.check_targets,
+                                    load_vae(cfg.vae_path, device=dist.device), dist.device, cfg.steps, cfg.seed)
+            guidance = max(scores, key=lambda s: (scores[s], -s))
+            if dist.is_main:
+                gpath.write_text(json.dumps({"guidance": guidance, "adherence_by_scale": scores}, indent=2))
+
+    targets = ds.targets if cfg.num_pairs <= 0 else ds.targets[: cfg.num_pairs]
+    shards = [targets[i:i + cfg.shard_size] for i in range(0, len(targets), cfg.shard_size)]
+    prev_path = out / "progress.json"
+    prev = json.loads(prev_path.read_text())["elapsed_s"] if prev_path.is_file() else 0.0
+    budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
+    stopped = False
+    for n, shard in enumerate(shards):
+        if n % dist.world_size != dist.rank:
+            continue
+        path = out / f"pairs_{n:04d}.safetensors"
+        if path.is_file():
+            continue
+        parts = {k: [] for k in ("latents", "context", "flags", "prompt_ids", "target")}
+        for j in range(0, len(shard), cfg.batch_size):
+            if prev + time.perf_counter() - t0 > budget:
+                stopped = True
+                break
+            part = shard[j:j + cfg.batch_size]
+            x0, saved, batch = sample_targets(teacher, ds, part, preset, guidance, cfg.steps,
+                                              cfg.seed * 100003 + n * 1009 + j, dist.device, save_at=student_t)
+            levels = [saved[t] for t in student_t] + [x0]
+            parts["latents"].append(torch.stack(levels, dim=1))  # [B, 5, C, F, h, w]
+            parts["context"].append(batch.context)
+            parts["flags"].append(batch.flags)
+            parts["prompt_ids"].append(batch.prompt_ids)
+            parts["target"].append(torch.tensor(part, dtype=torch.long))
+        if not parts["latents"]:
+            break
+        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+        tensors["timesteps"] = torch.tensor(student_t + [0.0])
+        tmp = out / f".tmp_{path.name}"
+        save_file(tensors, str(tmp), metadata={"guidance": str(guidance), "steps": str(cfg.steps)})
+        os.replace(tmp, path)
+        if dist.is_main:
+            prev_path.write_text(json.dumps({"elapsed_s": prev + time.perf_counter() - t0}))
+            print(f"pairs shard {n + 1}/{len(shards)}: {len(tensors['target'])} pairs", flush=True)
+        if stopped:
+            break
+    dist.barrier()
+    summary = {}
+    if dist.is_main:
+        count = sum(load_file(str(p))["target"].shape[0] for p in sorted(out.glob("pairs_*.safetensors")))
+        summary = {"pairs": count, "guidance": guidance, "student_timesteps": student_t,
+                   "wall_s": prev + time.perf_counter() - t0, "stop_reason": "max_minutes" if stopped else "done"}
+        mark_done(out, **summary)
+        print(json.dumps(summary), flush=True)
+    dist.barrier()
+    return summary
+
+
+class ODEPairs:
+    """All stored pairs: latents [N, 5, C, F, h, w] (levels at `timesteps`), context, flags, prompt ids,
+    target (story index, shot) into the latent store."""
+
+    def __init__(self, ode_dir):
+        files = sorted(Path(ode_dir).glob("pairs_*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no ODE pairs in {ode_dir} (run python -m training.ode_pairs)")
+        parts = [load_file(str(p)) for p in files]
+        for key in ("latents", "context", "flags", "prompt_ids", "target"):
+            setattr(self, key, torch.cat([p[key] for p in parts]))
+        self.timesteps = parts[0]["timesteps"]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def main(argv=None):
+    return run_stage(generate, ODEConfig, argv)
+
+
+if __name__ == "__main__":
+    main()

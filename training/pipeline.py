@@ -1,0 +1,244 @@
+"""The whole training pipeline: Story World data -> VAE -> latents -> teacher -> ODE pairs -> stage 2 ->
+stage 3 -> stage 4 -> export and training report (-> evaluation).
+
+    python -m training.pipeline --preset tiny            (make train-tiny)
+    python -m training.pipeline --preset micro --no-eval (the test suite's smoke run)
+
+Each stage is its own command (`python -m training.<stage> --config training/configs/<preset>-<stage>.yaml`)
+run as a subprocess; a stage whose out_dir holds done.json is skipped, a cut one resumes from its last
+checkpoint (the stage itself does that). --nproc N runs the stages under torchrun with N processes.
+At the end the shipped files are copied to the export folder (shotstream_core/weights/<preset>/ for tiny)
+with training_report.md: wall time, steps and final losses of each stage, checkpoint sizes, loss plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .common import is_done, load_stage_config, mark_done, read_log
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # also the config file's suffix: <preset>-<name>.yaml
+    module: str  # python -m training.<module>
+    config_cls: str  # "module:Class", to read out_dir without importing every stage up front
+    distributed: bool = True  # runs under torchrun when --nproc > 1
+    owner_note: str = ""
+
+
+STAGES = (
+    Stage("vae", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
+    Stage("vae-refine", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
+    Stage("preencode", "training.preencode", "training.preencode:PreencodeConfig"),
+    Stage("teacher", "training.stage1_teacher", "training.stage1_teacher:TeacherConfig"),
+    Stage("ode", "training.ode_pairs", "training.ode_pairs:ODEConfig"),
+    Stage("stage2", "training.stage2_ode", "training.stage2_ode:Stage2Config"),
+    Stage("stage3", "training.stage3_dmd", "training.stage3_dmd:DMDStageConfig"),
+    Stage("stage4", "training.stage4_dmd", "training.stage4_dmd:Stage4Config"),
+)
+
+# What the engine loads, and what the report / ablation needs: (file in the export folder, stage, file in
+# the stage's out_dir).
+SHIPPED = (
+    ("vae.safetensors", ("vae-refine", "vae"), "vae.safetensors"),
+    ("teacher.safetensors", ("teacher",), "teacher.safetensors"),
+    ("student_stage3.safetensors", ("stage3",), "student.safetensors"),
+    # before stage 4 is done, the stage-3 (or stage-2) student is the interim shipped model
+    ("dit.safetensors", ("stage4", "stage3", "stage2"), "student.safetensors"),
+)
+
+# Data set sizes per preset: (stories, min shots, max shots)
+DATA = {"tiny": (600, 2, 4), "micro": (6, 2, 3)}
+
+
+def _config_class(spec: str):
+    import importlib
+
+    module, cls = spec.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def stage_config_path(preset: str, stage: Stage) -> Path:
+    return CONFIGS / f"{preset}-{stage.name}.yaml"
+
+
+def stage_out_dir(preset: str, stage: Stage) -> Path | None:
+    path = stage_config_path(preset, stage)
+    if not path.is_file():
+        return None
+    return Path(load_stage_config(_config_class(stage.config_cls), path).out_dir)
+
+
+def stage_command(preset: str, stage: Stage, nproc: int, extra=()) -> list[str]:
+    cfg = str(stage_config_path(preset, stage))
+    if nproc > 1 and stage.distributed:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                  "-m", stage.module]
+    else:
+        launch = [sys.executable, "-m", stage.module]
+    return launch + ["--config", cfg, *extra]
+
+
+def make_data(preset: str, out_dir: Path) -> dict:
+    from shotstream_core.config import get_preset
+
+    from .data import write_training_set
+
+    t0 = time.perf_counter()
+    n, lo, hi = DATA[preset]
+    write_training_set(out_dir, n, get_preset(preset).geometry, lo, hi, progress=True)
+    info = {"stories": n, "min_shots": lo, "max_shots": hi, "wall_s": time.perf_counter() - t0}
+    mark_done(out_dir, **info)
+    return info
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def export(preset: str, export_dir: Path) -> list[str]:
+    """Copy the shipped files of the finished stages; returns the names copied."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    stages = {s.name: s for s in STAGES}
+    copied = []
+    for name, candidates, src in SHIPPED:
+        for stage in candidates:
+            out = stage_out_dir(preset, stages[stage])
+            if out is not None and (out / src).is_file() and is_done(out):
+                shutil.copy2(out / src, export_dir / name)
+                copied.append(f"{name} (from {stage})")
+                break
+    return copied
+
+
+def write_training_report(preset: str, export_dir: Path, data_dir: Path | None = None) -> Path:
+    """training_report.md (+ loss_<stage>.png) in export_dir from the stages' done.json and logs."""
+    lines = [f"# Training report: {preset} preset", "",
+             "Generated by `python -m training.pipeline`; every number below is read from the runs' own",
+             "done.json / log.jsonl files. Times are wall-clock on this machine (summed over resumes).", "",
+             "| stage | wall time | steps | stop | final loss | checkpoint folder | output |",
+             "|---|---|---|---|---|---|---|"]
+    total = 0.0
+    if data_dir is not None and is_done(data_dir):
+        d = json.loads((data_dir / "done.json").read_text())
+        total += d.get("wall_s", 0.0)
+        lines.append(f"| data | {d.get('wall_s', 0) / 60:.1f} min | {d.get('stories')} stories | - | - | - | "
+                     f"{_mb(_size(data_dir))} |")
+    plots = []
+    for stage in STAGES:
+        out = stage_out_dir(preset, stage)
+        if out is None or not (out / "done.json").is_file():
+            lines.append(f"| {stage.name} | not run | | | | | |")
+            continue
+        d = json.loads((out / "done.json").read_text())
+        wall = float(d.get("wall_s", 0.0))
+        total += wall
+        final = d.get("final") or {}
+        loss = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if "loss" in k) or "-"
+        steps = d.get("steps", d.get("pairs", d.get("stories", "-")))
+        outputs = [p for p in out.glob("*.safetensors")] if stage.name not in ("preencode", "ode") else [out]
+        out_size = sum(_size(p) for p in outputs)
+        lines.append(f"| {stage.name} | {wall / 60:.1f} min | {steps} | {d.get('stop_reason', '-')} | {loss} | "
+                     f"{_mb(_size(out / 'checkpoints'))} | {_mb(out_size)} |")
+        if (out / "loss.png").is_file():
+            shutil.copy2(out / "loss.png", export_dir / f"loss_{stage.name}.png")
+            plots.append(stage.name)
+    lines += ["", f"Total: {total / 60:.1f} min.", ""]
+    shipped = sorted(export_dir.glob("*.safetensors"))
+    if shipped:
+        lines += ["## Shipped files", "", "| file | size |", "|---|---|"]
+        lines += [f"| {p.name} | {_mb(p.stat().st_size)} |" for p in shipped]
+        lines.append("")
+    details = []
+    for stage in STAGES:
+        out = stage_out_dir(preset, stage)
+        if out is not None and (out / "done.json").is_file():
+            d = json.loads((out / "done.json").read_text())
+            keep = {k: v for k, v in d.items() if k not in ("final", "latent_mean", "latent_std")}
+            details.append(f"- **{stage.name}** (`{stage_config_path(preset, stage).relative_to(ROOT)}`): "
+                           + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 4)}" for k, v in keep.items()))
+    if details:
+        lines += ["## Stage details", ""] + details + [""]
+    if plots:
+        lines += ["## Loss curves", ""] + [f"![{p}](loss_{p}.png)" for p in plots] + [""]
+    path = export_dir / "training_report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", choices=sorted(DATA))
+    p.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun) for distributed stages")
+    p.add_argument("--only", nargs="+", default=None, help="run only these stages (names as in the configs)")
+    p.add_argument("--export-dir", type=Path, default=None,
+                   help="where shipped files and the report go (default shotstream_core/weights/tiny for tiny, "
+                        "runs/<preset>/export otherwise)")
+    p.add_argument("--no-eval", action="store_true", help="skip python -m training.evaluate at the end")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = p.parse_args(argv)
+
+    preset = args.preset
+    export_dir = args.export_dir or (ROOT / "shotstream_core" / "weights" / preset if preset == "tiny"
+                                     else ROOT / "runs" / preset / "export")
+    data_dir = ROOT / "runs" / preset / "data"
+    wanted = set(args.only) if args.only else None
+
+    if (wanted is None or "data" in wanted) and not is_done(data_dir):
+        print(f"[pipeline] data -> {data_dir}", flush=True)
+        if not args.dry_run:
+            make_data(preset, data_dir)
+    for stage in STAGES:
+        if wanted is not None and stage.name not in wanted:
+            continue
+        cfg = stage_config_path(preset, stage)
+        if not cfg.is_file():
+            print(f"[pipeline] {stage.name}: no {cfg.name}, skipped", flush=True)
+            continue
+        out = stage_out_dir(preset, stage)
+        if is_done(out):
+            print(f"[pipeline] {stage.name}: done ({out}), skipped", flush=True)
+            continue
+        cmd = stage_command(preset, stage, args.nproc)
+        print(f"[pipeline] {stage.name}: {' '.join(cmd)}", flush=True)
+        if args.dry_run:
+            continue
+        rc = subprocess.call(cmd, cwd=ROOT)
+        if rc != 0:
+            print(f"[pipeline] {stage.name} failed (exit {rc}); fix it and re-run: finished stages are skipped, "
+                  f"this one resumes from its last checkpoint", flush=True)
+            return rc
+        if stage.name == "stage2":  # the product works with trained weights even if DMD is late
+            export(preset, export_dir)
+    if args.dry_run:
+        return 0
+    copied = export(preset, export_dir)
+    report = write_training_report(preset, export_dir, data_dir)
+    print(f"[pipeline] exported {copied} and {report}", flush=True)
+    if not args.no_eval and (export_dir / "dit.safetensors").is_file():
+        cmd = [sys.executable, "-m", "training.evaluate", "--model", preset, "--out", str(export_dir)]
+        if preset != "tiny":
+            cmd += ["--weights-dir", str(export_dir), "--quick"]
+        print(f"[pipeline] evaluate: {' '.join(cmd)}", flush=True)
+        return subprocess.call(cmd, cwd=ROOT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
