@@ -213,13 +213,16 @@ class TestEachWorkflow:
             "const done = arguments[0]; app.graphToPrompt().then(p => done(p.output));")
         assert prompt == {k: {"inputs": v["inputs"], "class_type": v["class_type"]} for k, v in api.items()}
 
-        # As a user would: name the video, press Queue Prompt. Shots come from the host's cache.
+        # As a user would: rename the outputs, press Queue Prompt. Shots come from the host's cache.
         videos = ids_of(api, "VideoCombine")
+        saves = [k for k in ids_of(api, "CacheState") if api[k]["inputs"]["action"] == "save"]
         browser.execute_script(f"""
-            for (const id of {json.dumps(videos)}) {{
-                const w = app.graph.getNodeById(Number(id)).widgets.find(w => w.name === "filename_prefix");
+            const rename = (ids, name) => ids.forEach(id => {{
+                const w = app.graph.getNodeById(Number(id)).widgets.find(w => w.name === name);
                 w.value = "web_ui/" + w.value;
-            }}""")
+            }});
+            rename({json.dumps(videos)}, "filename_prefix");
+            rename({json.dumps(saves)}, "filename");""")
         browser.find_element("id", "queue-button").click()
         shown = wait_js(browser, f"""
             const imgs = {json.dumps(videos)}.map(id => app.graph.getNodeById(Number(id))?.imgs?.[0]);
@@ -229,6 +232,10 @@ class TestEachWorkflow:
             assert ".webp" in src and (width, height) == (TINY.geometry.width, TINY.geometry.height)
         written = sorted(p.name for p in (host.output_dir / "web_ui").rglob("*.mp4"))
         assert len(written) >= len(videos)
+        for node_id in saves:  # the Story State node shows its summary once it has run
+            summary = wait_js(browser, f"""return app.graph.getNodeById({node_id}).widgets
+                .find(w => w.name === "summary")?.value""", timeout=30)
+            assert f"{chain_length(api, node_id)} shots" in summary and "saved web_ui/" in summary
         time.sleep(0.5)  # let the canvas draw the previews
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / f"{workflow}.png"))

@@ -54,7 +54,9 @@ function showText(node, lines) {
     if (widget.inputEl) widget.inputEl.readOnly = true;
   }
   widget.value = lines.join("\n");
-  node.setSize(node.computeSize());
+  const [w, h] = node.computeSize();  // grow to fit the text, never shrink below the user's size
+  node.setSize([Math.max(w, node.size[0]), Math.max(h, node.size[1])]);
+  app.graph.setDirtyCanvas(true, false);
 }
 
 app.registerExtension({
