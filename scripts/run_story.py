@@ -26,11 +26,13 @@ def main(argv=None) -> int:
                         help="API-format workflow (default: the 5-shot example)")
     parser.add_argument("--out", default=str(REPO / "out" / "story"), help="output folder")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the workflow")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for the host's torch (1 is fastest for the tiny model; 0 = torch default)")
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
     prompt = load_workflow(args.workflow)
-    host = ComfyHost(output_dir=out)
+    host = ComfyHost(output_dir=out, torch_threads=args.threads or None)
     t0 = time.monotonic()
     try:
         with host:

@@ -26,9 +26,12 @@ def main(argv=None) -> int:
     parser.add_argument("--listen", default="127.0.0.1", help="address to bind (default: localhost only)")
     parser.add_argument("--models", default=str(REPO / ".cache" / "models"), help="models folder")
     parser.add_argument("--output", default=str(REPO / "out" / "serve"), help="output folder")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (0 = torch default; 1 is fastest for the tiny model on CPU)")
     args = parser.parse_args(argv)
 
-    host = ComfyHost(models_dir=args.models, output_dir=args.output, port=args.port, listen=args.listen)
+    host = ComfyHost(models_dir=args.models, output_dir=args.output, port=args.port, listen=args.listen,
+                     torch_threads=args.threads or None)
     with host:
         print(f"ComfyUI with the ShotStream pack: {host.url}")
         print(f"  examples: {host.url}/?load=story_3shot_starter.json  (also story_5shot_video.json, "

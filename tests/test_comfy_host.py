@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.host
+
 from scripts.comfy_host import ComfyHost, HostUnavailable, PromptRejected, ensure_comfyui
 from shotstream_core.config import get_preset
 from shotstream_core.state import StoryState
@@ -98,7 +100,7 @@ def comfy(tmp_path_factory):
     for seed, name in ((1, MICRO_FILE), (2, OTHER_MICRO_FILE)):
         torch.manual_seed(seed)
         save_dit(CausalWanDiT(MICRO.dit), models / name)
-    host = ComfyHost(workdir=work)
+    host = ComfyHost(workdir=work, torch_threads=1)  # like tests/_collect_root.py: small models, busy CPU
     host.start()
     events = host.events()
     yield host, events
@@ -199,6 +201,7 @@ class TestEachWorkflow:
         for node_id in ran:
             assert sum(n == node_id for n, _ in events.previews) >= blocks
 
+    @pytest.mark.browser
     def test_web_ui_loads_it_queues_it_and_shows_the_video(self, comfy, browser, workflow):
         host, _ = comfy
         ui = json.loads((WORKFLOWS / f"{workflow}.json").read_text())
