@@ -50,6 +50,7 @@ class StageConfig:
     bf16: bool = False  # autocast on CUDA
     grad_checkpointing: bool = False
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    stop_after: int = 0  # simulate a cut run: checkpoint and raise StageInterrupted after this step
 
 
 def _coerce(value, typ):
@@ -409,6 +410,10 @@ def mark_done(out_dir, **info) -> None:
     (Path(out_dir) / "done.json").write_text(json.dumps(info, indent=2))
 
 
+class StageInterrupted(RuntimeError):
+    """Raised by train_loop when cfg.stop_after is reached (the checkpoint is written first)."""
+
+
 def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
                step_fn: Callable[[int], dict], *, desc: str = "", extra_state: dict | None = None) -> dict:
     """Resume, run step_fn(step) -> scalars until max_steps or the time budget, checkpoint, log, plot.
@@ -442,6 +447,10 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
         step += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             logger.log(step, **last)
+        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
+            save(step)
+            logger.close()
+            raise StageInterrupted(f"stopped after step {step} (stop_after); run again to resume")
         if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
             save(step)
     if step > start or ckpt.latest_step() is None:

@@ -1,0 +1,217 @@
+"""Training infrastructure: configs, checkpoints, step batches, logs, exact resume, 2-process torchrun."""
+import dataclasses
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from training.common import (Checkpointer, Dist, Logger, StageConfig, StepBatches, load_stage_config, lr_at,
+                             read_log, step_generator)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- configs --------------------------------------------------------------------------------------
+
+@dataclass
+class _Cfg(StageConfig):
+    sizes: tuple[int, ...] = (1, 2)
+    flag: bool = True
+
+
+def test_config_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1.0e-3\nsizes: [3, 4]\nmax_minutes: 2\n")
+    cfg = load_stage_config(_Cfg, path, ["batch_size=5", "flag=False"])
+    assert cfg.lr == 1e-3 and cfg.sizes == (3, 4) and cfg.batch_size == 5
+    assert cfg.flag is False  # the reference parsed "False" as True
+    assert isinstance(cfg.max_minutes, float)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key.*'lrr'"):
+        load_stage_config(_Cfg, None, ["lrr=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_stage_config(_Cfg, None, ["lr"])
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        load_stage_config(_Cfg, tmp_path / "missing.yaml")
+
+
+def test_every_shipped_config_loads():
+    from training.pipeline import STAGES, _config_class, stage_config_path
+
+    for preset in ("tiny", "micro"):
+        for stage in STAGES:
+            path = stage_config_path(preset, stage)
+            if path.is_file():
+                cfg = load_stage_config(_config_class(stage.config_cls), path)
+                assert cfg.preset == preset, path
+
+
+# --- batches, rng, lr -----------------------------------------------------------------------------
+
+def test_step_batches_are_disjoint_across_ranks_and_deterministic():
+    a = StepBatches(20, 3, Dist(0, 2), seed=1)
+    b = StepBatches(20, 3, Dist(1, 2), seed=1)
+    for step in range(7):  # crosses an epoch boundary (3 batches of 3 per rank per epoch)
+        ia, ib = a.indices(step), b.indices(step)
+        assert len(ia) == len(ib) == 3 and not set(ia) & set(ib)
+    # a fresh object (as after a resume) gives the same batch for the same step
+    assert StepBatches(20, 3, Dist(0, 2), seed=1).indices(5) == a.indices(5)
+    assert a.indices(0) != a.indices(3)  # a new epoch reshuffles
+    with pytest.raises(ValueError, match="cannot fill a batch"):
+        StepBatches(3, 4, Dist(), seed=0)
+
+
+def test_step_generator_depends_on_step_and_rank():
+    draw = lambda *a: torch.rand(3, generator=step_generator(*a))
+    assert torch.equal(draw(0, 5, 0), draw(0, 5, 0))
+    assert not torch.equal(draw(0, 5, 0), draw(0, 6, 0))
+    assert not torch.equal(draw(0, 5, 0), draw(0, 5, 1))
+
+
+def test_lr_warmup_then_cosine():
+    lrs = [lr_at(s, 1.0, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[50] < lrs[10] and lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+# --- checkpoints and logs -------------------------------------------------------------------------
+
+def test_checkpointer_roundtrip_weights_optimizer_and_rng(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    ck = Checkpointer(tmp_path, keep=2)
+    assert ck.latest_step() is None
+    for step in (1, 2, 3):
+        ck.save(step, {"net": net}, {"net": opt}, {"elapsed_s": 1.5})
+    assert ck.latest_step() == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    expected_draw = torch.rand(5)
+    expected_np = np.random.rand(2)
+
+    # state.pt is plain data: loads with weights_only=True
+    torch.load(ck.path() / "state.pt", weights_only=True)
+    net2 = nn.Linear(4, 3)
+    opt2 = torch.optim.AdamW(net2.parameters(), lr=0.1)
+    torch.manual_seed(123)
+    step, extra = ck.load({"net": net2}, {"net": opt2})
+    assert step == 3 and extra["elapsed_s"] == 1.5
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(torch.rand(5), expected_draw)  # the RNG continues where the checkpoint was taken
+    assert np.array_equal(np.random.rand(2), expected_np)
+
+
+def test_logger_writes_jsonl_and_plot(tmp_path):
+    log = Logger(tmp_path, total_steps=5)
+    for s in range(1, 6):
+        log.log(s, loss=1.0 / s, lr=0.1)
+    log.log(3, loss=9.0)  # a resumed run re-logs step 3: the later entry wins
+    png = log.plot()
+    log.close()
+    rows = read_log(tmp_path / "log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[2]["loss"] == 9.0
+    assert png.is_file() and png.stat().st_size > 1000
+
+
+def test_pipeline_dry_run_lists_every_stage(capsys):
+    from training.pipeline import main
+
+    assert main(["--preset", "tiny", "--dry-run", "--no-eval"]) == 0
+    out = capsys.readouterr().out
+    for name in ("vae", "preencode", "teacher", "ode", "stage2", "stage3", "stage4"):
+        assert f"[pipeline] {name}" in out
+
+
+# --- exact resume and torchrun on a real stage ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def micro_latents(tmp_path_factory):
+    """A real (tiny) pre-encoded store: 3 Story World stories, a random micro VAE, the random text encoder."""
+    from shotstream_core.config import get_preset
+    from shotstream_core.vae import WanVAE
+    from training.data import write_training_set
+    from training.preencode import PreencodeConfig, preencode
+    from training.vae_stage import save_vae
+
+    root = tmp_path_factory.mktemp("infra")
+    write_training_set(root / "data", 3, get_preset("micro").geometry, 1, 3)
+    torch.manual_seed(0)
+    save_vae(WanVAE("micro"), root / "vae.safetensors")
+    cfg = PreencodeConfig(out_dir=str(root / "latents"), data_dir=str(root / "data"), preset="micro",
+                          vae_path=str(root / "vae.safetensors"), num_stories=3, shard_size=2)
+    preencode(cfg, Dist())
+    return root / "latents"
+
+
+def _teacher_argv(latents, out, *extra):
+    argv = ["--config", str(REPO / "training/configs/micro-teacher.yaml"), "--set", f"latent_dir={latents}",
+            "--set", f"out_dir={out}", "--set", "sample_stories=0", "--set", "ckpt_every=100"]
+    for e in extra:
+        argv += ["--set", e]
+    return argv
+
+
+def test_resume_is_bit_identical(micro_latents, tmp_path):
+    """Stopping after 3 steps and resuming to 5 gives the weights (and Adam state) of 5 uninterrupted steps."""
+    from training import stage1_teacher
+    from training.common import StageInterrupted
+
+    whole = stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "whole", "max_steps=5", "batch_size=2"))
+    with pytest.raises(StageInterrupted):  # as if the run were killed after step 3
+        stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", "max_steps=5", "batch_size=2",
+                                          "stop_after=3"))
+    assert Checkpointer(tmp_path / "cut").latest_step() == 3
+    assert not (tmp_path / "cut" / "done.json").exists()
+    resumed = stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", "max_steps=5", "batch_size=2"))
+    assert whole["steps"] == resumed["steps"] == 5
+    a = Checkpointer(tmp_path / "whole").weights("teacher")
+    b = Checkpointer(tmp_path / "cut").weights("teacher")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(Checkpointer(tmp_path / "whole").path() / "state.pt", weights_only=True)
+    sb = torch.load(Checkpointer(tmp_path / "cut").path() / "state.pt", weights_only=True)
+    for k, v in sa["optimizers"]["teacher"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], sb["optimizers"]["teacher"]["state"][k]["exp_avg_sq"])
+    # and a different seed really trains differently (the comparison can fail)
+    other = stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "other", "max_steps=5", "batch_size=2",
+                                              "seed=1"))
+    c = Checkpointer(tmp_path / "other").weights("teacher")
+    assert other["steps"] == 5 and any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_time_budget_stops_and_marks_done(micro_latents, tmp_path):
+    from training import stage1_teacher
+
+    res = stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "t", "max_steps=1000", "max_minutes=0.0001",
+                                            "batch_size=2"))
+    assert res["stop_reason"] == "max_minutes" and res["steps"] < 1000
+    assert json.loads((tmp_path / "t" / "done.json").read_text())["stop_reason"] == "max_minutes"
+
+
+def test_teacher_under_two_process_torchrun(micro_latents, tmp_path):
+    """2-process gloo DDP: both ranks step together; rank 0 writes the checkpoint and teacher."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "training.stage1_teacher", *_teacher_argv(micro_latents, out, "max_steps=2", "batch_size=1",
+                                                           "num_threads=1")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "teacher.safetensors").is_file() and json.loads((out / "done.json").read_text())["steps"] == 2
