@@ -1,0 +1,573 @@
+"""Evaluate a model on the Story World's evaluation split and write the ablation report.
+
+    python -m training.evaluate --model tiny --out eval/                   # the full table
+    python -m training.evaluate --model tiny --out /tmp/ev --quick          # 2 stories: a smoke run
+    python -m training.evaluate --model tiny --out shotstream_core/weights/tiny/eval   # the shipped report
+
+One run = for every variant (a row of the ablation table, story-world.md):
+  evaluation split (5-shot stories, and 10-shot stories for drift) -> generate every story shot by shot
+  (fixed noise seeds per story, the same for every variant) -> one mp4 per story -> Story World analyser
+  -> metrics.json + report.md + PNG plots in --out.
+
+Rows: the causal student; the same with the global cache emptied every shot (engine.use_history = False);
+the same with the RoPE shot indicator off (engine.shot_phase = 0); the student after stage 3 only; the
+bidirectional teacher (50 Euler steps, CFG) in a story loop built from the engine's own pieces; and the
+ground-truth renders (the analyser's ceiling). The metric definitions live in training.storyworld.analyse.
+Timings are wall-clock seconds of generation only (not mp4 writing or scoring), measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shotstream_core.config import get_preset
+from shotstream_core.context import plan_context
+from shotstream_core.engine import BlockOutput, ShotRequest, ShotStream, ShotStreamEngine
+from shotstream_core.loading import (BUNDLED_DIR, ModelLoadError, build_dit, fingerprint, load_dit_state,
+                                     load_engine, match_preset)
+from shotstream_core.model import CausalWanDiT, prompt_ids_from_flags
+from shotstream_core.state import ShotRecord, StoryState
+from shotstream_core.teacher import sample_teacher
+from shotstream_core.vae import StreamingDecoder
+from training.storyworld.analyse import aggregate, score_story
+from training.storyworld.render import render_story
+from training.storyworld.storage import read_mp4, write_mp4
+from training.storyworld.world import EVAL_SEED, Story, make_split
+
+try:  # the core's incremental writer (encodes each block as it is decoded)
+    from shotstream_core.video import VideoWriter
+except ImportError:  # pragma: no cover - older core: write the whole story at the end
+    VideoWriter = None
+
+# --- the rows of the ablation table -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    weights: str | None  # file in the weights folder; None = no model (ground truth)
+    use_history: bool = True
+    shot_phase_off: bool = False
+    teacher: bool = False
+
+
+VARIANTS = {v.key: v for v in (
+    Variant("student", "causal student (full)", "dit"),
+    Variant("no_history", "student, global cache emptied every shot", "dit", use_history=False),
+    Variant("no_shot_phase", "student, RoPE shot indicator off", "dit", shot_phase_off=True),
+    Variant("stage3", "student after stage 3 only", "student_stage3"),
+    Variant("teacher", "bidirectional teacher (Euler, CFG)", "teacher", teacher=True),
+    Variant("truth", "ground-truth renders (analyser ceiling)", None),
+)}
+DEFAULT_VARIANTS = tuple(VARIANTS)
+
+# The issue's acceptance targets for the shipped student (issue 6, acceptance 3): metric -> least value.
+TARGETS = {"adherence": 0.90, "memory": 0.90, "cut_f1": 0.95, "drift": -0.05}
+METRIC_COLUMNS = ("adherence", "memory", "cut_f1", "drift", "flicker", "sec_per_frame", "time_to_first_frame")
+
+
+@dataclass
+class EvalConfig:
+    model: str = "tiny"
+    out: Path = Path("eval")
+    stories: int = 40  # 5-shot evaluation stories
+    stories10: int = 20  # 10-shot evaluation stories (drift)
+    teacher_stories: int = 8  # the teacher costs steps x 2 (CFG) full passes per shot: fewer stories
+    teacher_stories10: int = 4
+    teacher_steps: int = 50
+    guidance: float = 6.0
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    weights_dir: Path | None = None  # default: shotstream_core/weights/<model>
+    device: str = "cpu"
+    threads: int = 1  # torch CPU threads; 0 = torch's default. One thread is far faster on a shared
+    # 2-core machine (two spinning threads per process fight every other job) and costs little on a tiny model.
+    crf: int = 12  # the Story World's own mp4 quality, so the analyser reads what it was validated on
+    quick: bool = False
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        self.weights_dir = Path(self.weights_dir) if self.weights_dir else BUNDLED_DIR / self.model
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        for name in ("stories", "stories10", "teacher_stories", "teacher_stories10"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.stories + self.stories10 == 0:
+            raise ValueError("nothing to evaluate: give --stories and/or --stories10 > 0")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {self.threads}")
+        if self.teacher_steps < 1:
+            raise ValueError(f"--teacher-steps must be >= 1, got {self.teacher_steps}")
+
+
+# --- the evaluation split -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalStory:
+    name: str  # file stem of its videos, e.g. s5_003
+    story: Story
+    seeds: tuple[int, ...]  # noise seed of every shot: fixed, the same for every variant
+
+
+def shot_seeds(story: Story, index: int) -> tuple[int, ...]:
+    """Per-shot noise seeds from the story's own seed (or its index): every variant draws the same noise."""
+    base = story.seed if story.seed is not None else index
+    state = np.random.SeedSequence([EVAL_SEED, int(base)]).generate_state(story.num_shots, dtype=np.uint64)
+    return tuple(int(s) & (2**63 - 1) for s in state)
+
+
+def evaluation_split(n5: int, n10: int, aspect: float) -> list[EvalStory]:
+    """Stories 0..n5-1 of eval5 and 0..n10-1 of eval10 (the Story World's held-out seed)."""
+    out = []
+    for split, n, tag in (("eval5", n5, "s5"), ("eval10", n10, "s10")):
+        for i, story in enumerate(make_split(split, n, aspect=aspect) if n else []):
+            out.append(EvalStory(f"{tag}_{i:03d}", story, shot_seeds(story, i)))
+    return out
+
+
+# --- the teacher behind the engine's shot interface ----------------------------------------------------
+
+class TeacherStoryEngine:
+    """The bidirectional teacher generating a story shot by shot, with the student's context rule.
+
+    It borrows an engine built on the teacher's weights for everything the engine already does (context
+    plan and per-frame VAE encoding of the chosen history frames, prompt features of every shot so far,
+    story states); only the sampler differs: sample_teacher's Euler steps with CFG over the whole shot,
+    then the shot is decoded block by block like the student's, so time to first frame is comparable.
+    """
+
+    def __init__(self, pieces: ShotStreamEngine, steps: int = 50, guidance: float = 6.0):
+        self.pieces = pieces
+        self.steps, self.guidance = steps, guidance
+        self.shot_phase = pieces.shot_phase
+
+    def new_story(self) -> StoryState:
+        return self.pieces.new_story()
+
+    def stream_shot(self, state: StoryState, request: ShotRequest) -> ShotStream:
+        self.pieces.check_state(state)
+        stream = ShotStream(iter(()))
+        stream._blocks = self._shot_blocks(state, request, stream)
+        return stream
+
+    @torch.no_grad()
+    def _shot_blocks(self, state: StoryState, request: ShotRequest, stream: ShotStream):
+        eng, dit = self.pieces, self.pieces.dit
+        geo, sampler = state.geometry, eng.sampler
+        h, w, frames_total = geo.latent_height, geo.latent_width, geo.latent_frames
+        plan = plan_context([s.num_frames for s in state.shots], sampler.context_frames)
+        ctx = eng._context_latents(state, plan, (h, w))  # [1, C, Fc, h, w]
+        text = eng._prompt_features(state, request)  # [1, P, S, text_dim]
+        # Unconditional branch = zeroed text features: what the teacher's 10% text dropout trained on.
+        uncond = torch.zeros_like(text)
+        flags = torch.tensor([list(plan.flags) + [plan.shot_flag] * frames_total], device=eng.device)
+        prompt_ids = prompt_ids_from_flags(flags, text.shape[1])
+        gen = torch.Generator().manual_seed(int(request.seed))  # the student's noise for the same seed
+        noise = torch.randn(1, dit.config.in_channels, frames_total, h, w, generator=gen).to(eng.device)
+        x0, _ = sample_teacher(dit, ctx, noise, text, flags, prompt_ids, uncond, steps=self.steps,
+                               guidance=self.guidance, shift=sampler.shift,
+                               num_train_timesteps=sampler.num_train_timesteps, shot_phase=self.shot_phase)
+        decoder = StreamingDecoder(eng.vae)
+        decoder.reset()
+        vae_dtype = next(eng.vae.parameters()).dtype
+        starts = list(range(0, frames_total, sampler.block_frames))
+        shot_frames = []
+        for b, f0 in enumerate(starts):
+            block = x0[:, :, f0:f0 + sampler.block_frames]
+            pixels = decoder.feed(block.to(vae_dtype))  # [1, 3, n, H, W] in [-1, 1]
+            frames = ((pixels[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()  # [n, H, W, 3]
+            shot_frames.append(frames)
+            yield BlockOutput(state.num_shots, b, len(starts), block, frames)
+        decoder.finish()
+        frames = torch.cat(shot_frames)
+        stream.frames = frames
+        stream.state = state.with_shot(ShotRecord(request.global_caption, request.caption, request.negative,
+                                                  int(request.seed), plan.shot_flag,
+                                                  (frames * 255).round().to(torch.uint8)))
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    runner: object | None  # ShotStreamEngine / TeacherStoryEngine, None when not available
+    weights: str  # what was loaded, for the report
+    reason: str = ""  # why not available
+
+
+class ModelZoo:
+    """Loads each weights file once; every variant shares the VAE and text encoder of the base engine."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg = cfg
+        self.preset = get_preset(cfg.model)
+        vae = cfg.weights_dir / "vae.safetensors"
+        dit = cfg.weights_dir / "dit.safetensors"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the random-weights warning is reported per row instead
+            self.base = load_engine(dit_path=dit if dit.is_file() else None, preset=cfg.model,
+                                    vae_path=vae if vae.is_file() else None, device=cfg.device)
+        self.vae_source = str(vae) if vae.is_file() else "bundled or random (no vae.safetensors)"
+        self._dits: dict[str, tuple | str] = {}
+
+    def _dit(self, name: str):
+        """(state dict, config, description) of weights file `name`, or the reason it is not available."""
+        if name not in self._dits:
+            path = self.cfg.weights_dir / f"{name}.safetensors"
+            if path.is_file():
+                try:
+                    sd, dcfg = load_dit_state(path)
+                    self._dits[name] = (sd, dcfg, _describe_file(path))
+                except ModelLoadError as e:
+                    self._dits[name] = f"{path.name} could not be loaded: {e}"
+            elif name == "dit":
+                # Before training has exported a student, the table still runs on the random model.
+                torch.manual_seed(0)
+                sd = CausalWanDiT(self.preset.dit).state_dict()
+                self._dits[name] = (sd, self.preset.dit, f"RANDOM weights (no {_rel(path)})")
+            else:
+                self._dits[name] = f"not available: no {path.name} in {_rel(self.cfg.weights_dir)}"
+        return self._dits[name]
+
+    def engine(self, name: str) -> tuple[ShotStreamEngine | None, str]:
+        got = self._dit(name)
+        if isinstance(got, str):
+            return None, got
+        sd, dcfg, desc = got
+        if dcfg != self.base.dit.config:
+            return None, f"not available: {name}.safetensors is a {dcfg.dim}x{dcfg.num_layers} DiT, not {self.cfg.model}'s"
+        dit = build_dit(sd, dcfg, self.base.dtype, self.base.device)
+        # Same VAE and text encoder as the base engine; a fresh prompt cache per variant (fair timing).
+        engine = ShotStreamEngine(dit, self.base.vae, self.base.prompts.encoder, match_preset(dcfg),
+                                  fingerprint(sd, dcfg))
+        return engine, desc
+
+    def load(self, variant: Variant) -> Loaded:
+        engine, desc = self.engine(variant.weights)
+        if engine is None:
+            return Loaded(None, "", desc)
+        if variant.teacher:
+            return Loaded(TeacherStoryEngine(engine, self.cfg.teacher_steps, self.cfg.guidance), desc)
+        engine.use_history = variant.use_history
+        if variant.shot_phase_off:
+            engine.shot_phase = 0.0
+        return Loaded(engine, desc)
+
+
+def _describe_file(path: Path) -> str:
+    return f"{path.name} ({path.stat().st_size / 2**20:.1f} MiB)"
+
+
+# --- generating and scoring one story ------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    generation_s: float = 0.0  # wall-clock of generation only
+    frames: int = 0
+    first_frame_s: list[float] = field(default_factory=list)  # per shot: request -> first decoded block
+
+    def summary(self) -> dict:
+        ff = self.first_frame_s
+        return {
+            "sec_per_frame": self.generation_s / self.frames if self.frames else None,
+            "time_to_first_frame": float(np.mean(ff)) if ff else None,
+            "time_to_first_frame_median": float(np.median(ff)) if ff else None,
+            "generation_s": self.generation_s, "frames": self.frames, "shots": len(ff),
+        }
+
+
+class _StoryVideo:
+    """One story's mp4, written block by block (VideoWriter) or at the end (Story World writer)."""
+
+    def __init__(self, path: Path, fps: float, crf: int):
+        self.path, self.fps, self.crf = path, fps, crf
+        self.blocks: list[np.ndarray] = []
+        self.writer = VideoWriter(path, fps=fps, crf=crf) if VideoWriter is not None else None
+
+    def write(self, frames: torch.Tensor) -> None:
+        u8 = (frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()  # [n, H, W, 3]
+        self.blocks.append(u8)
+        if self.writer is not None:
+            self.writer.write(u8)
+
+    def close(self) -> np.ndarray:
+        frames = np.concatenate(self.blocks)
+        if self.writer is not None:
+            self.writer.close()
+        else:
+            write_mp4(self.path, frames, self.fps, crf=self.crf)
+        return frames
+
+
+def generate_story(runner, item: EvalStory, video: _StoryVideo, timing: Timing) -> list[tuple[int, int]]:
+    """Every shot of the story in order, each block into `video`; returns the per-shot frame ranges."""
+    state = runner.new_story()
+    story, ranges = item.story, []
+    for caption, seed in zip(story.shot_captions, item.seeds):
+        request = ShotRequest(story.global_caption, caption, seed=seed)
+        t0 = time.perf_counter()
+        stream = runner.stream_shot(state, request)
+        blocks = iter(stream)
+        n = 0
+        while True:
+            t = time.perf_counter()
+            block = next(blocks, None)
+            timing.generation_s += time.perf_counter() - t
+            if block is None:
+                break
+            if n == 0:
+                timing.first_frame_s.append(time.perf_counter() - t0)
+            video.write(block.frames)  # not timed: writing is not generation
+            n += len(block.frames)
+        start = ranges[-1][1] if ranges else 0
+        ranges.append((start, start + n))
+        timing.frames += n
+        state = stream.state
+    return ranges
+
+
+def warm_up(runner) -> None:
+    """One throwaway first shot (lazy loads, allocator) so the first timed shot is not penalised."""
+    stream = runner.stream_shot(runner.new_story(), ShotRequest("a red circle in the meadow.", "wide shot, the red circle, still."))
+    for _ in stream:
+        pass
+
+
+# --- one variant ---------------------------------------------------------------------------------------
+
+class VariantRun:
+    """Scores, timing and a sample video of one row, filled story by story."""
+
+    def __init__(self, variant: Variant, runner, loaded_weights: str, cfg: EvalConfig, geometry):
+        self.variant, self.runner, self.weights = variant, runner, loaded_weights
+        self.cfg, self.geometry = cfg, geometry
+        self.video_dir = cfg.out / "videos" / variant.key
+        self.video_dir.mkdir(parents=True, exist_ok=True)
+        self.timing = Timing()
+        self.scores5, self.scores10, self.sample = [], [], None
+        self.wall_s = 0.0
+
+    def story(self, item: EvalStory) -> None:
+        """Generate (or render), write, read back and score one story."""
+        t0 = time.perf_counter()
+        path, geo = self.video_dir / f"{item.name}.mp4", self.geometry
+        if self.runner is None:  # ground truth: the renderer's frames through the same codec
+            frames, ranges = render_story(item.story, geo)
+            write_mp4(path, frames, geo.fps, crf=self.cfg.crf)
+        else:
+            video = _StoryVideo(path, geo.fps, self.cfg.crf)
+            ranges = generate_story(self.runner, item, video, self.timing)
+            frames = video.close()
+        if self.sample is None:
+            self.sample = (item.name, frames, ranges)
+        decoded, _ = read_mp4(path)  # score what is on disk, as `storyworld score` would
+        score = score_story(item.story, decoded, ranges)
+        (self.scores10 if item.story.num_shots >= 10 else self.scores5).append(score)
+        self.wall_s += time.perf_counter() - t0
+
+    def row(self) -> dict:
+        agg5 = aggregate(self.scores5) if self.scores5 else None
+        agg10 = aggregate(self.scores10) if self.scores10 else None
+        head = agg5 or agg10
+        row = {
+            "label": self.variant.label, "available": True, "weights": self.weights,
+            "stories5": len(self.scores5), "stories10": len(self.scores10),
+            "adherence": head["adherence"], "memory": head["memory"], "cut_f1": head["cut_f1"],
+            "drift": agg10["drift"] if agg10 else None, "flicker": head["flicker"],
+        }
+        row.update(self.timing.summary() if self.runner is not None else
+                   {"sec_per_frame": None, "time_to_first_frame": None})
+        row.update(eval5=agg5, eval10=agg10, adherence_by_shot=adherence_by_shot(self.scores5 + self.scores10),
+                   wall_s=self.wall_s)
+        if self.variant.teacher:
+            row.update(teacher_steps=self.cfg.teacher_steps, guidance=self.cfg.guidance)
+        return row
+
+
+def adherence_by_shot(scores) -> list[float | None]:
+    """Mean adherence of shot k (0-based) over the stories that have it: the shape of drift."""
+    longest = max((len(s.adherence_items) for s in scores), default=0)
+    out = []
+    for k in range(longest):
+        vals = [s.adherence(slice(k, k + 1)) for s in scores if len(s.adherence_items) > k]
+        out.append(float(np.mean(vals)) if vals else None)
+    return out
+
+
+# --- the whole run -----------------------------------------------------------------------------------
+
+def run(cfg: EvalConfig, progress: bool = True) -> dict:
+    """Evaluate every variant of cfg; writes metrics.json, report.md and plots into cfg.out."""
+    from training.report import write_report
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    # Videos are big and regenerable: keep them out of git even when --out lies inside the package.
+    (cfg.out / ".gitignore").write_text("videos/\n")
+    torch.set_grad_enabled(False)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    zoo = ModelZoo(cfg)
+    geometry = zoo.preset.geometry
+    aspect = geometry.width / geometry.height
+    items = evaluation_split(cfg.stories, cfg.stories10, aspect)
+    teacher_items = [i for i in items if i.story.num_shots < 10][: cfg.teacher_stories] + \
+                    [i for i in items if i.story.num_shots >= 10][: cfg.teacher_stories10]
+
+    rows, runs = {}, {}
+    for key in cfg.variants:
+        variant = VARIANTS[key]
+        loaded = Loaded(None, "renderer") if variant.weights is None else zoo.load(variant)
+        if variant.weights is not None and loaded.runner is None:
+            rows[key] = {"label": variant.label, "available": False, "reason": loaded.reason}
+            print(f"[evaluate] {key}: {loaded.reason}", file=sys.stderr)
+        elif variant.teacher and not teacher_items:
+            rows[key] = {"label": variant.label, "available": False,
+                         "reason": "not run: no stories requested (--teacher-stories 0)"}
+        else:
+            rows[key] = None  # keeps the table's row order
+            runs[key] = VariantRun(variant, loaded.runner, loaded.weights, cfg, geometry)
+            if loaded.runner is not None:
+                warm_up(loaded.runner)
+
+    # Story by story, every row in turn: a slow patch of a shared machine hits all rows alike.
+    teacher_names = {i.name for i in teacher_items}
+    it = items
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(items, desc="stories", file=sys.stderr)
+    for item in it:
+        for key, vr in runs.items():
+            if not vr.variant.teacher or item.name in teacher_names:
+                vr.story(item)
+    for key, vr in runs.items():
+        rows[key] = vr.row()
+        print(f"[evaluate] {key}: " + ", ".join(f"{c} {_fmt(rows[key].get(c))}" for c in METRIC_COLUMNS),
+              file=sys.stderr)
+    samples = {key: vr.sample for key, vr in runs.items()}
+
+    metrics = {
+        "model": cfg.model,
+        "weights_dir": _rel(cfg.weights_dir),
+        "vae": zoo.vae_source if not str(zoo.vae_source).startswith("/") else _rel(Path(zoo.vae_source)),
+        "split": {"seed": EVAL_SEED, "stories5": cfg.stories, "stories10": cfg.stories10,
+                  "teacher_stories5": min(cfg.teacher_stories, cfg.stories),
+                  "teacher_stories10": min(cfg.teacher_stories10, cfg.stories10),
+                  "geometry": dataclasses.asdict(geometry)},
+        "columns": list(METRIC_COLUMNS),
+        "targets": TARGETS,
+        "variants": rows,
+        "machine": {"platform": platform.platform(), "device": str(zoo.base.device),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "command": command_line(cfg),
+        "quick": cfg.quick,
+    }
+    if "student" in rows and rows["student"].get("available"):
+        metrics["target_check"] = check_targets(rows["student"])
+    (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    write_report(metrics, cfg.out, samples)
+    return metrics
+
+
+def check_targets(row: dict) -> dict:
+    """metric -> {value, target, met, short_by} for the issue's acceptance targets."""
+    out = {}
+    for k, target in TARGETS.items():
+        v = row.get(k)
+        out[k] = {"value": v, "target": target, "met": v is not None and v >= target,
+                  "short_by": None if v is None else max(0.0, target - v)}
+    return out
+
+
+def command_line(cfg: EvalConfig) -> str:
+    parts = ["python -m training.evaluate", f"--model {cfg.model}", f"--out {_rel(cfg.out)}"]
+    if cfg.quick:
+        parts.append("--quick")
+    else:
+        parts += [f"--stories {cfg.stories}", f"--stories10 {cfg.stories10}",
+                  f"--teacher-stories {cfg.teacher_stories}", f"--teacher-stories10 {cfg.teacher_stories10}"]
+    if cfg.weights_dir != BUNDLED_DIR / cfg.model:
+        parts.append(f"--weights-dir {_rel(cfg.weights_dir)}")
+    return " ".join(parts)
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+QUICK = dict(stories=2, stories10=1, teacher_stories=1, teacher_stories10=0)
+
+
+def parse_args(argv=None) -> EvalConfig:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = EvalConfig()
+    p.add_argument("--model", default=d.model, help="preset whose bundled weights to evaluate (default: tiny)")
+    p.add_argument("--out", required=True, type=Path, help="folder for metrics.json, report.md, plots, videos/")
+    p.add_argument("--stories", type=int, default=None, help=f"5-shot evaluation stories (default {d.stories})")
+    p.add_argument("--stories10", type=int, default=None, help=f"10-shot stories for drift (default {d.stories10})")
+    p.add_argument("--teacher-stories", type=int, default=None,
+                   help=f"5-shot stories for the slow teacher row (default {d.teacher_stories})")
+    p.add_argument("--teacher-stories10", type=int, default=None,
+                   help=f"10-shot stories for the teacher row (default {d.teacher_stories10})")
+    p.add_argument("--teacher-steps", type=int, default=d.teacher_steps)
+    p.add_argument("--guidance", type=float, default=d.guidance, help="teacher CFG scale")
+    p.add_argument("--variants", nargs="+", default=list(d.variants), choices=list(VARIANTS),
+                   help="rows to evaluate (default: all)")
+    p.add_argument("--weights-dir", type=Path, default=None,
+                   help="folder with dit / student_stage3 / teacher / vae .safetensors "
+                        "(default shotstream_core/weights/<model>)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch CPU threads (default 1: fastest on a shared machine; 0 = torch's default)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 five-shot + 1 ten-shot story, teacher on 1")
+    a = p.parse_args(argv)
+    sizes = dict(QUICK) if a.quick else {}
+    for k in ("stories", "stories10", "teacher_stories", "teacher_stories10"):
+        if getattr(a, k) is not None:
+            sizes[k] = getattr(a, k)
+    try:
+        return EvalConfig(model=a.model, out=a.out, teacher_steps=a.teacher_steps, guidance=a.guidance,
+                          variants=tuple(dict.fromkeys(a.variants)), weights_dir=a.weights_dir,
+                          device=a.device, threads=a.threads, quick=a.quick, **sizes)
+    except ValueError as e:
+        p.error(str(e))
+
+
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    metrics = run(cfg)
+    print(f"wrote {cfg.out / 'metrics.json'} and {cfg.out / 'report.md'}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
