@@ -32,13 +32,18 @@ def main(argv=None) -> int:
 
     out = Path(args.out).resolve()
     prompt = load_workflow(args.workflow)
+    log = out / "comfyui.log"
     host = ComfyHost(output_dir=out, torch_threads=args.threads or None)
     t0 = time.monotonic()
     try:
         with host:
-            print(f"ComfyUI with the ShotStream pack at {host.url} (log: {host.log_path})")
+            print(f"ComfyUI with the ShotStream pack at {host.url}")
             result = host.run(prompt, timeout=args.timeout)
     finally:
+        out.mkdir(parents=True, exist_ok=True)
+        # keep the host's log beside the outputs
+        if host.log_path.exists():
+            log.write_text(host.log_path.read_text(errors="replace"))
         log_tail = host.log_tail(3000)
         host.cleanup()
     if result.status != "success":
@@ -50,7 +55,7 @@ def main(argv=None) -> int:
               for node in result.outputs.values() for line in node.get("text", []) if line.startswith("saved ")]
     sheets = [sheet_from_state(s, s.with_name(s.stem + "_sheet.png")) for s in states]
     print(f"done in {time.monotonic() - t0:.1f} s")
-    for label, paths in (("video", videos), ("story state", states), ("contact sheet", sheets)):
+    for label, paths in (("video", videos), ("story state", states), ("contact sheet", sheets), ("host log", [log])):
         for p in paths:
             print(f"{label:>13}: {p}")
     return 0
