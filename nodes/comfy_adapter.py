@@ -107,10 +107,6 @@ def throw_if_interrupted() -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-def interrupted_exception() -> type[BaseException] | None:
-    return comfy.model_management.InterruptProcessingException if HAS_HOST else None
-
-
 class Progress:
     """The node's progress bar; `update` may carry a PIL preview image (updating is an interrupt point)."""
 
