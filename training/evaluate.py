@@ -39,6 +39,7 @@ from shotstream_core.model import CausalWanDiT, prompt_ids_from_flags
 from shotstream_core.state import ShotRecord, StoryState
 from shotstream_core.teacher import sample_teacher
 from shotstream_core.vae import StreamingDecoder
+from training.dmd import uncond_like
 from training.storyworld.analyse import aggregate, score_story
 from training.storyworld.render import render_story
 from training.storyworld.storage import read_mp4, write_mp4
@@ -170,8 +171,8 @@ class TeacherStoryEngine:
         plan = plan_context([s.num_frames for s in state.shots], sampler.context_frames)
         ctx = eng._context_latents(state, plan, (h, w))  # [1, C, Fc, h, w]
         text = eng._prompt_features(state, request)  # [1, P, S, text_dim]
-        # Unconditional branch = zeroed text features: what the teacher's 10% text dropout trained on.
-        uncond = torch.zeros_like(text)
+        # CFG's unconditional branch: the negative prompt in every shot's slot, as in training's DMD/ODE pairs.
+        uncond = uncond_like(text, eng.prompts.get(request.negative))
         flags = torch.tensor([list(plan.flags) + [plan.shot_flag] * frames_total], device=eng.device)
         prompt_ids = prompt_ids_from_flags(flags, text.shape[1])
         gen = torch.Generator().manual_seed(int(request.seed))  # the student's noise for the same seed
