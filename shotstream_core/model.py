@@ -58,7 +58,9 @@ def gated(y, gate, tokens_per_frame: int):
     return (y.float().view(b, -1, tokens_per_frame, d) * gate[:, :, None]).view(b, -1, d)
 
 
-class SelfAttention(nn.Module):
+class AttentionProjections(nn.Module):
+    """q, k, v, o projections with qk RMSNorm over the full dim, before the head split (Wan's names)."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -66,9 +68,11 @@ class SelfAttention(nn.Module):
         self.k = nn.Linear(cfg.dim, cfg.dim)
         self.v = nn.Linear(cfg.dim, cfg.dim)
         self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps)  # qk-norm over the full dim, before the head split
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
+
+class SelfAttention(AttentionProjections):
     def forward(self, x, rope: RotaryTable, backend: str, mask=None, cache=None, layer: int = 0, start: int = 0):
         """x [B, L, D]. With a cache, this call's K/V are written at token `start` and the queries attend
         to every cached token before `start + L` (global context, earlier blocks, this block)."""
@@ -83,18 +87,8 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(AttentionProjections):
     """Text cross-attention; with several prompts each frame attends only to its own shot's prompt."""
-
-    def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
     def text_kv(self, text):
         """text [B, P, S, D] -> k, v [B, P, S, H, Dh]; computed once per shot at inference."""
