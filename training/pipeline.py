@@ -39,6 +39,7 @@ class Stage:
 STAGES = (
     Stage("vae", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
     Stage("vae-refine", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
+    Stage("vae-final", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
     Stage("preencode", "training.preencode", "training.preencode:PreencodeConfig"),
     Stage("teacher", "training.stage1_teacher", "training.stage1_teacher:TeacherConfig"),
     Stage("ode", "training.ode_pairs", "training.ode_pairs:ODEConfig"),
@@ -50,7 +51,7 @@ STAGES = (
 # What the engine loads, and what the report / ablation needs: (file in the export folder, stage, file in
 # the stage's out_dir).
 SHIPPED = (
-    ("vae.safetensors", ("vae-refine", "vae"), "vae.safetensors"),
+    ("vae.safetensors", ("vae-final", "vae-refine", "vae"), "vae.safetensors"),
     ("teacher.safetensors", ("teacher",), "teacher.safetensors"),
     ("student_stage3.safetensors", ("stage3",), "student.safetensors"),
     # before stage 4 is done, the stage-3 (or stage-2) student is the interim shipped model

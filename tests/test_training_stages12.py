@@ -1,0 +1,266 @@
+"""VAE stage, pre-encoding, stage 1 teacher, ODE pairs, stage 2 (micro preset): data layout, the context
+rule, and an overfit test per stage (loss over a fixed small batch goes down clearly)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shotstream_core.config import get_preset
+from shotstream_core.context import plan_context, select_frame_indices
+from shotstream_core.model import CausalWanDiT, WanDiT, block_causal_mask
+from shotstream_core.schedule import FlowSchedule
+from shotstream_core.vae import WanVAE, load_vae
+from training.common import Dist
+
+PRESET = get_preset("micro")
+GEO, SAMPLER, DIT = PRESET.geometry, PRESET.sampler, PRESET.dit
+FC = SAMPLER.context_frames
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """3 Story World stories (1-3 shots) rendered at micro size, a random micro VAE, pre-encoded."""
+    from training.data import write_training_set
+    from training.preencode import PreencodeConfig, preencode
+    from training.vae_stage import save_vae
+
+    root = tmp_path_factory.mktemp("s12")
+    write_training_set(root / "data", 3, GEO, 1, 3)
+    torch.manual_seed(0)
+    save_vae(WanVAE("micro"), root / "vae.safetensors")
+    cfg = PreencodeConfig(out_dir=str(root / "latents"), data_dir=str(root / "data"), preset="micro",
+                          vae_path=str(root / "vae.safetensors"), num_stories=3, shard_size=2)
+    summary = preencode(cfg, Dist())
+    assert summary["stories"] == 3 and summary["shots"] == 6
+    return root
+
+
+def overfit(params, loss_fn, steps=30, lr=3e-3):
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
+# --- VAE stage --------------------------------------------------------------------------------------
+
+def test_vae_overfits_a_fixed_clip_batch():
+    from training.storyworld.render import render_story
+    from training.storyworld.world import make_split
+    from training.vae_stage import VAEAutoencoder, sample_clips
+
+    frames, _ = render_story(make_split("train", 1, num_shots=1)[0], GEO)
+    shots = torch.from_numpy(frames[None])  # [1, F, H, W, 3]
+    clips = sample_clips(shots, [0, 0], 5, 16, torch.Generator().manual_seed(0))
+    assert clips.shape == (2, 3, 5, 16, 16) and clips.min() >= -1 and clips.max() <= 1
+    torch.manual_seed(0)
+    model = VAEAutoencoder(WanVAE("micro"), sample_latent=False)
+    eps = torch.zeros(2, 16, 2, 2, 2)
+    losses = overfit(model.parameters(), lambda: (model(clips, eps)[0] - clips).abs().mean(), steps=40)
+    assert losses[-1] < 0.5 * losses[0], losses[::8]
+
+
+def test_vae_latent_statistics_normalise_to_unit_scale():
+    from training.vae_stage import latent_statistics
+
+    torch.manual_seed(0)
+    vae = WanVAE("micro").eval()
+    shots = torch.randint(0, 256, (2, 5, 32, 32, 3), dtype=torch.uint8)
+    mean, std = latent_statistics(vae, shots)
+    assert torch.equal(vae.latent_mean, torch.zeros(16))  # restored after measuring
+    vae.latent_mean.copy_(mean)
+    vae.latent_std.copy_(std)
+    z = vae.encode(shots.permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
+    per_channel = z.transpose(0, 1).flatten(1)
+    assert per_channel.mean(1).abs().max() < 1e-4
+    assert torch.allclose(per_channel.std(1), torch.ones(16), atol=1e-3)
+
+
+# --- pre-encoding and the context rule --------------------------------------------------------------------
+
+def test_preencoded_store_matches_the_vae_and_the_prompt_builder(store):
+    from shotstream_core.loading import make_text_encoder
+    from shotstream_core.text import build_shot_prompt
+    from training.data import LatentStoryDataset, read_clips, shot_frames
+
+    ds = LatentStoryDataset(store / "latents")
+    vae = load_vae(store / "vae.safetensors")
+    enc = make_text_encoder(PRESET.text_encoder, None, DIT.text_dim, DIT.text_len)
+    (rec, clip), = list(read_clips(store / "data", 3, GEO))[2:3]
+    story = ds[2]
+    assert story.name == rec.name and story.num_shots == clip.num_shots == 3
+    shots = shot_frames(clip, GEO)
+    video = torch.from_numpy(np.stack(shots)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    torch.testing.assert_close(torch.stack(story.shot_latents), vae.encode(video), atol=1e-5, rtol=1e-5)
+    # frame latents: each frame alone, and present exactly where the context rule can look
+    needed = {(s, i) for k in range(1, 3) for s, i in plan_context([GEO.frames_per_shot] * k, FC).picks}
+    for s in range(3):
+        rows = story.frame_encoded[s].nonzero().flatten().tolist()
+        assert set(rows) == {i for t, i in needed if t == s}
+        if rows:
+            alone = vae.encode_frames(torch.from_numpy(shots[s][rows]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+            torch.testing.assert_close(story.frame_latents[s][rows], alone, atol=1e-5, rtol=1e-5)
+    prompts = [build_shot_prompt(clip.global_caption, t, i, enc.count_tokens, enc.max_tokens)
+               for i, t in enumerate(clip.shot_captions)]
+    assert story.meta["prompts"] == prompts and "shot2:" in prompts[2]
+    for p, f in zip(prompts, story.prompt_features):
+        torch.testing.assert_close(f, enc.encode([p])[0])
+
+
+def test_history_follows_the_context_rule(store):
+    from training.data import LatentStoryDataset, history_inputs
+
+    ds = LatentStoryDataset(store / "latents")
+    story = ds[2]
+    ctx0, flags0 = ds.history(story, 0, FC)
+    assert flags0 == [0] * FC + [1] and not ctx0.any()  # shot 0: zero context, flag 0, shot flag 1
+    ctx2, flags2 = ds.history(story, 2, FC)
+    assert flags2 == [0, 0, 0, 1, 1, 1, 2]
+    picks = select_frame_indices(0, GEO.frames_per_shot - 1, 3)
+    expected = torch.stack([story.frame_latents[s][i] for s in (0, 1) for i in picks], dim=1)
+    assert torch.equal(ctx2, expected)
+    with pytest.raises(ValueError, match="latent_shape"):
+        history_inputs([], [], FC)
+
+
+# --- stage 1 ------------------------------------------------------------------------------------------
+
+def test_teacher_batch_flags_prompts_and_dropout(store):
+    from training.data import LatentStoryDataset
+    from training.stage1_teacher import make_batch
+
+    ds = LatentStoryDataset(store / "latents")
+    b = make_batch(ds, [(2, 0), (2, 2)], FC, DIT.text_len)
+    f = GEO.latent_frames
+    assert b.flags[0].tolist() == [0] * FC + [1] * f
+    assert b.prompt_ids[0].tolist() == [0] * (FC + f)  # one prompt: everyone reads it
+    assert b.prompt_ids[1].tolist() == [0, 0, 0, 1, 1, 1] + [2] * f  # each frame its own shot's prompt
+    assert b.text.shape[:2] == (2, 3)
+    dropped = make_batch(ds, [(2, 2)], FC, DIT.text_len, torch.Generator().manual_seed(0), 1.0, 1.0)
+    assert not dropped.context.any() and not dropped.text.any()
+    assert dropped.flags[0].tolist() == [0] * FC + [2] * f  # the target keeps its own flag
+
+
+def test_teacher_overfits_a_fixed_batch(store):
+    from training.common import step_generator
+    from training.data import LatentStoryDataset
+    from training.stage1_teacher import make_batch, teacher_loss
+
+    ds = LatentStoryDataset(store / "latents")
+    batch = make_batch(ds, ds.targets[:4], FC, DIT.text_len)
+    schedule = FlowSchedule(SAMPLER.num_train_timesteps, SAMPLER.shift)
+    torch.manual_seed(0)
+    model = WanDiT(DIT)
+    loss_fn = lambda: teacher_loss(model, schedule, batch, step_generator(0, 0), "cpu", SAMPLER.rope_shot_phase)
+    losses = overfit(model.parameters(), loss_fn, steps=30)
+    assert losses[-1] < 0.5 * losses[0], losses[::6]
+
+
+def test_teacher_loss_is_zero_weight_at_pure_noise():
+    schedule = FlowSchedule()
+    w = schedule.training_weight(torch.tensor([1000.0, 500.0]))
+    assert w[0] == pytest.approx(0.0, abs=1e-6) and w[1] > 1
+
+
+# --- ODE pairs and stage 2 --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ode_run(store):
+    from shotstream_core.loading import save_dit
+    from training.ode_pairs import ODEConfig, generate
+
+    torch.manual_seed(0)
+    save_dit(WanDiT(DIT), store / "teacher.safetensors")
+    cfg = ODEConfig(out_dir=str(store / "ode"), latent_dir=str(store / "latents"), preset="micro",
+                    teacher_path=str(store / "teacher.safetensors"), batch_size=3, shard_size=4, steps=50,
+                    guidance=2.0)
+    summary = generate(cfg, Dist())
+    return store, summary
+
+
+def test_ode_pairs_hold_the_teacher_trajectory(ode_run):
+    from training.common import step_generator
+    from training.data import LatentStoryDataset
+    from training.ode_pairs import ODEPairs, load_teacher, sample_targets
+
+    store, summary = ode_run
+    pairs = ODEPairs(store / "ode")
+    assert summary["pairs"] == len(pairs) == 6
+    f, h, w = GEO.latent_frames, GEO.latent_height, GEO.latent_width
+    assert pairs.latents.shape == (6, 5, 16, f, h, w)
+    expected_t = FlowSchedule().warp(SAMPLER.denoising_steps).tolist() + [0.0]
+    assert pairs.timesteps.tolist() == pytest.approx(expected_t)
+    assert pairs.timesteps[:4].tolist() == pytest.approx([1000.0, 957.93, 888.89, 737.59], abs=0.01)
+    # the first level is the starting noise; the last is the 50-step CFG sample
+    ds = LatentStoryDataset(store / "latents")
+    targets = [tuple(t) for t in pairs.target[:3].tolist()]
+    noise = torch.randn(3, 16, f, h, w, generator=step_generator(0 * 100003, 0, 0, stream=7))
+    assert torch.equal(pairs.latents[:3, 0], noise)
+    x0, _, batch = sample_targets(load_teacher(store / "teacher.safetensors", "cpu"), ds, targets, PRESET, 2.0, 50,
+                                  0, "cpu")
+    torch.testing.assert_close(pairs.latents[:3, 4], x0)
+    assert torch.equal(pairs.flags[:3], batch.flags) and torch.equal(pairs.context[:3], batch.context)
+
+
+def test_block_levels_are_constant_inside_blocks():
+    from training.stage2_ode import block_levels
+
+    lv = block_levels(8, 7, 3, 5, torch.Generator().manual_seed(0))
+    assert lv.shape == (8, 7) and lv.max() < 5
+    assert (lv[:, 0:3] == lv[:, :1]).all() and (lv[:, 3:6] == lv[:, 3:4]).all()
+
+
+def test_stage2_overfits_a_fixed_batch(ode_run):
+    from training.data import LatentStoryDataset
+    from training.ode_pairs import ODEPairs
+    from training.stage2_ode import load_student, ode_batch, ode_loss
+
+    store, _ = ode_run
+    pairs, ds = ODEPairs(store / "ode"), LatentStoryDataset(store / "latents")
+    batch = ode_batch(pairs, ds, [0, 1, 2, 3], SAMPLER.block_frames, DIT.text_len, torch.Generator().manual_seed(1))
+    x_t, t = batch[0], batch[1]
+    assert (t > 0).any()
+    mask = block_causal_mask(FC, GEO.latent_frames, SAMPLER.block_frames,
+                             DIT.tokens_per_frame(GEO.latent_height, GEO.latent_width))
+    schedule = FlowSchedule(SAMPLER.num_train_timesteps, SAMPLER.shift)
+    student = load_student(store / "teacher.safetensors", "cpu")
+    assert isinstance(student, CausalWanDiT)
+    losses = overfit(student.parameters(), lambda: ode_loss(student, schedule, batch, mask, "cpu",
+                                                            SAMPLER.rope_shot_phase), steps=30)
+    assert losses[-1] < 0.5 * losses[0], losses[::6]
+
+
+def test_stage2_loss_ignores_clean_frames(ode_run):
+    """Frames at t = 0 carry no loss: corrupting their target changes nothing."""
+    from training.data import LatentStoryDataset
+    from training.ode_pairs import ODEPairs
+    from training.stage2_ode import load_student, ode_batch, ode_loss
+
+    store, _ = ode_run
+    pairs, ds = ODEPairs(store / "ode"), LatentStoryDataset(store / "latents")
+    batch = list(ode_batch(pairs, ds, [0, 1], SAMPLER.block_frames, DIT.text_len, torch.Generator().manual_seed(3)))
+    batch[1][:, :3] = 0.0  # make the first block clean in both samples
+    student = load_student(store / "teacher.safetensors", "cpu")
+    schedule = FlowSchedule()
+    mask = block_causal_mask(FC, GEO.latent_frames, SAMPLER.block_frames,
+                             DIT.tokens_per_frame(GEO.latent_height, GEO.latent_width))
+    base = ode_loss(student, schedule, tuple(batch), mask, "cpu", SAMPLER.rope_shot_phase)
+    batch[2] = batch[2].clone()
+    batch[2][:, :, :3] += 5.0
+    assert torch.equal(ode_loss(student, schedule, tuple(batch), mask, "cpu", SAMPLER.rope_shot_phase), base)
+    batch[2][:, :, 3:] += 5.0
+    assert ode_loss(student, schedule, tuple(batch), mask, "cpu", SAMPLER.rope_shot_phase) > base
