@@ -17,7 +17,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 from comfy_host import ComfyHost, load_workflow  # noqa: E402
-from contact_sheet import sheet_from_state  # noqa: E402
+
+
+def sheet_from_state(state_path: Path, out: Path) -> Path:
+    """Contact sheet (a few frames of every shot, captions beneath) of a saved story state."""
+    import numpy as np
+
+    from shotstream_core.state import StoryState
+    from training.storyworld.sheet import contact_sheet
+
+    state = StoryState.load(state_path)
+    lengths = [s.num_frames for s in state.shots]
+    starts = np.cumsum([0] + lengths)
+    ranges = [(int(a), int(a) + n) for a, n in zip(starts, lengths)]
+    frames = (state.frames().numpy() * 255).round().astype(np.uint8)
+    image = contact_sheet(frames, ranges, [s.caption for s in state.shots], state.shots[0].global_caption)
+    image.save(out)
+    return out
 
 
 def main(argv=None) -> int:

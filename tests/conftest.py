@@ -1,4 +1,10 @@
-"""Shared test fixtures. `pack`: the repo imported as a ComfyUI custom-node package, the way a host does."""
+"""Shared test set-up.
+
+- The repo root is a ComfyUI pack (it has __init__.py): it is collected as a plain folder, not a package,
+  so pytest never imports the ComfyUI entry point behind the tests' back (the `pack` fixture does, on purpose).
+- One torch thread: the test models are tiny, and threads only oversubscribe a small shared CPU.
+- `pack`: the repo imported as a ComfyUI custom-node package, the way a host does.
+"""
 import importlib.util
 import sys
 from pathlib import Path
@@ -10,6 +16,18 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PACK_NAME = "ShotStream"
+
+
+def pytest_collect_directory(path, parent):
+    if path == REPO:
+        return pytest.Dir.from_parent(parent, path=path)
+    return None
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def load_pack():
