@@ -84,8 +84,8 @@ class EvalConfig:
     out: Path = Path("eval")
     stories: int = 40  # 5-shot evaluation stories
     stories10: int = 20  # 10-shot evaluation stories (drift)
-    teacher_stories: int = 8  # the teacher costs steps x 2 (CFG) full passes per shot: fewer stories
-    teacher_stories10: int = 4
+    teacher_stories: int = 10  # the teacher costs steps x 2 (CFG) full passes per shot: fewer stories
+    teacher_stories10: int = 5
     teacher_steps: int = 50
     guidance: float = 6.0
     variants: tuple[str, ...] = DEFAULT_VARIANTS
@@ -413,6 +413,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> dict:
     """Evaluate every variant of cfg; writes metrics.json, report.md and plots into cfg.out."""
     from training.report import write_report
 
+    started = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     # Videos are big and regenerable: keep them out of git even when --out lies inside the package.
     (cfg.out / ".gitignore").write_text("videos/\n")
@@ -472,6 +473,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> dict:
         "machine": {"platform": platform.platform(), "device": str(zoo.base.device),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "command": command_line(cfg),
+        "run_wall_s": time.perf_counter() - started,
         "quick": cfg.quick,
     }
     if "student" in rows and rows["student"].get("available"):

@@ -90,7 +90,7 @@ def _plt():
 def plot_metrics(metrics: dict, path: Path) -> Path:
     plt = _plt()
     rows = {k: r for k, r in metrics["variants"].items() if r.get("available")}
-    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=90)
+    fig, ax = plt.subplots(figsize=(9, 3.2), dpi=90)
     width = 0.8 / max(1, len(rows))
     x = np.arange(len(QUALITY))
     for i, (k, r) in enumerate(rows.items()):
@@ -104,7 +104,7 @@ def plot_metrics(metrics: dict, path: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score (higher is better)")
     ax.set_title("Story World metrics per row (dashed: targets)")
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -113,7 +113,7 @@ def plot_metrics(metrics: dict, path: Path) -> Path:
 
 def plot_adherence_by_shot(metrics: dict, path: Path) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=90)
+    fig, ax = plt.subplots(figsize=(7.5, 3.2), dpi=90)
     for k, r in metrics["variants"].items():
         ys = r.get("adherence_by_shot") if r.get("available") else None
         if ys:
@@ -123,7 +123,7 @@ def plot_adherence_by_shot(metrics: dict, path: Path) -> Path:
     ax.set_ylabel("adherence")
     ax.set_ylim(0, 1.05)
     ax.set_title("Adherence by shot index (drift = shots 6-10 minus 1-5)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -136,9 +136,13 @@ def plot_timing(metrics: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8), dpi=90)
     for ax, key, title in zip(axes, ("sec_per_frame", "time_to_first_frame"),
                               ("seconds per generated frame", "time to first frame (s)")):
-        ax.barh(list(rows), [r[key] for r in rows.values()], color="tab:blue")
-        ax.set_xscale("log")
+        vals = [r[key] for r in rows.values()]
+        ax.barh(list(rows), vals, color="tab:blue")
+        for y, v in enumerate(vals):
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=7)
+        ax.set_xlim(0, 1.25 * max(vals, default=1))
         ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
         ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path)
@@ -205,7 +209,8 @@ def write_report(metrics: dict, out_dir, samples: dict | None = None) -> Path:
     md = [
         f"# ShotStream on the Story World: evaluation of `{metrics['model']}`",
         "",
-        f"Regenerate: `{metrics['command']}`",
+        f"Regenerate: `{metrics['command']}` (this run: {metrics.get('run_wall_s', 0) / 60:.1f} min, "
+        f"videos in `videos/`, not committed)",
         "",
         f"Evaluation split: {split['stories5']} five-shot and {split['stories10']} ten-shot stories from the "
         f"Story World's evaluation seed {split['seed']} (training never uses it), "
