@@ -99,6 +99,19 @@ def test_teacher_and_stage3_rows_load_or_explain(tmp_path):
     assert "teacher row uses 1 five-shot + 0 ten-shot stories" in report
 
 
+def test_stage3_row_says_when_it_is_the_shipped_student(tmp_path):
+    weights = tmp_path / "weights"
+    torch.manual_seed(2)
+    save_dit(CausalWanDiT(get_preset("micro").dit), weights / "dit.safetensors")
+    (weights / "student_stage3.safetensors").write_bytes((weights / "dit.safetensors").read_bytes())
+    metrics = _run(["--model", "micro", "--out", str(tmp_path / "out"), "--weights-dir", str(weights),
+                    "--stories", "1", "--stories10", "0", "--variants", "student", "stage3"])
+    student, stage3 = metrics["variants"]["student"], metrics["variants"]["stage3"]
+    assert "RANDOM" not in student["weights"] and student["model_id"] == stage3["model_id"]
+    assert stage3["adherence"] == student["adherence"]  # same weights, same noise: the same videos
+    assert "stage 4 has not been exported" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_every_variant_draws_the_same_noise():
     """Student and no-history see the same first shot (same seed, zero context); history changes shot 2."""
     cfg = ev.EvalConfig(model="micro", out="unused", weights_dir="/nonexistent", stories=1, stories10=0)

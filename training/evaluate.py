@@ -455,9 +455,14 @@ def run(cfg: EvalConfig, progress: bool = True) -> dict:
                 vr.story(item)
     for key, vr in runs.items():
         rows[key] = vr.row()
+        runner = vr.runner.pieces if isinstance(vr.runner, TeacherStoryEngine) else vr.runner
+        rows[key]["model_id"] = runner.model_id if runner is not None else None
         print(f"[evaluate] {key}: " + ", ".join(f"{c} {_fmt(rows[key].get(c))}" for c in METRIC_COLUMNS),
               file=sys.stderr)
     samples = {key: vr.sample for key, vr in runs.items()}
+    if rows.get("stage3", {}).get("available") and rows.get("student", {}).get("available") and \
+            rows["stage3"]["model_id"] == rows["student"]["model_id"]:
+        rows["stage3"]["note"] = "the same weights as the student (stage 4 has not been exported yet)"
 
     metrics = {
         "model": cfg.model,

@@ -199,6 +199,7 @@ def write_report(metrics: dict, out_dir, samples: dict | None = None) -> Path:
                      f"`{metrics['weights_dir']}`): these numbers measure an untrained model, i.e. chance level.")
     if metrics.get("quick"):
         notes.append("**Quick smoke run**: a handful of stories, the numbers are not meaningful.")
+    notes += [f"`{k}`: {r['note']}." for k, r in rows.items() if r.get("note")]
     if teacher.get("available"):
         notes.append(
             f"The teacher row uses {teacher['stories5']} five-shot + {teacher['stories10']} ten-shot stories "
