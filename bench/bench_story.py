@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     print(f"  story: {best['seconds']:.2f} s, {best['frames']} frames, {best['frames_per_s']:.1f} frames/s")
     print(f"  time to first frame: {best['time_to_first_frame_story']:.2f} s (shot 1), "
           f"{best['time_to_first_frame_mean']:.2f} s (mean over shots)")
-    print(f"  per shot: " + ", ".join(f"{s:.2f}" for s in best["shot_seconds"]) + f" s; model load {load_s:.1f} s")
+    print("  per shot: " + ", ".join(f"{s:.2f}" for s in best["shot_seconds"]) + f" s; model load {load_s:.1f} s")
     if a.json:
         a.json.write_text(json.dumps(result, indent=2))
     return result
