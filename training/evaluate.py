@@ -410,14 +410,23 @@ def adherence_by_shot(scores) -> list[float | None]:
 # --- the whole run -----------------------------------------------------------------------------------
 
 def run(cfg: EvalConfig, progress: bool = True) -> dict:
-    """Evaluate every variant of cfg; writes metrics.json, report.md and plots into cfg.out."""
+    """Evaluate every variant of cfg; writes metrics.json, report.md and plots into cfg.out.
+    Grad mode and the torch thread count are restored afterwards (callers may be tests or training)."""
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            return _run(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: EvalConfig, progress: bool) -> dict:
     from training.report import write_report
 
     started = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     # Videos are big and regenerable: keep them out of git even when --out lies inside the package.
     (cfg.out / ".gitignore").write_text("videos/\n")
-    torch.set_grad_enabled(False)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     zoo = ModelZoo(cfg)
