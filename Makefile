@@ -1,6 +1,5 @@
 # ShotStream for ComfyUI: common tasks.
 PYTHON ?= .venv/bin/python
-NPROC ?= 1
 
 .PHONY: test test-all train-tiny train-micro
 
@@ -11,7 +10,7 @@ test-all:
 	$(PYTHON) -m pytest -q
 
 train-tiny:  ## the embedded tiny model, all stages (skips finished ones, resumes a cut one)
-	$(PYTHON) -m training.pipeline --preset tiny --nproc $(NPROC)
+	$(PYTHON) -m training.pipeline --preset tiny $(if $(NPROC),--nproc $(NPROC))
 
 train-micro:  ## the whole pipeline at unit-test size
 	$(PYTHON) -m training.pipeline --preset micro --no-eval

@@ -158,16 +158,15 @@ def generate(cfg: ODEConfig, dist) -> dict:
     guidance = cfg.guidance
     gpath = out / "guidance.json"
     if cfg.guidance_check:
-        if gpath.is_file():
-            guidance = json.loads(gpath.read_text())["guidance"]
-        else:
+        if dist.is_main and not gpath.is_file():  # rank 0 checks; the others read its pick
             from shotstream_core.vae import load_vae
 
             scores = check_guidance(teacher, ds, preset, cfg.guidance_check, cfg.check_targets,
                                     load_vae(cfg.vae_path, device=dist.device), dist.device, cfg.steps, cfg.seed)
-            guidance = max(scores, key=lambda s: (scores[s], -s))
-            if dist.is_main:
-                gpath.write_text(json.dumps({"guidance": guidance, "adherence_by_scale": scores}, indent=2))
+            pick = max(scores, key=lambda s: (scores[s], -s))
+            gpath.write_text(json.dumps({"guidance": pick, "adherence_by_scale": scores}, indent=2))
+        dist.barrier()
+        guidance = json.loads(gpath.read_text())["guidance"]
 
     targets = ds.targets if cfg.num_pairs <= 0 else ds.targets[: cfg.num_pairs]
     shards = [targets[i:i + cfg.shard_size] for i in range(0, len(targets), cfg.shard_size)]

@@ -40,6 +40,7 @@ STAGES = (
     Stage("vae", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
     Stage("vae-refine", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
     Stage("vae-final", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
+    Stage("vae-shots", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
     Stage("preencode", "training.preencode", "training.preencode:PreencodeConfig"),
     Stage("teacher", "training.stage1_teacher", "training.stage1_teacher:TeacherConfig"),
     Stage("ode", "training.ode_pairs", "training.ode_pairs:ODEConfig"),
@@ -51,12 +52,15 @@ STAGES = (
 # What the engine loads, and what the report / ablation needs: (file in the export folder, stage, file in
 # the stage's out_dir).
 SHIPPED = (
-    ("vae.safetensors", ("vae-final", "vae-refine", "vae"), "vae.safetensors"),
+    ("vae.safetensors", ("vae-shots", "vae-final", "vae-refine", "vae"), "vae.safetensors"),
     ("teacher.safetensors", ("teacher",), "teacher.safetensors"),
     ("student_stage3.safetensors", ("stage3",), "student.safetensors"),
     # before stage 4 is done, the stage-3 (or stage-2) student is the interim shipped model
     ("dit.safetensors", ("stage4", "stage3", "stage2"), "student.safetensors"),
 )
+
+# Processes per stage when --nproc is not given (tiny: the CPU-bound stages take two shared cores).
+DEFAULT_NPROC = {"tiny": {"preencode": 2, "teacher": 2, "ode": 2, "stage2": 2}}
 
 # Data set sizes per preset: (stories, min shots, max shots)
 DATA = {"tiny": (600, 2, 4), "micro": (6, 2, 3)}
@@ -186,7 +190,8 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", choices=sorted(DATA))
-    p.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun) for distributed stages")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes per distributed stage (torchrun); default: DEFAULT_NPROC of the preset, else 1")
     p.add_argument("--only", nargs="+", default=None, help="run only these stages (names as in the configs)")
     p.add_argument("--export-dir", type=Path, default=None,
                    help="where shipped files and the report go (default shotstream_core/weights/tiny for tiny, "
@@ -216,7 +221,8 @@ def main(argv=None) -> int:
         if is_done(out):
             print(f"[pipeline] {stage.name}: done ({out}), skipped", flush=True)
             continue
-        cmd = stage_command(preset, stage, args.nproc)
+        nproc = args.nproc if args.nproc is not None else DEFAULT_NPROC.get(preset, {}).get(stage.name, 1)
+        cmd = stage_command(preset, stage, nproc)
         print(f"[pipeline] {stage.name}: {' '.join(cmd)}", flush=True)
         if args.dry_run:
             continue
