@@ -41,6 +41,7 @@ STAGES = (
     Stage("vae-refine", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
     Stage("vae-final", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
     Stage("vae-shots", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
+    Stage("vae-long", "training.vae_stage", "training.vae_stage:VAEStageConfig"),
     Stage("preencode", "training.preencode", "training.preencode:PreencodeConfig"),
     Stage("teacher", "training.stage1_teacher", "training.stage1_teacher:TeacherConfig"),
     Stage("ode", "training.ode_pairs", "training.ode_pairs:ODEConfig"),
@@ -52,7 +53,7 @@ STAGES = (
 # What the engine loads, and what the report / ablation needs: (file in the export folder, stage, file in
 # the stage's out_dir).
 SHIPPED = (
-    ("vae.safetensors", ("vae-shots", "vae-final", "vae-refine", "vae"), "vae.safetensors"),
+    ("vae.safetensors", ("vae-long", "vae-shots", "vae-final", "vae-refine", "vae"), "vae.safetensors"),
     ("teacher.safetensors", ("teacher",), "teacher.safetensors"),
     ("student_stage3.safetensors", ("stage3",), "student.safetensors"),
     # before stage 4 is done, the stage-3 (or stage-2) student is the interim shipped model
@@ -60,7 +61,7 @@ SHIPPED = (
 )
 
 # Processes per stage when --nproc is not given (tiny: the CPU-bound stages take two shared cores).
-DEFAULT_NPROC = {"tiny": {"preencode": 2, "teacher": 2, "ode": 2, "stage2": 2}}
+DEFAULT_NPROC = {"tiny": {"vae-long": 2, "preencode": 2, "teacher": 2, "ode": 2, "stage2": 2}}
 
 # Data set sizes per preset: (stories, min shots, max shots)
 DATA = {"tiny": (600, 2, 4), "micro": (6, 2, 3)}
