@@ -1,8 +1,12 @@
-"""VAE streaming decode time per block (random weights).
+"""VAE streaming decode time per block against the DiT's time per block (random weights), side by side.
 
 Cases: the tiny preset at 64x64 (the Story World) and the real Wan2.1 VAE config at a reduced but
 representative size (full 480x832 on CUDA). A shot is decoded block by block with StreamingDecoder, as
 the engine does; the first block is timed apart because it decodes one latent frame fewer pixels.
+The DiT column is one block of the causal student at the same latent size: its few denoising passes plus
+the cache-refresh pass, attending to 6 context frames; for the wan2.1 case the 1.3B DiT is built with
+--dit-layers layers and scaled to its 30 (per-layer cost is uniform). Time to first frame = global cache
+fill + first block's DiT passes + first block's decode, so the ratio says which part dominates it.
 
     python bench/bench_vae.py                       # both cases, CPU
     python bench/bench_vae.py --device cuda --dtype bf16
@@ -20,7 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shotstream_core.config import latent_to_pixel_frames, validate_size  # noqa: E402
+import dataclasses  # noqa: E402
+
+from shotstream_core.cache import KVCache  # noqa: E402
+from shotstream_core.config import get_preset, latent_to_pixel_frames, validate_size  # noqa: E402
+from shotstream_core.model import CausalWanDiT  # noqa: E402
 from shotstream_core.vae import StreamingDecoder, WanVAE  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,6 +80,42 @@ def bench_case(preset: str, height: int, width: int, latent_frames: int, block_f
     }
 
 
+def bench_dit_block(dit_preset: str, layers: int | None, height: int, width: int, block_frames: int,
+                    device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    """Seconds of one streamed block (few-step passes + refresh) and of the global cache fill."""
+    preset = get_preset(dit_preset)
+    cfg = preset.dit if layers is None else dataclasses.replace(preset.dit, num_layers=layers)
+    torch.manual_seed(0)
+    dit = CausalWanDiT(cfg).to(device=device, dtype=dtype).eval()
+    h, w, ctx = height // 8, width // 8, preset.sampler.context_frames
+    tpf = cfg.tokens_per_frame(h, w)
+    cache = KVCache(cfg.num_layers, 1, (ctx + block_frames) * tpf, cfg.num_heads, cfg.head_dim, dtype, device)
+    text_kv = dit.encode_text(torch.randn(1, 1, 16, cfg.text_dim, device=device))
+    flags = torch.tensor([[0] * ctx + [1] * block_frames], device=device)
+    passes = len(preset.sampler.denoising_steps) + 1
+
+    def one() -> tuple[float, float]:
+        sync(device)
+        t0 = time.perf_counter()
+        dit.forward_cached(torch.randn(1, cfg.in_channels, ctx, h, w, device=device, dtype=dtype),
+                           torch.zeros(1, ctx, device=device), text_kv, flags[:, :ctx], cache, 0)
+        sync(device)
+        t1 = time.perf_counter()
+        x = torch.randn(1, cfg.in_channels, block_frames, h, w, device=device, dtype=dtype)
+        for _ in range(passes):
+            dit.forward_cached(x, torch.full((1, block_frames), 500.0, device=device), text_kv, flags[:, ctx:], cache, ctx)
+        sync(device)
+        return t1 - t0, time.perf_counter() - t1
+
+    with torch.inference_mode():
+        one()
+        fill, block = min(one() for _ in range(repeats))
+    scale = (preset.dit.num_layers / cfg.num_layers) if layers else 1.0
+    return {"dit": f"{dit_preset} ({cfg.num_layers} of {preset.dit.num_layers} layers)",
+            "dit_block_ms": round(block * scale * 1e3, 1), "dit_fill_ms": round(fill * scale * 1e3, 1),
+            "scaled_from_layers": cfg.num_layers if layers else None}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", choices=["tiny", "wan2.1", "all"], default="all")
@@ -84,6 +128,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--dit-layers", type=int, default=2, help="layers built for the 1.3B DiT (scaled to 30)")
     args = p.parse_args()
 
     if args.threads:
@@ -102,12 +147,20 @@ def main() -> None:
     results = []
     for preset, h, w, f in cases:
         r = bench_case(preset, h, w, f, args.block_frames, device, dtype, args.repeats)
+        dit_preset, layers = ("tiny", None) if preset == "tiny" else ("wan2.1-t2v-1.3b", args.dit_layers)
+        r.update(bench_dit_block(dit_preset, layers, h, w, args.block_frames, device, dtype, args.repeats))
         results.append(r)
         print(f"{r['case']:>7} {r['size']:>8} {r['dtype']:>8} {r['device']:>6}: "
               f"first block {r['first_block_ms']:8.1f} ms ({1 + 4 * (args.block_frames - 1)} frames), "
               f"later blocks {r['block_ms']:8.1f} ms ({4 * args.block_frames} frames), "
               f"{r['ms_per_pixel_frame']:7.2f} ms/frame, shot {r['shot_s']:.2f} s"
               + (f", peak {r['peak_mem_GB']} GB" if r["peak_mem_GB"] is not None else ""), flush=True)
+        first_frame = r["dit_fill_ms"] + r["dit_block_ms"] + r["first_block_ms"]
+        print(f"{'':>17} DiT {r['dit']}: block {r['dit_block_ms']:8.1f} ms, cache fill {r['dit_fill_ms']:.1f} ms; "
+              f"decode/DiT per block = {r['block_ms'] / r['dit_block_ms']:.2f}; time to first frame "
+              f"{first_frame:.0f} ms, of which decode {r['first_block_ms'] / first_frame:.0%} -> "
+              f"{'decode' if r['first_block_ms'] > r['dit_fill_ms'] + r['dit_block_ms'] else 'the DiT'} dominates",
+              flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
