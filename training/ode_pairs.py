@@ -8,9 +8,9 @@ student's warped times (1000, 957.93, 888.89, 737.59: grid steps 0, 13, 25, 37) 
 as safetensors shards with the context, the frame flags and prompt ids; prompts stay in the latent store,
 referenced by (story index, shot).
 
-guidance_check: before generating, a few held-out training-split stories (never the evaluation split) are
-sampled at each listed CFG scale, decoded and scored with the Story World analyser (adherence of the
-generated shot); the best scale is used and written to OUT/guidance.json.
+guidance_check: before generating, a few training-split targets (the last ones of the latent store; never
+the evaluation split) are sampled at each listed CFG scale, decoded and scored with the Story World
+analyser (adherence of the generated shot); the best scale is used and written to OUT/guidance.json.
 """
 from __future__ import annotations
 
