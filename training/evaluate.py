@@ -61,6 +61,7 @@ class Variant:
     use_history: bool = True
     shot_phase_off: bool = False
     teacher: bool = False
+    through_vae: bool = False  # ground truth encoded and decoded by the shipped VAE
 
 
 VARIANTS = {v.key: v for v in (
@@ -70,6 +71,8 @@ VARIANTS = {v.key: v for v in (
     Variant("stage3", "student after stage 3 only", "student_stage3"),
     Variant("teacher", "bidirectional teacher (Euler, CFG)", "teacher", teacher=True),
     Variant("truth", "ground-truth renders (analyser ceiling)", None),
+    Variant("truth_vae", "ground truth through the shipped VAE (ceiling of any model using it)", None,
+            through_vae=True),
 )}
 DEFAULT_VARIANTS = tuple(VARIANTS)
 
@@ -339,6 +342,16 @@ def generate_story(runner, item: EvalStory, video: _StoryVideo, timing: Timing) 
     return ranges
 
 
+def vae_roundtrip(vae, frames, ranges):
+    """Each shot encoded as a clip and decoded: what the best possible latents would look like."""
+    out = []
+    for a, b in ranges:
+        clip = torch.from_numpy(frames[a:b]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # [1, 3, F, H, W]
+        video = vae.decode(vae.encode(clip.to(vae.device, vae.dtype)))[0].float()
+        out.append(((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy())
+    return np.concatenate(out)
+
+
 def warm_up(runner) -> None:
     """One throwaway first shot (lazy loads, allocator) so the first timed shot is not penalised."""
     stream = runner.stream_shot(runner.new_story(), ShotRequest("a red circle in the meadow.", "wide shot, the red circle, still."))
@@ -364,8 +377,10 @@ class VariantRun:
         """Generate (or render), write, read back and score one story."""
         t0 = time.perf_counter()
         path, geo = self.video_dir / f"{item.name}.mp4", self.geometry
-        if self.runner is None:  # ground truth: the renderer's frames through the same codec
+        if self.runner is None or self.variant.through_vae:  # ground truth, through the same codec
             frames, ranges = render_story(item.story, geo)
+            if self.variant.through_vae:
+                frames = vae_roundtrip(self.runner, frames, ranges)
             write_mp4(path, frames, geo.fps, crf=self.cfg.crf)
         else:
             video = _StoryVideo(path, geo.fps, self.cfg.crf)
@@ -388,7 +403,7 @@ class VariantRun:
             "adherence": head["adherence"], "memory": head["memory"], "cut_f1": head["cut_f1"],
             "drift": agg10["drift"] if agg10 else None, "flicker": head["flicker"],
         }
-        row.update(self.timing.summary() if self.runner is not None else
+        row.update(self.timing.summary() if self.runner is not None and not self.variant.through_vae else
                    {"sec_per_frame": None, "time_to_first_frame": None})
         row.update(eval5=agg5, eval10=agg10, adherence_by_shot=adherence_by_shot(self.scores5 + self.scores10),
                    wall_s=self.wall_s)
@@ -439,7 +454,10 @@ def _run(cfg: EvalConfig, progress: bool) -> dict:
     rows, runs = {}, {}
     for key in cfg.variants:
         variant = VARIANTS[key]
-        loaded = Loaded(None, "renderer") if variant.weights is None else zoo.load(variant)
+        if variant.through_vae:
+            loaded = Loaded(zoo.base.vae, zoo.vae_source)
+        else:
+            loaded = Loaded(None, "renderer") if variant.weights is None else zoo.load(variant)
         if variant.weights is not None and loaded.runner is None:
             rows[key] = {"label": variant.label, "available": False, "reason": loaded.reason}
             print(f"[evaluate] {key}: {loaded.reason}", file=sys.stderr)
@@ -449,7 +467,7 @@ def _run(cfg: EvalConfig, progress: bool) -> dict:
         else:
             rows[key] = None  # keeps the table's row order
             runs[key] = VariantRun(variant, loaded.runner, loaded.weights, cfg, geometry)
-            if loaded.runner is not None:
+            if loaded.runner is not None and not variant.through_vae:
                 warm_up(loaded.runner)
 
     # Story by story, every row in turn: a slow patch of a shared machine hits all rows alike.
@@ -465,7 +483,7 @@ def _run(cfg: EvalConfig, progress: bool) -> dict:
     for key, vr in runs.items():
         rows[key] = vr.row()
         runner = vr.runner.pieces if isinstance(vr.runner, TeacherStoryEngine) else vr.runner
-        rows[key]["model_id"] = runner.model_id if runner is not None else None
+        rows[key]["model_id"] = getattr(runner, "model_id", None)
         print(f"[evaluate] {key}: " + ", ".join(f"{c} {_fmt(rows[key].get(c))}" for c in METRIC_COLUMNS),
               file=sys.stderr)
     samples = {key: vr.sample for key, vr in runs.items()}
