@@ -149,7 +149,9 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
     plots = []
     for stage in STAGES:
         out = stage_out_dir(preset, stage)
-        if out is None or not (out / "done.json").is_file():
+        if out is None:  # the preset has no such stage
+            continue
+        if not (out / "done.json").is_file():
             lines.append(f"| {stage.name} | not run | | | | | |")
             continue
         d = json.loads((out / "done.json").read_text())
