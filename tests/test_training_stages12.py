@@ -150,8 +150,12 @@ def test_teacher_batch_flags_prompts_and_dropout(store):
     assert b.prompt_ids[0].tolist() == [0] * (FC + f)  # one prompt: everyone reads it
     assert b.prompt_ids[1].tolist() == [0, 0, 0, 1, 1, 1] + [2] * f  # each frame its own shot's prompt
     assert b.text.shape[:2] == (2, 3)
-    dropped = make_batch(ds, [(2, 2)], FC, DIT.text_len, torch.Generator().manual_seed(0), 1.0, 1.0)
+    dropped = make_batch(ds, [(2, 2)], FC, DIT.text_len, torch.Generator().manual_seed(0), 1.0, 1.0, "zeros")
     assert not dropped.context.any() and not dropped.text.any()
+    neg = make_batch(ds, [(2, 2)], FC, DIT.text_len, torch.Generator().manual_seed(0), 1.0, 1.0)
+    n = ds.negative.shape[0]
+    assert all(torch.equal(neg.text[0, j, :n], ds.negative) for j in range(3))  # CFG's unconditional input
+    assert not neg.text[0, :, n:].any()
     assert dropped.flags[0].tolist() == [0] * FC + [2] * f  # the target keeps its own flag
 
 

@@ -7,7 +7,8 @@ Its history is the earlier shots' ground-truth single-frame latents picked by th
 flags from the absolute ranges (context frames carry their shot index, the target carries k, or 1 for
 shot 0). Input [Fc clean context | noisy target], one timestep per sample (the context sees the same t);
 loss w(t) * MSE of the flow (noise - x0) on the target frames. 10% of samples lose their context (zeros,
-flags 0), 10% their text (zero features). Each frame cross-attends to its own shot's prompt.
+flags 0), 10% their text: every prompt becomes the negative prompt's features, the unconditional input CFG
+uses at sampling (text_dropout_to: zeros gives the reference's zero features). Each frame cross-attends to its own shot's prompt.
 
 Unlike the reference (self-attention only, lr 1e-5, fine-tuning a pre-trained Wan), the tiny model starts
 from scratch, so every parameter trains, with AdamW, warmup and a from-scratch learning rate.
@@ -39,6 +40,10 @@ class TeacherConfig(StageConfig):
     batch_size: int = 16
     context_dropout: float = 0.1
     text_dropout: float = 0.1
+    # What a dropped caption becomes: "negative" = the features of the negative prompt (""), which is what
+    # CFG's unconditional branch feeds the model everywhere (ODE pairs, DMD real score, evaluation);
+    # "zeros" = zero features, as the reference (whose pretrained Wan already knows its negative prompt).
+    text_dropout_to: str = "negative"
     export: str = ""  # optional copy of teacher.safetensors
     sample_stories: int = 4  # decoded samples for the contact sheet at the end (0 = none)
     sample_guidance: float = 3.0
@@ -60,9 +65,11 @@ class TeacherBatch:
 
 
 def make_batch(ds: LatentStoryDataset, targets: list[tuple[int, int]], context_frames: int, text_len: int,
-               g: torch.Generator | None = None, context_dropout: float = 0.0, text_dropout: float = 0.0
-               ) -> TeacherBatch:
+               g: torch.Generator | None = None, context_dropout: float = 0.0, text_dropout: float = 0.0,
+               text_dropout_to: str = "negative") -> TeacherBatch:
     """Assemble (story, shot k) targets with their ground-truth history; applies the dropouts."""
+    if text_dropout_to not in ("negative", "zeros"):
+        raise ValueError(f"text_dropout_to must be 'negative' or 'zeros', got {text_dropout_to!r}")
     ctxs, x0s, flags, prompts, counts = [], [], [], [], []
     for i, k in targets:
         story = ds[i]
@@ -75,7 +82,8 @@ def make_batch(ds: LatentStoryDataset, targets: list[tuple[int, int]], context_f
             context = torch.zeros_like(context)
             ctx_flags = [0] * len(ctx_flags)
         if u[1] < text_dropout:
-            texts = [torch.zeros_like(t) for t in texts]
+            texts = ([ds.negative.clone() for _ in texts] if text_dropout_to == "negative"
+                     else [torch.zeros_like(t) for t in texts])
         ctxs.append(context)
         x0s.append(x0)
         flags.append(frame_flags(ctx_flags, shot_flag, x0.shape[1]))
@@ -128,7 +136,7 @@ def train(cfg: TeacherConfig, dist) -> dict:
         g = step_generator(cfg.seed, step, dist.rank)
         targets = [ds.targets[i] for i in batches.indices(step)]
         batch = make_batch(ds, targets, sampler.context_frames, preset.dit.text_len, g,
-                           cfg.context_dropout, cfg.text_dropout)
+                           cfg.context_dropout, cfg.text_dropout, cfg.text_dropout_to)
         set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps))
         with autocast(cfg, dist.device):
             loss = teacher_loss(model, schedule, batch, g, dist.device, sampler.rope_shot_phase)
