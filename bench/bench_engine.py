@@ -30,9 +30,11 @@ from shotstream_core.text import RandomTextEncoder  # noqa: E402
 from shotstream_core.vae import WanVAE  # noqa: E402
 
 
-def build(preset, layers=None):
+def build(preset, layers=None, frames=None):
     if layers:
         preset = dataclasses.replace(preset, dit=dataclasses.replace(preset.dit, num_layers=layers))
+    if frames:
+        preset = dataclasses.replace(preset, geometry=preset.geometry.replace(frames_per_shot=frames))
     torch.manual_seed(0)
     dit = CausalWanDiT(preset.dit).eval().requires_grad_(False)
     vae_name = preset.vae if preset.vae != "wan2.1" else "micro"
@@ -124,6 +126,9 @@ def main():
     ap.add_argument("--presets", nargs="*", default=["micro", "tiny"])
     ap.add_argument("--wan-shaped", action="store_true", help="add the 1.3B-shaped config at full token count")
     ap.add_argument("--layers", type=int, default=1, help="layers of the 1.3B-shaped config")
+    ap.add_argument("--wan-frames", type=int, default=None,
+                    help="pixel frames a shot for the 1.3B-shaped config (default 81; fewer keeps a CPU run short, "
+                         "tokens per frame and per block stay full)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of shot 1 and shot 8 (median kept)")
     args = ap.parse_args()
@@ -135,7 +140,7 @@ def main():
             bench(name, build(get_preset(name)), repeats=args.repeats)
         if args.wan_shaped:
             # the teacher at this size is timed over 2 of its 50 steps and scaled
-            bench(f"wan2.1-1.3B-shaped ({args.layers} layers)", build(get_preset("wan2.1-t2v-1.3b"), args.layers),
+            bench(f"wan2.1-1.3B-shaped ({args.layers} layers)", build(get_preset("wan2.1-t2v-1.3b"), args.layers, args.wan_frames),
                   teacher_steps=2, repeats=1)
 
 
