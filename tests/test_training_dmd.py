@@ -25,14 +25,6 @@ C, F, H, W = CFG.in_channels, GEO.latent_frames, GEO.latent_height, GEO.latent_w
 FC = SAMPLER.context_frames
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a shared 2-core machine a second intra-op thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def micro_student(seed=0):
     torch.manual_seed(seed)

@@ -17,13 +17,6 @@ from training.common import (Checkpointer, Dist, Logger, StageConfig, StepBatche
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --- configs --------------------------------------------------------------------------------------
 

@@ -18,13 +18,6 @@ GEO, SAMPLER, DIT = PRESET.geometry, PRESET.sampler, PRESET.dit
 FC = SAMPLER.context_frames
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):

@@ -373,6 +373,15 @@ def lr_at(step: int, base: float, warmup: int, total: int, final_ratio: float = 
     return base * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, grad_clip: float) -> float:
+    """zero_grad, backward, clip (when grad_clip > 0), step; returns the gradient norm (0 without clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.zeros(())
+    optimizer.step()
+    return float(norm)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -25,7 +25,7 @@ from shotstream_core.loading import save_dit
 from shotstream_core.model import WanDiT
 from shotstream_core.schedule import FlowSchedule
 
-from .common import (StageConfig, StepBatches, autocast, enable_grad_checkpointing, mark_done, run_stage,
+from .common import (StageConfig, optimizer_step, StepBatches, autocast, enable_grad_checkpointing, mark_done, run_stage,
                      save_config, set_lr, lr_at, step_generator, train_loop, unwrap)
 from .data import LatentStoryDataset, frame_flags, pad_prompts, prompt_ids_for
 
@@ -140,10 +140,7 @@ def train(cfg: TeacherConfig, dist) -> dict:
         set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps))
         with autocast(cfg, dist.device):
             loss = teacher_loss(model, schedule, batch, g, dist.device, sampler.rope_shot_phase)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(teacher.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
-        opt.step()
+        gn = optimizer_step(loss, opt, teacher.parameters(), cfg.grad_clip)
         return {"loss": float(dist.all_mean(loss.detach())), "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
 
     summary = train_loop(cfg, dist, {"teacher": teacher}, {"teacher": opt}, step_fn, desc="teacher")

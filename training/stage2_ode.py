@@ -20,7 +20,7 @@ from shotstream_core.loading import load_dit_state, save_dit
 from shotstream_core.model import CausalWanDiT, block_causal_mask
 from shotstream_core.schedule import FlowSchedule
 
-from .common import (StageConfig, StepBatches, autocast, enable_grad_checkpointing, mark_done, run_stage,
+from .common import (StageConfig, optimizer_step, StepBatches, autocast, enable_grad_checkpointing, mark_done, run_stage,
                      save_config, set_lr, lr_at, step_generator, train_loop)
 from .data import LatentStoryDataset, pad_prompts
 from .ode_pairs import ODEPairs
@@ -109,10 +109,7 @@ def train(cfg: Stage2Config, dist) -> dict:
         set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps))
         with autocast(cfg, dist.device):
             loss = ode_loss(model, schedule, batch, mask, dist.device, sampler.rope_shot_phase)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
-        opt.step()
+        gn = optimizer_step(loss, opt, student.parameters(), cfg.grad_clip)
         return {"loss": float(dist.all_mean(loss.detach())), "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
 
     summary = train_loop(cfg, dist, {"student": student}, {"student": opt}, step_fn, desc="stage2")

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from shotstream_core.config import VAE_TEMPORAL_STRIDE, get_preset, validate_frames
 from shotstream_core.vae import WanVAE, load_vae
 
-from .common import (StageConfig, StepBatches, mark_done, run_stage, save_config, set_lr, lr_at, step_generator,
+from .common import (StageConfig, optimizer_step, StepBatches, mark_done, run_stage, save_config, set_lr, lr_at, step_generator,
                      train_loop, unwrap)
 from .data import load_shot_frames
 
@@ -167,10 +167,7 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         l2 = ((recon - clips) ** 2).mean()
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-        opt.step()
+        gn = optimizer_step(loss, opt, vae.parameters(), cfg.grad_clip)
         return {"loss": float(dist.all_mean(loss)), "l1": float(l1), "l2": float(l2), "kl": float(kl),
                 "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
 
