@@ -80,8 +80,8 @@ class ShotGeometry:
 class SamplerConfig:
     """Few-step causal sampling and the dual-cache layout."""
 
-    # Raw few-step list, warped through the shifted schedule (schedule.py): t = 1000, 957.9, 888.9, 737.6.
-    # These are exactly steps 0, 13, 25, 37 of the teacher's 50-step grid, where ODE pairs are saved.
+    # Raw few-step list, warped through the shifted schedule (schedule.py): with shift 8, t = 1000, 957.9,
+    # 888.9, 737.6. For any shift these are steps 0, 13, 25, 37 of the teacher's 50-step grid (ODE pairs).
     denoising_steps: tuple[int, ...] = (1000, 740, 500, 260)
     shift: float = 8.0
     num_train_timesteps: int = 1000
@@ -145,7 +145,11 @@ def wan_14b() -> Preset:
 def tiny() -> Preset:
     """The embedded default, trained on the Story World (64x64, 33 frames: 9 latent frames, 3 blocks)."""
     dit = DiTConfig(dim=128, ffn_dim=384, num_heads=2, num_layers=4, freq_dim=64, text_dim=384, text_len=48)
-    return Preset("tiny", dit, ShotGeometry(64, 64, 33, 16), vae="tiny", text_encoder="minilm")
+    # Shift 8 suits Wan's 21x60x104 latents; 9x8x8 latents lose their content at far lower noise, so shift 8
+    # would spend almost every training draw and sampling step where nothing is left to see (the
+    # resolution-dependent shift of SD3, sec. 5.3.2). Shift 1: sigma = t / 1000, steps 1000/740/500/260.
+    sampler = SamplerConfig(shift=1.0)
+    return Preset("tiny", dit, ShotGeometry(64, 64, 33, 16), sampler, vae="tiny", text_encoder="minilm")
 
 
 def micro() -> Preset:

@@ -190,6 +190,55 @@ def test_resume_is_bit_identical(micro_latents, tmp_path):
     assert other["steps"] == 5 and any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_teacher_ema_resumes_exactly_and_is_what_ships(micro_latents, tmp_path):
+    """The EMA copy is checkpointed (a cut run resumes to the same average) and exported as teacher.safetensors."""
+    from training import stage1_teacher
+    from training.common import StageInterrupted
+
+    args = ("max_steps=4", "batch_size=2", "ema_decay=0.9")
+    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "whole", *args))
+    with pytest.raises(StageInterrupted):
+        stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", *args, "stop_after=2"))
+    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", *args))
+    ema_whole = Checkpointer(tmp_path / "whole").weights("ema")
+    ema_cut = Checkpointer(tmp_path / "cut").weights("ema")
+    assert all(torch.equal(ema_whole[k], ema_cut[k]) for k in ema_whole)
+    raw = Checkpointer(tmp_path / "whole").weights("teacher")
+    from shotstream_core.loading import load_dit_state
+
+    shipped, _ = load_dit_state(tmp_path / "whole" / "teacher.safetensors")
+    assert all(torch.equal(shipped[k], ema_whole[k]) for k in ema_whole)
+    assert any(not torch.equal(raw[k], ema_whole[k]) for k in raw)  # the average lags the raw weights
+
+
+def test_vae_decoder_phase_keeps_encoder_and_statistics(tmp_path):
+    """train_part=decoder: the encoder and latent statistics of init_from stay bit-identical (pre-encoded
+    latents stay valid), the decoder trains."""
+    from shotstream_core.config import get_preset
+    from shotstream_core.vae import WanVAE, load_vae
+    from training import vae_stage
+    from training.data import write_training_set
+
+    write_training_set(tmp_path / "data", 2, get_preset("micro").geometry, 1, 2)
+    torch.manual_seed(0)
+    init = WanVAE("micro")
+    init.latent_mean.uniform_(-1, 1)
+    init.latent_std.uniform_(0.5, 2)
+    vae_stage.save_vae(init, tmp_path / "init.safetensors")
+    base = ["--config", str(REPO / "training/configs/micro-vae.yaml"), "--set", f"data_dir={tmp_path / 'data'}",
+            "--set", "num_stories=2", "--set", "max_steps=2", "--set", "crop=0"]
+    vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'dec'}", "--set", f"init_from={tmp_path / 'init.safetensors'}",
+                           "--set", "train_part=decoder"])
+    before, after = init.state_dict(), load_vae(tmp_path / "dec" / "vae.safetensors").state_dict()
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        if k.startswith(("encoder.", "conv1.", "latent_")):
+            assert same, k
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    with pytest.raises(ValueError, match="init_from"):
+        vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'bad'}", "--set", "train_part=decoder"])
+
+
 def test_time_budget_stops_and_marks_done(micro_latents, tmp_path):
     from training import stage1_teacher
 

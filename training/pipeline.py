@@ -42,6 +42,7 @@ STAGES = (
     Stage("vae-final", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
     Stage("vae-shots", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
     Stage("vae-long", "training.vae_stage", "training.vae_stage:VAEStageConfig"),
+    Stage("vae-decoder", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
     Stage("preencode", "training.preencode", "training.preencode:PreencodeConfig"),
     Stage("teacher", "training.stage1_teacher", "training.stage1_teacher:TeacherConfig"),
     Stage("ode", "training.ode_pairs", "training.ode_pairs:ODEConfig"),
@@ -53,7 +54,7 @@ STAGES = (
 # What the engine loads, and what the report / ablation needs: (file in the export folder, stage, file in
 # the stage's out_dir).
 SHIPPED = (
-    ("vae.safetensors", ("vae-long", "vae-shots", "vae-final", "vae-refine", "vae"), "vae.safetensors"),
+    ("vae.safetensors", ("vae-decoder", "vae-long", "vae-shots", "vae-final", "vae-refine", "vae"), "vae.safetensors"),
     ("teacher.safetensors", ("teacher",), "teacher.safetensors"),
     ("student_stage3.safetensors", ("stage3",), "student.safetensors"),
     # before stage 4 is done, the stage-3 (or stage-2) student is the interim shipped model

@@ -15,6 +15,7 @@ from scratch, so every parameter trains, with AdamW, warmup and a from-scratch l
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,9 @@ class TeacherConfig(StageConfig):
     # "zeros" = zero features, as the reference (whose pretrained Wan already knows its negative prompt).
     text_dropout_to: str = "negative"
     export: str = ""  # optional copy of teacher.safetensors
+    # Exponential moving average of the weights (0 = off); with it on, the EMA weights are exported and
+    # sampled: a from-scratch model's raw weights jitter with the last batches, the average does not.
+    ema_decay: float = 0.0
     sample_stories: int = 4  # decoded samples for the contact sheet at the end (0 = none)
     sample_guidance: float = 3.0
     sample_steps: int = 50
@@ -110,6 +114,13 @@ def teacher_loss(model, schedule: FlowSchedule, batch: TeacherBatch, g: torch.Ge
     return (schedule.training_weight(t).to(device) * per_sample).mean()
 
 
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
 def build_teacher(preset, device, seed: int) -> WanDiT:
     torch.manual_seed(seed)
     return WanDiT(preset.dit).to(device)
@@ -126,11 +137,16 @@ def train(cfg: TeacherConfig, dist) -> dict:
     ds = LatentStoryDataset(cfg.latent_dir)
     schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
     teacher = build_teacher(preset, dist.device, cfg.seed)
+    # copied before gradient checkpointing patches the blocks' forward
+    ema = copy.deepcopy(teacher).requires_grad_(False) if cfg.ema_decay > 0 else None
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(teacher)
     model = dist.wrap(teacher)
     opt = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     batches = StepBatches(len(ds.targets), cfg.batch_size, dist, cfg.seed)
+    modules = {"teacher": teacher}
+    if ema is not None:
+        modules["ema"] = ema  # checkpointed with the rest, so resume stays exact
 
     def step_fn(step: int) -> dict:
         g = step_generator(cfg.seed, step, dist.rank)
@@ -141,10 +157,13 @@ def train(cfg: TeacherConfig, dist) -> dict:
         with autocast(cfg, dist.device):
             loss = teacher_loss(model, schedule, batch, g, dist.device, sampler.rope_shot_phase)
         gn = optimizer_step(loss, opt, teacher.parameters(), cfg.grad_clip)
+        if ema is not None:
+            update_ema(ema, teacher, min(cfg.ema_decay, (1 + step) / (10 + step)))
         return {"loss": float(dist.all_mean(loss.detach())), "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
 
-    summary = train_loop(cfg, dist, {"teacher": teacher}, {"teacher": opt}, step_fn, desc="teacher")
+    summary = train_loop(cfg, dist, modules, {"teacher": opt}, step_fn, desc="teacher")
     if dist.is_main:
+        teacher = ema if ema is not None else teacher
         teacher.eval()
         save_dit(teacher, out / "teacher.safetensors")
         if cfg.export:

@@ -43,6 +43,9 @@ class VAEStageConfig(StageConfig):
     kl_weight: float = 1e-6
     sample_latent: bool = True  # reparameterised sample (VAE); false: z = mu (plain autoencoder)
     init_from: str = ""  # start from these VAE weights (a refine phase); statistics are re-fitted
+    # "all" trains encoder and decoder; "decoder" freezes the encoder (init_from required) and keeps its
+    # latent statistics, so latents already pre-encoded, and every DiT trained on them, stay valid.
+    train_part: str = "all"
     stats_shots: int = 16  # shots encoded to measure the latent mean/std
     export: str = ""  # optional copy of vae.safetensors (e.g. shotstream_core/weights/tiny/vae.safetensors)
 
@@ -53,18 +56,20 @@ class VAEAutoencoder(nn.Module):
     Wrapping it (not the VAE) in DDP makes the whole computation go through DDP's forward.
     """
 
-    def __init__(self, vae: WanVAE, sample_latent: bool = True):
+    def __init__(self, vae: WanVAE, sample_latent: bool = True, frozen_encoder: bool = False):
         super().__init__()
         self.vae = vae
         self.sample_latent = sample_latent
+        self.frozen_encoder = frozen_encoder
 
     def forward(self, clip: torch.Tensor, eps: torch.Tensor):
         """clip [B, 3, T, H, W] in [-1, 1]; eps [B, z, (T-1)/4+1, H/8, W/8] -> (recon, mu, log_var)."""
         vae, stride = self.vae, VAE_TEMPORAL_STRIDE
         cache: dict = {}
         chunks = [clip[:, :, :1]] + [clip[:, :, i:i + stride] for i in range(1, clip.shape[2], stride)]
-        h = torch.cat([vae.encoder(c, cache) for c in chunks], dim=2)
-        mu, log_var = vae.conv1(h).chunk(2, dim=1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
+            h = torch.cat([vae.encoder(c, cache) for c in chunks], dim=2)
+            mu, log_var = vae.conv1(h).chunk(2, dim=1)
         log_var = log_var.clamp(-30.0, 20.0)
         z = mu + torch.exp(0.5 * log_var) * eps if self.sample_latent else mu
         x = vae.conv2(z)
@@ -132,6 +137,11 @@ def reconstruction_sheet(vae: WanVAE, shots: torch.Tensor, path, frames=(0, 8, 1
 def train(cfg: VAEStageConfig, dist) -> dict:
     """Train the VAE, then fit its latent statistics and export vae.safetensors."""
     validate_frames(cfg.clip_frames)
+    if cfg.train_part not in ("all", "decoder"):
+        raise ValueError(f"train_part must be 'all' or 'decoder', got {cfg.train_part!r}")
+    frozen_encoder = cfg.train_part == "decoder"
+    if frozen_encoder and not cfg.init_from:
+        raise ValueError("train_part=decoder needs init_from: the frozen encoder must come from a trained VAE")
     if cfg.crop and cfg.crop % 8:
         raise ValueError(f"crop must be a multiple of 8 (VAE stride), got {cfg.crop}")
     out = Path(cfg.out_dir)
@@ -148,11 +158,16 @@ def train(cfg: VAEStageConfig, dist) -> dict:
     if cfg.init_from:
         init = load_vae(cfg.init_from)
         vae.load_state_dict(init.state_dict())
+        init_stats = init.latent_mean.clone(), init.latent_std.clone()
         vae.latent_mean.zero_()  # training works on raw mu; statistics are fitted again at the end
         vae.latent_std.fill_(1.0)
+    if frozen_encoder:
+        vae.encoder.requires_grad_(False)
+        vae.conv1.requires_grad_(False)
     vae = vae.to(dist.device)
-    model = dist.wrap(VAEAutoencoder(vae, cfg.sample_latent))
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    model = dist.wrap(VAEAutoencoder(vae, cfg.sample_latent, frozen_encoder))
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     batches = StepBatches(len(shots), cfg.batch_size, dist, cfg.seed)
     lat = cfg.crop // 8 if cfg.crop else preset.geometry.latent_height
 
@@ -167,15 +182,15 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         l2 = ((recon - clips) ** 2).mean()
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
-        gn = optimizer_step(loss, opt, vae.parameters(), cfg.grad_clip)
-        return {"loss": float(dist.all_mean(loss)), "l1": float(l1), "l2": float(l2), "kl": float(kl),
+        gn = optimizer_step(loss, opt, trained, cfg.grad_clip)
+        return {"loss": float(dist.all_mean(loss.detach())), "l1": float(l1), "l2": float(l2), "kl": float(kl),
                 "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
 
     summary = train_loop(cfg, dist, {"vae": vae}, {"vae": opt}, step_fn, desc="vae")
     if dist.is_main:
         vae.eval()
         held = shots[-cfg.stats_shots:] if len(shots) > cfg.stats_shots else shots
-        mean, std = latent_statistics(vae, held.to(dist.device))
+        mean, std = init_stats if frozen_encoder else latent_statistics(vae, held.to(dist.device))
         vae.latent_mean.copy_(mean)
         vae.latent_std.copy_(std)
         path = save_vae(vae, out / "vae.safetensors")
