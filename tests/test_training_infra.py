@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from training.data import write_training_set
 from training.common import (Checkpointer, Dist, Logger, StageConfig, StepBatches, load_stage_config, lr_at,
                              read_log, step_generator)
 
@@ -217,7 +218,6 @@ def test_vae_decoder_phase_keeps_encoder_and_statistics(tmp_path):
     from shotstream_core.config import get_preset
     from shotstream_core.vae import WanVAE, load_vae
     from training import vae_stage
-    from training.data import write_training_set
 
     write_training_set(tmp_path / "data", 2, get_preset("micro").geometry, 1, 2)
     torch.manual_seed(0)
@@ -226,7 +226,7 @@ def test_vae_decoder_phase_keeps_encoder_and_statistics(tmp_path):
     init.latent_std.uniform_(0.5, 2)
     vae_stage.save_vae(init, tmp_path / "init.safetensors")
     base = ["--config", str(REPO / "training/configs/micro-vae.yaml"), "--set", f"data_dir={tmp_path / 'data'}",
-            "--set", "num_stories=2", "--set", "max_steps=2", "--set", "crop=0"]
+            "--set", "num_stories=2", "--set", "max_steps=2", "--set", "crop=0", "--set", "phases=[]"]
     vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'dec'}", "--set", f"init_from={tmp_path / 'init.safetensors'}",
                            "--set", "train_part=decoder"])
     before, after = init.state_dict(), load_vae(tmp_path / "dec" / "vae.safetensors").state_dict()
@@ -237,6 +237,33 @@ def test_vae_decoder_phase_keeps_encoder_and_statistics(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     with pytest.raises(ValueError, match="init_from"):
         vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'bad'}", "--set", "train_part=decoder"])
+
+
+def test_vae_curriculum_runs_its_phases_in_order_and_resumes(tmp_path):
+    """micro-vae.yaml's two phases: the second starts from the first; a cut phase resumes; the stage's
+    vae.safetensors is the last phase's; a phase with an unknown key is refused by name."""
+    from shotstream_core.config import get_preset
+    from shotstream_core.vae import load_vae
+    from training import vae_stage
+    from training.common import StageInterrupted
+
+    write_training_set(tmp_path / "data", 2, get_preset("micro").geometry, 1, 2)
+    argv = ["--config", str(REPO / "training/configs/micro-vae.yaml"), "--set", f"data_dir={tmp_path / 'data'}",
+            "--set", "num_stories=2"]
+    with pytest.raises(StageInterrupted):  # the first phase is cut after one step
+        vae_stage.main(argv + ["--set", f"out_dir={tmp_path / 'vae'}", "--set", "stop_after=1"])
+    assert not (tmp_path / "vae" / "crops" / "done.json").exists()
+    summary = vae_stage.main(argv + ["--set", f"out_dir={tmp_path / 'vae'}"])
+    phases = [p["name"] for p in summary["phases"]]
+    assert phases == ["crops", "decoder"] and summary["steps"] == 4 + 2
+    crops = load_vae(tmp_path / "vae" / "crops" / "vae.safetensors").state_dict()
+    final = load_vae(tmp_path / "vae" / "vae.safetensors").state_dict()
+    decoder = load_vae(tmp_path / "vae" / "decoder" / "vae.safetensors").state_dict()
+    assert all(torch.equal(final[k], decoder[k]) for k in final)
+    assert all(torch.equal(crops[k], final[k]) for k in final if k.startswith(("encoder.", "latent_")))
+    assert any(not torch.equal(crops[k], final[k]) for k in final if k.startswith("decoder."))
+    with pytest.raises(ValueError, match="crop_size"):
+        vae_stage.main(argv + ["--set", f"out_dir={tmp_path / 'bad'}", "--set", "phases=[{name: a, crop_size: 8}]"])
 
 
 def test_time_budget_stops_and_marks_done(micro_latents, tmp_path):

@@ -37,12 +37,7 @@ class Stage:
 
 
 STAGES = (
-    Stage("vae", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
-    Stage("vae-refine", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
-    Stage("vae-final", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
-    Stage("vae-shots", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
-    Stage("vae-long", "training.vae_stage", "training.vae_stage:VAEStageConfig"),
-    Stage("vae-decoder", "training.vae_stage", "training.vae_stage:VAEStageConfig", False),
+    Stage("vae", "training.vae_stage", "training.vae_stage:VAEStageConfig"),
     Stage("preencode", "training.preencode", "training.preencode:PreencodeConfig"),
     Stage("teacher", "training.stage1_teacher", "training.stage1_teacher:TeacherConfig"),
     Stage("ode", "training.ode_pairs", "training.ode_pairs:ODEConfig"),
@@ -54,7 +49,7 @@ STAGES = (
 # What the engine loads, and what the report / ablation needs: (file in the export folder, stage, file in
 # the stage's out_dir).
 SHIPPED = (
-    ("vae.safetensors", ("vae-decoder", "vae-long", "vae-shots", "vae-final", "vae-refine", "vae"), "vae.safetensors"),
+    ("vae.safetensors", ("vae",), "vae.safetensors"),
     ("teacher.safetensors", ("teacher",), "teacher.safetensors"),
     ("student_stage3.safetensors", ("stage3",), "student.safetensors"),
     # before stage 4 is done, the stage-3 (or stage-2) student is the interim shipped model
@@ -62,7 +57,7 @@ SHIPPED = (
 )
 
 # Processes per stage when --nproc is not given (tiny: the CPU-bound stages take two shared cores).
-DEFAULT_NPROC = {"tiny": {"vae-long": 2, "preencode": 2, "teacher": 2, "ode": 2, "stage2": 2}}
+DEFAULT_NPROC = {"tiny": {"preencode": 2, "teacher": 2, "ode": 2, "stage2": 2}}
 
 # Data set sizes per preset: (stories, min shots, max shots)
 DATA = {"tiny": (600, 2, 4), "micro": (6, 2, 3)}
@@ -148,6 +143,21 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
         lines.append(f"| data | {d.get('wall_s', 0) / 60:.1f} min | {d.get('stories')} stories | - | - | - | "
                      f"{_mb(_size(data_dir))} |")
     plots = []
+
+    def row(name: str, out: Path, d: dict, count_outputs: bool) -> str:
+        rows = read_log(out / "log.jsonl")
+        tail = rows[-max(1, len(rows) // 20):]  # the last 5% of steps: one step's loss is noisy
+        keys = sorted({k for r in tail for k in r if "loss" in k})
+        loss = ", ".join(f"{k} {sum(r[k] for r in tail if k in r) / sum(k in r for r in tail):.4g}"
+                         for k in keys) or "-"
+        steps = d.get("steps", d.get("pairs", d.get("stories", "-")))
+        outputs = [p for p in out.glob("*.safetensors")] if count_outputs else [out]
+        if (out / "loss.png").is_file():
+            shutil.copy2(out / "loss.png", export_dir / f"loss_{name.replace(' / ', '-')}.png")
+            plots.append(name.replace(" / ", "-"))
+        return (f"| {name} | {float(d.get('wall_s', 0.0)) / 60:.1f} min | {steps} | {d.get('stop_reason', '-')} | "
+                f"{loss} | {_mb(_size(out / 'checkpoints'))} | {_mb(sum(_size(p) for p in outputs))} |")
+
     for stage in STAGES:
         out = stage_out_dir(preset, stage)
         if out is None:  # the preset has no such stage
@@ -156,21 +166,11 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
             lines.append(f"| {stage.name} | not run | | | | | |")
             continue
         d = json.loads((out / "done.json").read_text())
-        wall = float(d.get("wall_s", 0.0))
-        total += wall
-        rows = read_log(out / "log.jsonl")
-        tail = rows[-max(1, len(rows) // 20):]  # the last 5% of steps: one step's loss is noisy
-        keys = sorted({k for r in tail for k in r if "loss" in k})
-        loss = ", ".join(f"{k} {sum(r[k] for r in tail if k in r) / sum(k in r for r in tail):.4g}"
-                         for k in keys) or "-"
-        steps = d.get("steps", d.get("pairs", d.get("stories", "-")))
-        outputs = [p for p in out.glob("*.safetensors")] if stage.name not in ("preencode", "ode") else [out]
-        out_size = sum(_size(p) for p in outputs)
-        lines.append(f"| {stage.name} | {wall / 60:.1f} min | {steps} | {d.get('stop_reason', '-')} | {loss} | "
-                     f"{_mb(_size(out / 'checkpoints'))} | {_mb(out_size)} |")
-        if (out / "loss.png").is_file():
-            shutil.copy2(out / "loss.png", export_dir / f"loss_{stage.name}.png")
-            plots.append(stage.name)
+        total += float(d.get("wall_s", 0.0))
+        lines.append(row(stage.name, out, d, stage.name not in ("preencode", "ode")))
+        for phase in d.get("phases", []):  # a curriculum (the VAE): one row per phase
+            sub = out / phase["name"]
+            lines.append(row(f"{stage.name} / {phase['name']}", sub, phase, True))
     lines += ["", f"Total: {total / 60:.1f} min.", ""]
     shipped = sorted(export_dir.glob("*.safetensors"))
     if shipped:
@@ -182,7 +182,7 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
         out = stage_out_dir(preset, stage)
         if out is not None and (out / "done.json").is_file():
             d = json.loads((out / "done.json").read_text())
-            keep = {k: v for k, v in d.items() if k not in ("final", "latent_mean", "latent_std")}
+            keep = {k: v for k, v in d.items() if k not in ("final", "latent_mean", "latent_std", "phases")}
             details.append(f"- **{stage.name}** (`{stage_config_path(preset, stage).relative_to(ROOT)}`): "
                            + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 4)}" for k, v in keep.items()))
     if details:

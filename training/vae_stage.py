@@ -7,12 +7,17 @@ and then chunks of 4, and decoded latent frame by latent frame with the causal c
 reconstruction + a small KL on (mu, log_var). Clips are short (9 frames) random spatial crops, which the
 fully convolutional VAE (its only attention is per frame) generalises from to whole 64x64 shots.
 
+A schedule of phases (config key `phases`: a list of overrides, each with a name) runs them in order in
+OUT/<name>/, each starting from the previous phase's weights, and ends with OUT/vae.safetensors: curricula
+such as short crops first, then whole shots, then the decoder alone, are one command and one config.
+
 Afterwards the per-channel mean/std of the encoder's mu over training shots go into the VAE's
 latent_mean / latent_std buffers, so normalised latents have about unit scale for the DiT.
 Output: OUT/vae.safetensors (loadable by shotstream_core.vae.load_vae), OUT/recon.png, OUT/done.json.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +53,9 @@ class VAEStageConfig(StageConfig):
     train_part: str = "all"
     stats_shots: int = 16  # shots encoded to measure the latent mean/std
     export: str = ""  # optional copy of vae.safetensors (e.g. shotstream_core/weights/tiny/vae.safetensors)
+    # Curriculum: [{name: ..., <any field above>: ...}, ...] run in order (see the module docstring);
+    # empty = one phase with the fields above.
+    phases: tuple[dict, ...] = ()
 
 
 class VAEAutoencoder(nn.Module):
@@ -134,8 +142,70 @@ def reconstruction_sheet(vae: WanVAE, shots: torch.Tensor, path, frames=(0, 8, 1
     return psnr
 
 
+def phase_configs(cfg: VAEStageConfig) -> list[VAEStageConfig]:
+    """The phases of cfg as complete configs: OUT/<name>/, each initialised from the one before."""
+    import dataclasses
+    import typing
+
+    from .common import _coerce
+
+    hints = typing.get_type_hints(VAEStageConfig)
+    allowed = {f.name for f in dataclasses.fields(VAEStageConfig)} - {"phases", "out_dir", "export"}
+    out, prev, names = [], cfg.init_from, set()
+    for i, phase in enumerate(cfg.phases):
+        phase = dict(phase)
+        name = str(phase.pop("name", "")).strip()
+        if not name or "/" in name or name in names:
+            raise ValueError(f"VAE phase {i + 1} needs a unique name without '/', got {name!r}")
+        names.add(name)
+        unknown = sorted(set(phase) - allowed)
+        if unknown:
+            raise ValueError(f"VAE phase {name!r}: unknown key(s) {unknown}; known: {sorted(allowed)}")
+        fields = {k: _coerce(v, hints[k]) for k, v in phase.items()}
+        fields.setdefault("init_from", prev)
+        sub = dataclasses.replace(cfg, phases=(), export="", out_dir=str(Path(cfg.out_dir) / name), **fields)
+        out.append(sub)
+        prev = str(Path(sub.out_dir) / "vae.safetensors")
+    return out
+
+
+def train_phases(cfg: VAEStageConfig, dist) -> dict:
+    """Run every phase not yet done (a cut phase resumes), then publish the last one as OUT/vae.safetensors."""
+    import shutil
+
+    from .common import is_done
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+    summaries = []
+    for sub in phase_configs(cfg):
+        if not is_done(sub.out_dir):
+            train(sub, dist)
+        summaries.append({"name": Path(sub.out_dir).name, **json.loads((Path(sub.out_dir) / "done.json").read_text())})
+    summary = {"steps": sum(int(s.get("steps", 0)) for s in summaries),
+               "stop_reason": "phases done", "wall_s": sum(float(s.get("wall_s", 0.0)) for s in summaries),
+               "psnr_db": summaries[-1].get("psnr_db"),
+               "phases": [{k: v for k, v in s.items() if k not in ("latent_mean", "latent_std", "final")}
+                          for s in summaries]}
+    if dist.is_main:
+        last = Path(phase_configs(cfg)[-1].out_dir)
+        for name in ("vae.safetensors", "recon.png"):
+            if (last / name).is_file():
+                shutil.copy2(last / name, out / name)
+        if cfg.export:
+            Path(cfg.export).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(last / "vae.safetensors", cfg.export)
+        mark_done(out, **summary)
+    dist.barrier()
+    return summary
+
+
 def train(cfg: VAEStageConfig, dist) -> dict:
     """Train the VAE, then fit its latent statistics and export vae.safetensors."""
+    if cfg.phases:
+        return train_phases(cfg, dist)
     validate_frames(cfg.clip_frames)
     if cfg.train_part not in ("all", "decoder"):
         raise ValueError(f"train_part must be 'all' or 'decoder', got {cfg.train_part!r}")
@@ -183,7 +253,7 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
         gn = optimizer_step(loss, opt, trained, cfg.grad_clip)
-        return {"loss": float(dist.all_mean(loss.detach())), "l1": float(l1), "l2": float(l2), "kl": float(kl),
+        return {"loss": float(dist.all_mean(loss.detach())), "l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(kl.detach()),
                 "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
 
     summary = train_loop(cfg, dist, {"vae": vae}, {"vae": opt}, step_fn, desc="vae")
