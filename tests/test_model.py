@@ -234,10 +234,11 @@ def test_per_shot_cross_attention_isolates_captions():
 def test_teacher_grid_saves_exactly_the_student_times():
     from shotstream_core.teacher import sample_teacher, teacher_sigmas
 
-    grid = teacher_sigmas(50, 8.0)[:-1] * 1000
-    student_t = FlowSchedule().warp(get_preset("tiny").sampler.denoising_steps)
-    for t in student_t:
-        assert (grid - t).abs().min() < 1e-3, t  # on the grid, so ODE pairs are exact teacher states
+    for shift in (8.0, get_preset("tiny").sampler.shift):  # Wan's shift and the tiny preset's
+        grid = teacher_sigmas(50, shift)[:-1] * 1000
+        student_t = FlowSchedule(shift=shift).warp(get_preset("tiny").sampler.denoising_steps)
+        for t in student_t:
+            assert (grid - t).abs().min() < 1e-3, (shift, t)  # on the grid: ODE pairs are exact teacher states
     teacher, _ = make_models()
     ctx, noise = torch.zeros(1, 16, 6, 4, 4), torch.randn(1, 16, 3, 4, 4)
     flags = torch.tensor([[0] * 6 + [1] * 3])
