@@ -49,6 +49,10 @@ class TeacherConfig(StageConfig):
     # Exponential moving average of the weights (0 = off); with it on, the EMA weights are exported and
     # sampled: a from-scratch model's raw weights jitter with the last batches, the average does not.
     ema_decay: float = 0.0
+    # Loss weight over t: "bell" is the reference's (Wan's training weights: zero at t=1000, made for
+    # fine-tuning a model that already denoises); "uniform" weighs every noise level alike, which a model
+    # trained from scratch needs: with the bell it never learns the first, layout-setting sampling steps.
+    loss_weighting: str = "bell"
     sample_stories: int = 4  # decoded samples for the contact sheet at the end (0 = none)
     sample_guidance: float = 3.0
     sample_steps: int = 50
@@ -100,8 +104,9 @@ def make_batch(ds: LatentStoryDataset, targets: list[tuple[int, int]], context_f
 
 
 def teacher_loss(model, schedule: FlowSchedule, batch: TeacherBatch, g: torch.Generator, device,
-                 shot_phase: float) -> torch.Tensor:
-    """w(t) * mean over target frames of (v_hat - (noise - x0))^2, averaged over the batch."""
+                 shot_phase: float, weighting: str = "bell") -> torch.Tensor:
+    """w(t) * mean over target frames of (v_hat - (noise - x0))^2, averaged over the batch
+    (w = the schedule's bell for weighting "bell", 1 for "uniform")."""
     b, fc = batch.x0.shape[0], batch.context.shape[2]
     t = schedule.sample_training_t((b,), generator=g)
     noise = torch.randn(batch.x0.shape, generator=g)
@@ -111,6 +116,8 @@ def teacher_loss(model, schedule: FlowSchedule, batch: TeacherBatch, g: torch.Ge
               shot_phase=shot_phase)[:, :, fc:]
     target = schedule.flow_target(batch.x0, noise).to(device)
     per_sample = ((v.float() - target) ** 2).mean(dim=(1, 2, 3, 4))
+    if weighting == "uniform":
+        return per_sample.mean()
     return (schedule.training_weight(t).to(device) * per_sample).mean()
 
 
@@ -128,6 +135,8 @@ def build_teacher(preset, device, seed: int) -> WanDiT:
 
 def train(cfg: TeacherConfig, dist) -> dict:
     """Train the bidirectional next-shot teacher from scratch on pre-encoded stories."""
+    if cfg.loss_weighting not in ("bell", "uniform"):
+        raise ValueError(f"loss_weighting must be 'bell' or 'uniform', got {cfg.loss_weighting!r}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
@@ -155,7 +164,7 @@ def train(cfg: TeacherConfig, dist) -> dict:
                            cfg.context_dropout, cfg.text_dropout, cfg.text_dropout_to)
         set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps))
         with autocast(cfg, dist.device):
-            loss = teacher_loss(model, schedule, batch, g, dist.device, sampler.rope_shot_phase)
+            loss = teacher_loss(model, schedule, batch, g, dist.device, sampler.rope_shot_phase, cfg.loss_weighting)
         gn = optimizer_step(loss, opt, teacher.parameters(), cfg.grad_clip)
         if ema is not None:
             update_ema(ema, teacher, min(cfg.ema_decay, (1 + step) / (10 + step)))
