@@ -173,6 +173,27 @@ def test_teacher_loss_is_zero_weight_at_pure_noise():
     assert w[0] == pytest.approx(0.0, abs=1e-6) and w[1] > 1
 
 
+def test_uniform_weighting_trains_pure_noise(store):
+    """At t=1000 the bell weighting gives no loss (and no gradient); "uniform" trains it like any t."""
+    from training.data import LatentStoryDataset
+    from training.stage1_teacher import make_batch, teacher_loss
+
+    ds = LatentStoryDataset(store / "latents")
+    batch = make_batch(ds, ds.targets[:2], FC, DIT.text_len)
+    torch.manual_seed(0)
+    model = WanDiT(DIT)
+
+    class PureNoise(FlowSchedule):  # every training draw at t = 1000
+        def sample_training_t(self, shape, low=0, high=None, generator=None):
+            return torch.full(shape, float(self.num_train_timesteps))
+
+    schedule = PureNoise(SAMPLER.num_train_timesteps, SAMPLER.shift)
+    loss = {w: teacher_loss(model, schedule, batch, torch.Generator().manual_seed(0), "cpu",
+                            SAMPLER.rope_shot_phase, w) for w in ("bell", "uniform")}
+    assert float(loss["bell"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss["uniform"]) > 0.1
+
+
 # --- ODE pairs and stage 2 --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
