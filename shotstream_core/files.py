@@ -1,17 +1,44 @@
-"""Reading checkpoint files safely, and naming what a wrong file is.
+"""Reading checkpoint files safely, writing them atomically, and naming what a wrong file is.
 
 Every loader (DiT, VAE, text encoders) reads through `read_tensors`: safetensors, or torch files with
-weights_only=True, so loading never runs pickled code.
+weights_only=True, so loading never runs pickled code. Every weights file is written through
+`save_tensors` / `copy_file`: to a temporary file in the same folder, then renamed over the target.
+safetensors maps files into memory, so rewriting a file in place would crash (SIGBUS) any process that
+has it open (a ComfyUI host, a running training stage); a rename leaves their copy intact.
 """
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+
+
+def _replace_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors file at path, replaced atomically (readers that have the old file mapped keep it)."""
+    return _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def copy_file(src: str | Path, dst: str | Path) -> Path:
+    """Copy src over dst atomically (see save_tensors)."""
+    return _replace_atomically(dst, lambda tmp: shutil.copy2(src, tmp))
 
 
 class ModelLoadError(ValueError):

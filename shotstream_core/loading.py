@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
 
 from .attention import resolve_backend
 from .config import PRESETS, DiTConfig, Preset, get_preset
-from .files import ModelLoadError, describe_checkpoint, read_tensors
+from .files import ModelLoadError, describe_checkpoint, read_tensors, save_tensors
 from .model import CausalWanDiT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -170,11 +170,8 @@ def build_dit(sd, cfg: DiTConfig, dtype=torch.float32, device="cpu", attention="
 
 def save_dit(model, path: str | Path) -> Path:
     """Safetensors with the config in the metadata, so loading needs no guessing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, str(path), metadata={"shotstream_config": json.dumps(dataclasses.asdict(model.config))})
-    return path
+    return save_tensors(sd, path, metadata={"shotstream_config": json.dumps(dataclasses.asdict(model.config))})
 
 
 def resolve_device(device: str) -> torch.device:

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .config import ShotGeometry
+from .files import save_tensors
 
 FORMAT_VERSION = 1
 
@@ -100,7 +101,7 @@ class StoryState:
             "shots": [{k: getattr(s, k) for k in ("global_caption", "caption", "negative", "seed", "flag")} for s in self.shots],
         }
         tensors = {f"shot{i}.frames": s.frames.contiguous() for i, s in enumerate(self.shots)}
-        save_file(tensors, str(path), metadata={"shotstream_state": str(FORMAT_VERSION)})
+        save_tensors(tensors, path, metadata={"shotstream_state": str(FORMAT_VERSION)})
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
         return path
 

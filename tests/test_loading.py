@@ -144,3 +144,24 @@ def test_missing_file_and_incomplete_dit(weights, tmp_path):
     save_file(partial, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ModelLoadError, match="incomplete"):
         load_dit_state(tmp_path / "partial.safetensors")
+
+
+def test_weights_are_replaced_atomically_under_a_reader(tmp_path):
+    """A process that has a weights file mapped (a host, a running stage) keeps reading the old file when
+    training writes a new one: save_tensors / copy_file rename a new file over it, never rewrite it."""
+    from safetensors import safe_open
+
+    from shotstream_core.files import copy_file, save_tensors
+
+    path = tmp_path / "dit.safetensors"
+    save_tensors({"w": torch.zeros(1000)}, path)
+    inode = path.stat().st_ino
+    with safe_open(str(path), "pt") as reader:
+        save_tensors({"w": torch.ones(1000)}, path)
+        assert path.stat().st_ino != inode  # a new file took the name
+        assert torch.equal(reader.get_tensor("w"), torch.zeros(1000))  # the open one is untouched
+    save_tensors({"w": torch.full((3,), 2.0)}, tmp_path / "other.safetensors")
+    copy_file(tmp_path / "other.safetensors", path)
+    with safe_open(str(path), "pt") as reader:
+        assert torch.equal(reader.get_tensor("w"), torch.full((3,), 2.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dit.safetensors", "other.safetensors"]  # no temp left

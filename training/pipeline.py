@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shotstream_core.files import copy_file
+
 from .common import is_done, load_stage_config, mark_done, read_log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +125,7 @@ def export(preset: str, export_dir: Path) -> list[str]:
         for stage in candidates:
             out = stage_out_dir(preset, stages[stage])
             if out is not None and (out / src).is_file() and is_done(out):
-                shutil.copy2(out / src, export_dir / name)
+                copy_file(out / src, export_dir / name)
                 copied.append(f"{name} (from {stage})")
                 break
     return copied

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from shotstream_core.context import plan_context
+from shotstream_core.files import save_tensors
 from shotstream_core.vae import load_vae
 
 from .common import Dist, mark_done, run_stage, save_config, step_generator, train_loop, unwrap
@@ -82,7 +82,7 @@ class InterShotSetup(DMDSetup):
     def export_lora(self) -> dict:
         """Merged generator weights; the adapter itself goes to OUT/lora.safetensors."""
         student = unwrap(self.student)
-        save_file(adapter_state_dict(student), str(Path(self.cfg.out_dir) / "lora.safetensors"))
+        save_tensors(adapter_state_dict(student), Path(self.cfg.out_dir) / "lora.safetensors")
         return merged_state_dict(student)
 
 

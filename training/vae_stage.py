@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from shotstream_core.config import VAE_TEMPORAL_STRIDE, get_preset, validate_frames
+from shotstream_core.files import copy_file, save_tensors
 from shotstream_core.vae import WanVAE, load_vae
 
 from .common import (StageConfig, optimizer_step, StepBatches, mark_done, run_stage, save_config, set_lr, lr_at, step_generator,
@@ -117,10 +117,7 @@ def latent_statistics(vae: WanVAE, shots: torch.Tensor, batch: int = 4) -> tuple
 
 
 def save_vae(vae: WanVAE, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, str(path))
-    return path
+    return save_tensors({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, path)
 
 
 @torch.no_grad()
@@ -171,8 +168,6 @@ def phase_configs(cfg: VAEStageConfig) -> list[VAEStageConfig]:
 
 def train_phases(cfg: VAEStageConfig, dist) -> dict:
     """Run every phase not yet done (a cut phase resumes), then publish the last one as OUT/vae.safetensors."""
-    import shutil
-
     from .common import is_done
 
     out = Path(cfg.out_dir)
@@ -193,10 +188,9 @@ def train_phases(cfg: VAEStageConfig, dist) -> dict:
         last = Path(phase_configs(cfg)[-1].out_dir)
         for name in ("vae.safetensors", "recon.png"):
             if (last / name).is_file():
-                shutil.copy2(last / name, out / name)
+                copy_file(last / name, out / name)
         if cfg.export:
-            Path(cfg.export).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(last / "vae.safetensors", cfg.export)
+            copy_file(last / "vae.safetensors", cfg.export)
         mark_done(out, **summary)
     dist.barrier()
     return summary
