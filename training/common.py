@@ -85,12 +85,19 @@ def load_stage_config(cls, path=None, overrides=()):
             raise ValueError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
         values[key.strip()] = yaml.safe_load(raw)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    return replace_config(cls(), values)
+
+
+def replace_config(cfg, values: dict, fixed=(), what: str = ""):
+    """cfg with `values` (YAML-parsed) coerced to its field types; unknown keys, and keys in `fixed`,
+    are refused by name. `what` names the place in errors (default: the config class)."""
+    cls = type(cfg)
+    names = {f.name for f in dataclasses.fields(cls)} - set(fixed)
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
-    return cls(**{k: _coerce(v, hints[k]) for k, v in values.items()})
+        raise ValueError(f"unknown config key(s) {unknown} for {what or cls.__name__}; known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    return dataclasses.replace(cfg, **{k: _coerce(v, hints[k]) for k, v in values.items()})
 
 
 def save_config(cfg, path) -> None:

@@ -155,8 +155,9 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
         steps = d.get("steps", d.get("pairs", d.get("stories", "-")))
         outputs = [p for p in out.glob("*.safetensors")] if count_outputs else [out]
         if (out / "loss.png").is_file():
-            shutil.copy2(out / "loss.png", export_dir / f"loss_{name.replace(' / ', '-')}.png")
-            plots.append(name.replace(" / ", "-"))
+            plot = name.replace(" / ", "-")
+            shutil.copy2(out / "loss.png", export_dir / f"loss_{plot}.png")
+            plots.append(plot)
         return (f"| {name} | {float(d.get('wall_s', 0.0)) / 60:.1f} min | {steps} | {d.get('stop_reason', '-')} | "
                 f"{loss} | {_mb(_size(out / 'checkpoints'))} | {_mb(sum(_size(p) for p in outputs))} |")
 
@@ -185,6 +186,8 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
         if out is not None and (out / "done.json").is_file():
             d = json.loads((out / "done.json").read_text())
             keep = {k: v for k, v in d.items() if k not in ("final", "latent_mean", "latent_std", "phases")}
+            if d.get("phases"):
+                keep["phase_psnr_db"] = ", ".join(f"{p['name']} {p.get('psnr_db', 0):.1f}" for p in d["phases"])
             details.append(f"- **{stage.name}** (`{stage_config_path(preset, stage).relative_to(ROOT)}`): "
                            + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 4)}" for k, v in keep.items()))
     if details:

@@ -172,15 +172,14 @@ def train(cfg: TeacherConfig, dist) -> dict:
 
     summary = train_loop(cfg, dist, modules, {"teacher": opt}, step_fn, desc="teacher")
     if dist.is_main:
-        teacher = ema if ema is not None else teacher
-        teacher.eval()
-        save_dit(teacher, out / "teacher.safetensors")
+        shipped = (ema if ema is not None else teacher).eval()
+        save_dit(shipped, out / "teacher.safetensors")
         if cfg.export:
-            save_dit(teacher, cfg.export)
+            save_dit(shipped, cfg.export)
         if cfg.sample_stories > 0 and Path(cfg.vae_path).is_file():
             from .ode_pairs import teacher_sheet
 
-            teacher_sheet(teacher, ds, cfg.vae_path, out / "samples.png", cfg.sample_stories,
+            teacher_sheet(shipped, ds, cfg.vae_path, out / "samples.png", cfg.sample_stories,
                           cfg.sample_guidance, cfg.sample_steps, preset, seed=cfg.seed)
         mark_done(out, **summary)
     dist.barrier()

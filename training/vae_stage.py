@@ -4,8 +4,9 @@
 
 The VAE is trained as Wan trains it, causally: a clip of 4k+1 frames is encoded as its first frame alone
 and then chunks of 4, and decoded latent frame by latent frame with the causal cache. Loss: L1 + L2
-reconstruction + a small KL on (mu, log_var). Clips are short (9 frames) random spatial crops, which the
-fully convolutional VAE (its only attention is per frame) generalises from to whole 64x64 shots.
+reconstruction + a small KL on (mu, log_var). Clips are random spatial crops (cheap steps) or whole
+frames (crop 0); crops alone leave the decoder's per-frame attention unused to the full latent grid, so a
+curriculum ends on whole shots.
 
 A schedule of phases (config key `phases`: a list of overrides, each with a name) runs them in order in
 OUT/<name>/, each starting from the previous phase's weights, and ends with OUT/vae.safetensors: curricula
@@ -17,6 +18,7 @@ Output: OUT/vae.safetensors (loadable by shotstream_core.vae.load_vae), OUT/reco
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,8 @@ from shotstream_core.config import VAE_TEMPORAL_STRIDE, get_preset, validate_fra
 from shotstream_core.files import copy_file, save_tensors
 from shotstream_core.vae import WanVAE, load_vae
 
-from .common import (StageConfig, optimizer_step, StepBatches, mark_done, run_stage, save_config, set_lr, lr_at, step_generator,
-                     train_loop, unwrap)
+from .common import (StageConfig, optimizer_step, StepBatches, is_done, mark_done, replace_config, run_stage, save_config,
+                     set_lr, lr_at, step_generator, train_loop, unwrap)
 from .data import load_shot_frames
 
 
@@ -47,7 +49,7 @@ class VAEStageConfig(StageConfig):
     l2_weight: float = 1.0
     kl_weight: float = 1e-6
     sample_latent: bool = True  # reparameterised sample (VAE); false: z = mu (plain autoencoder)
-    init_from: str = ""  # start from these VAE weights (a refine phase); statistics are re-fitted
+    init_from: str = ""  # start from these VAE weights (a refine phase); statistics are re-fitted (train_part all)
     # "all" trains encoder and decoder; "decoder" freezes the encoder (init_from required) and keeps its
     # latent statistics, so latents already pre-encoded, and every DiT trained on them, stay valid.
     train_part: str = "all"
@@ -141,13 +143,6 @@ def reconstruction_sheet(vae: WanVAE, shots: torch.Tensor, path, frames=(0, 8, 1
 
 def phase_configs(cfg: VAEStageConfig) -> list[VAEStageConfig]:
     """The phases of cfg as complete configs: OUT/<name>/, each initialised from the one before."""
-    import dataclasses
-    import typing
-
-    from .common import _coerce
-
-    hints = typing.get_type_hints(VAEStageConfig)
-    allowed = {f.name for f in dataclasses.fields(VAEStageConfig)} - {"phases", "out_dir", "export"}
     out, prev, names = [], cfg.init_from, set()
     for i, phase in enumerate(cfg.phases):
         phase = dict(phase)
@@ -155,27 +150,22 @@ def phase_configs(cfg: VAEStageConfig) -> list[VAEStageConfig]:
         if not name or "/" in name or name in names:
             raise ValueError(f"VAE phase {i + 1} needs a unique name without '/', got {name!r}")
         names.add(name)
-        unknown = sorted(set(phase) - allowed)
-        if unknown:
-            raise ValueError(f"VAE phase {name!r}: unknown key(s) {unknown}; known: {sorted(allowed)}")
-        fields = {k: _coerce(v, hints[k]) for k, v in phase.items()}
-        fields.setdefault("init_from", prev)
-        sub = dataclasses.replace(cfg, phases=(), export="", out_dir=str(Path(cfg.out_dir) / name), **fields)
-        out.append(sub)
-        prev = str(Path(sub.out_dir) / "vae.safetensors")
+        phase.setdefault("init_from", prev)
+        base = dataclasses.replace(cfg, phases=(), export="", out_dir=str(Path(cfg.out_dir) / name))
+        out.append(replace_config(base, phase, fixed=("phases", "out_dir", "export"), what=f"VAE phase {name!r}"))
+        prev = str(Path(out[-1].out_dir) / "vae.safetensors")
     return out
 
 
 def train_phases(cfg: VAEStageConfig, dist) -> dict:
     """Run every phase not yet done (a cut phase resumes), then publish the last one as OUT/vae.safetensors."""
-    from .common import is_done
-
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
+    phases = phase_configs(cfg)
     summaries = []
-    for sub in phase_configs(cfg):
+    for sub in phases:
         if not is_done(sub.out_dir):
             train(sub, dist)
         summaries.append({"name": Path(sub.out_dir).name, **json.loads((Path(sub.out_dir) / "done.json").read_text())})
@@ -185,7 +175,7 @@ def train_phases(cfg: VAEStageConfig, dist) -> dict:
                "phases": [{k: v for k, v in s.items() if k not in ("latent_mean", "latent_std", "final")}
                           for s in summaries]}
     if dist.is_main:
-        last = Path(phase_configs(cfg)[-1].out_dir)
+        last = Path(phases[-1].out_dir)
         for name in ("vae.safetensors", "recon.png"):
             if (last / name).is_file():
                 copy_file(last / name, out / name)
