@@ -187,7 +187,7 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
             d = json.loads((out / "done.json").read_text())
             keep = {k: v for k, v in d.items() if k not in ("final", "latent_mean", "latent_std", "phases")}
             if d.get("phases"):
-                keep["phase_psnr_db"] = ", ".join(f"{p['name']} {p.get('psnr_db', 0):.1f}" for p in d["phases"])
+                keep["phase_psnr_db"] = ", ".join(f"{p['name']} {p['psnr_db']:.1f}" for p in d["phases"] if "psnr_db" in p)
             details.append(f"- **{stage.name}** (`{stage_config_path(preset, stage).relative_to(ROOT)}`): "
                            + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 4)}" for k, v in keep.items()))
     if details:
