@@ -301,3 +301,52 @@ def test_micro_pipeline_end_to_end(tmp_path):
         assert (export / name).is_file(), name
     report = (export / "training_report.md").read_text()
     assert "not run" not in report
+
+
+def test_teacher_warm_start_loads_the_given_weights(micro_latents, tmp_path):
+    """init_from starts the teacher from a saved DiT (0 steps: it ships exactly those weights); a DiT of the
+    wrong size is refused by name."""
+    from shotstream_core.config import get_preset
+    from shotstream_core.loading import load_dit_state, save_dit
+    from shotstream_core.model import WanDiT
+    from training import stage1_teacher
+
+    torch.manual_seed(123)
+    start = WanDiT(get_preset("micro").dit)
+    save_dit(start, tmp_path / "start.safetensors")
+    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "warm", "max_steps=0",
+                                      f"init_from={tmp_path / 'start.safetensors'}"))
+    shipped, _ = load_dit_state(tmp_path / "warm" / "teacher.safetensors")
+    assert all(torch.equal(shipped[k], v) for k, v in start.state_dict().items())
+    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cold", "max_steps=0"))
+    cold, _ = load_dit_state(tmp_path / "cold" / "teacher.safetensors")
+    assert any(not torch.equal(cold[k], v) for k, v in start.state_dict().items())
+
+    save_dit(WanDiT(get_preset("micro").dit.__class__(dim=32, ffn_dim=64, num_heads=2, num_layers=1,
+                                                      freq_dim=32, text_dim=32, text_len=16)),
+             tmp_path / "small.safetensors")
+    with pytest.raises(ValueError, match="init_from .* 32-dim 1-layer"):
+        stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "bad", "max_steps=0",
+                                          f"init_from={tmp_path / 'small.safetensors'}"))
+
+
+def test_first_frame_weight_weighs_the_first_frame():
+    from training.vae_stage import frame_weighted_mean
+
+    err = torch.zeros(2, 3, 5, 4, 4)
+    err[:, :, 0] = 1.0  # all the error in the first frame
+    assert float(frame_weighted_mean(err, 1.0)) == pytest.approx(err.mean().item())
+    assert float(frame_weighted_mean(err, 4.0)) == pytest.approx(4 / 8)
+    err = torch.zeros(2, 3, 5, 4, 4)
+    err[:, :, 3] = 1.0  # a later frame: weighting the first one down-weighs it
+    assert float(frame_weighted_mean(err, 4.0)) == pytest.approx(1 / 8)
+
+
+def test_bf16_autocast_follows_the_config_on_cpu():
+    from training.common import autocast
+
+    x = torch.randn(4, 4)
+    with autocast(StageConfig(bf16=True), torch.device("cpu")):
+        assert (x @ x).dtype == torch.bfloat16
+    with autocast(StageConfig(bf16=False), torch.device("cpu")):
+        assert (x @ x).dtype == torch.float32

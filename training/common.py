@@ -47,7 +47,7 @@ class StageConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
-    bf16: bool = False  # autocast on CUDA
+    bf16: bool = False  # bf16 autocast (CUDA; on CPU too, where AMX makes the VAE's convolutions faster)
     grad_checkpointing: bool = False
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     stop_after: int = 0  # simulate a cut run: checkpoint and raise StageInterrupted after this step
@@ -395,8 +395,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def autocast(cfg: StageConfig, device: torch.device):
-    """bf16 autocast on CUDA when cfg.bf16; a no-op context elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(cfg.bf16 and device.type == "cuda"))
+    """bf16 autocast on the stage's device when cfg.bf16, else a no-op context.
+
+    On CPU it pays only where oneDNN has bf16 kernels (AMX): the VAE's convolutions train about 1.4x
+    faster here, while the tiny DiT's small matmuls get slower, so the tiny configs turn it on per stage."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16))
 
 
 def enable_grad_checkpointing(model: nn.Module) -> None:

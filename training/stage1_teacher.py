@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shotstream_core.config import get_preset
-from shotstream_core.loading import save_dit
+from shotstream_core.loading import load_dit_state, save_dit
 from shotstream_core.model import WanDiT
 from shotstream_core.schedule import FlowSchedule
 
@@ -57,6 +57,9 @@ class TeacherConfig(StageConfig):
     sample_guidance: float = 3.0
     sample_steps: int = 50
     vae_path: str = "runs/tiny/vae/vae.safetensors"
+    # Start from these DiT weights instead of a random init (a warm start, e.g. an earlier teacher after
+    # the VAE was refined: its latents moved, but not far). Empty: from scratch.
+    init_from: str = ""
 
 
 @dataclass
@@ -128,9 +131,16 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1.0 - decay)
 
 
-def build_teacher(preset, device, seed: int) -> WanDiT:
+def build_teacher(preset, device, seed: int, init_from: str = "") -> WanDiT:
     torch.manual_seed(seed)
-    return WanDiT(preset.dit).to(device)
+    teacher = WanDiT(preset.dit)
+    if init_from:
+        sd, found = load_dit_state(init_from)
+        if found != preset.dit:
+            raise ValueError(f"init_from {init_from} is a {found.dim}-dim {found.num_layers}-layer DiT; the "
+                             f"{preset.name} preset needs {preset.dit.dim}-dim {preset.dit.num_layers}-layer weights")
+        teacher.load_state_dict(sd)
+    return teacher.to(device)
 
 
 def train(cfg: TeacherConfig, dist) -> dict:
@@ -145,7 +155,7 @@ def train(cfg: TeacherConfig, dist) -> dict:
     sampler = preset.sampler
     ds = LatentStoryDataset(cfg.latent_dir)
     schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
-    teacher = build_teacher(preset, dist.device, cfg.seed)
+    teacher = build_teacher(preset, dist.device, cfg.seed, cfg.init_from)
     # copied before gradient checkpointing patches the blocks' forward
     ema = copy.deepcopy(teacher).requires_grad_(False) if cfg.ema_decay > 0 else None
     if cfg.grad_checkpointing:

@@ -31,7 +31,7 @@ from shotstream_core.config import VAE_TEMPORAL_STRIDE, get_preset, validate_fra
 from shotstream_core.files import copy_file, save_tensors
 from shotstream_core.vae import WanVAE, load_vae
 
-from .common import (StageConfig, optimizer_step, StepBatches, is_done, mark_done, replace_config, run_stage, save_config,
+from .common import (StageConfig, autocast, optimizer_step, StepBatches, is_done, mark_done, replace_config, run_stage, save_config,
                      set_lr, lr_at, step_generator, train_loop, unwrap)
 from .data import load_shot_frames
 
@@ -48,6 +48,10 @@ class VAEStageConfig(StageConfig):
     l1_weight: float = 1.0
     l2_weight: float = 1.0
     kl_weight: float = 1e-6
+    # Loss weight of each clip's first frame against 1 for the others. The first frame goes through the
+    # single-frame path (zero causal past), which is also how every global-context frame is encoded; it is
+    # one frame of a clip, so at weight 1 it stays far blurrier than the chunked frames.
+    first_frame_weight: float = 1.0
     sample_latent: bool = True  # reparameterised sample (VAE); false: z = mu (plain autoencoder)
     init_from: str = ""  # start from these VAE weights (a refine phase); statistics are re-fitted (train_part all)
     # "all" trains encoder and decoder; "decoder" freezes the encoder (init_from required) and keeps its
@@ -86,6 +90,14 @@ class VAEAutoencoder(nn.Module):
         cache = {}
         recon = torch.cat([vae.decoder(x[:, :, i:i + 1], cache) for i in range(x.shape[2])], dim=2)
         return recon, mu, log_var
+
+
+def frame_weighted_mean(err: torch.Tensor, first_frame_weight: float) -> torch.Tensor:
+    """Mean of err [B, C, T, H, W] over everything, the first frame weighted first_frame_weight : 1."""
+    per_frame = err.mean(dim=(0, 1, 3, 4))  # [T]
+    w = torch.ones_like(per_frame)
+    w[0] = first_frame_weight
+    return (per_frame * w).sum() / w.sum()
 
 
 def sample_clips(shots: torch.Tensor, idx: list[int], clip_frames: int, crop: int, g: torch.Generator):
@@ -231,9 +243,11 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         eps = torch.randn(clips.shape[0], vae.config.z_dim, (cfg.clip_frames - 1) // 4 + 1,
                           lat, clips.shape[-1] // 8, generator=g).to(dist.device)
         set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps))
-        recon, mu, log_var = model(clips, eps)
-        l1 = (recon - clips).abs().mean()
-        l2 = ((recon - clips) ** 2).mean()
+        with autocast(cfg, dist.device):
+            recon, mu, log_var = model(clips, eps)
+        recon, mu, log_var = recon.float(), mu.float(), log_var.float()
+        l1 = frame_weighted_mean((recon - clips).abs(), cfg.first_frame_weight)
+        l2 = frame_weighted_mean((recon - clips) ** 2, cfg.first_frame_weight)
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
         gn = optimizer_step(loss, opt, trained, cfg.grad_clip)
