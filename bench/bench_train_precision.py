@@ -1,0 +1,102 @@
+"""Training step time in fp32 against bf16 autocast, side by side, for the tiny VAE and the tiny teacher DiT.
+
+Why: `bf16: true` autocasts on the CPU too (training/common.py). Whether that pays depends on the CPU
+(oneDNN uses AMX tiles where the CPU has them) and on the model: convolutions with many pixels gain,
+small matmuls lose to the casts. This prints both so a config choice rests on a measurement. The two
+precisions alternate within every repeat, so machine noise hits both alike.
+
+    python bench/bench_train_precision.py                 # CPU, torch's default threads
+    python bench/bench_train_precision.py --threads 2 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shotstream_core.config import get_preset  # noqa: E402
+from shotstream_core.model import WanDiT  # noqa: E402
+from shotstream_core.vae import WanVAE  # noqa: E402
+from training.vae_stage import VAEAutoencoder  # noqa: E402
+
+
+def vae_step(preset, batch: int, clip_frames: int):
+    """One VAE training step (encode, decode, L2, backward) on whole frames of the preset's size."""
+    geo = preset.geometry
+    ae = VAEAutoencoder(WanVAE(preset.vae), sample_latent=False)
+    clip = torch.rand(batch, 3, clip_frames, geo.height, geo.width) * 2 - 1
+    eps = torch.zeros(batch, ae.vae.config.z_dim, (clip_frames - 1) // 4 + 1, geo.latent_height, geo.latent_width)
+
+    def step(bf16: bool) -> None:
+        ae.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            recon, _, _ = ae(clip, eps)
+        ((recon.float() - clip) ** 2).mean().backward()
+    return step
+
+
+def teacher_step(preset, batch: int):
+    """One teacher training step: [context | shot] latents, one t per sample, per-shot prompts."""
+    dit, geo, sampler = preset.dit, preset.geometry, preset.sampler
+    model = WanDiT(dit)
+    frames = sampler.context_frames + geo.latent_frames
+    seq = torch.randn(batch, dit.in_channels, frames, geo.latent_height, geo.latent_width)
+    t = torch.rand(batch) * sampler.num_train_timesteps
+    text = torch.randn(batch, 2, dit.text_len, dit.text_dim)
+    flags = torch.zeros(batch, frames, dtype=torch.long)
+    flags[:, sampler.context_frames:] = 1
+    prompt_ids = flags.clone()
+
+    def step(bf16: bool) -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            v = model(seq, t, text, flags, prompt_ids, shot_phase=sampler.rope_shot_phase)
+        v.float().square().mean().backward()
+    return step
+
+
+def time_side_by_side(step, repeats: int) -> dict[str, float]:
+    step(False), step(True)  # warm-up: allocator, oneDNN primitive caches
+    times = {"fp32": [], "bf16": []}
+    for _ in range(repeats):
+        for name, bf16 in (("fp32", False), ("bf16", True)):
+            t0 = time.perf_counter()
+            step(bf16)
+            times[name].append(time.perf_counter() - t0)
+    return {k: median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--vae-batch", type=int, default=4)
+    p.add_argument("--vae-frames", type=int, default=9, help="clip length (4k+1)")
+    p.add_argument("--dit-batch", type=int, default=16)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    preset = get_preset(a.preset)
+    torch.manual_seed(0)
+    cases = {
+        f"VAE step ({a.vae_batch} x {a.vae_frames} frames, {preset.geometry.height}x{preset.geometry.width})":
+            vae_step(preset, a.vae_batch, a.vae_frames),
+        f"teacher DiT step (batch {a.dit_batch})": teacher_step(preset, a.dit_batch),
+    }
+    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else None
+    print(f"{a.preset} preset, {torch.get_num_threads()} threads, CPU with AMX bf16: {amx}")
+    for name, step in cases.items():
+        t = time_side_by_side(step, a.repeats)
+        print(f"{name}: fp32 {t['fp32'] * 1e3:.0f} ms, bf16 autocast {t['bf16'] * 1e3:.0f} ms, "
+              f"speed-up {t['fp32'] / t['bf16']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
