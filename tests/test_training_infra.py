@@ -350,3 +350,20 @@ def test_bf16_autocast_follows_the_config_on_cpu():
         assert (x @ x).dtype == torch.bfloat16
     with autocast(StageConfig(bf16=False), torch.device("cpu")):
         assert (x @ x).dtype == torch.float32
+
+
+def test_report_names_how_a_run_departed_from_its_config(tmp_path):
+    """The training report lists the fields a run overrode (from its saved config.yaml), and none for a run
+    of the config file as it is."""
+    from training.common import save_config
+    from training.pipeline import STAGES, run_overrides, stage_config_path
+    from training.stage1_teacher import TeacherConfig
+
+    stage = next(s for s in STAGES if s.name == "teacher")
+    recipe = stage_config_path("micro", stage)
+    save_config(load_stage_config(TeacherConfig, recipe), tmp_path / "config.yaml")
+    assert run_overrides("micro", stage, tmp_path) == {}
+    save_config(load_stage_config(TeacherConfig, recipe, ["max_steps=7", "init_from=prev.safetensors"]),
+                tmp_path / "config.yaml")
+    assert run_overrides("micro", stage, tmp_path) == {"max_steps": 7, "init_from": "prev.safetensors"}
+    assert run_overrides("micro", stage, tmp_path / "never_ran") == {}

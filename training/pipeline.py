@@ -13,6 +13,7 @@ with training_report.md: wall time, steps and final losses of each stage, checkp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -131,6 +132,19 @@ def export(preset: str, export_dir: Path) -> list[str]:
     return copied
 
 
+def run_overrides(preset: str, stage: Stage, out: Path) -> dict:
+    """Fields of a run's saved config.yaml that differ from the stage's config file (time budgets cut to fit
+    a session, a warm start): how the run that produced the shipped files departed from the recipe."""
+    saved = out / "config.yaml"
+    recipe_path = stage_config_path(preset, stage)
+    if not saved.is_file() or not recipe_path.is_file():
+        return {}
+    cls = _config_class(stage.config_cls)
+    recipe = dataclasses.asdict(load_stage_config(cls, recipe_path))
+    ran = dataclasses.asdict(load_stage_config(cls, saved))
+    return {k: v for k, v in ran.items() if recipe.get(k) != v}
+
+
 def write_training_report(preset: str, export_dir: Path, data_dir: Path | None = None) -> Path:
     """training_report.md (+ loss_<stage>.png) in export_dir from the stages' done.json and logs."""
     lines = [f"# Training report: {preset} preset", "",
@@ -186,6 +200,9 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
         if out is not None and (out / "done.json").is_file():
             d = json.loads((out / "done.json").read_text())
             keep = {k: v for k, v in d.items() if k not in ("final", "latent_mean", "latent_std", "phases")}
+            overrides = run_overrides(preset, stage, out)
+            if overrides:
+                keep["run with"] = " ".join(f"{k}={v}" for k, v in overrides.items())
             if d.get("phases"):
                 keep["phase_psnr_db"] = ", ".join(f"{p['name']} {p['psnr_db']:.1f}" for p in d["phases"] if "psnr_db" in p)
             details.append(f"- **{stage.name}** (`{stage_config_path(preset, stage).relative_to(ROOT)}`): "
