@@ -342,6 +342,46 @@ def test_first_frame_weight_weighs_the_first_frame():
     assert float(frame_weighted_mean(err, 4.0)) == pytest.approx(1 / 8)
 
 
+def _frame_with_small_square(h: int = 32, w: int = 32) -> torch.Tensor:
+    """[1, 3, 1, h, w]: a flat blue frame with a small red 6x6 square (about 4% of the pixels)."""
+    clip = torch.zeros(1, 3, 1, h, w)
+    clip[:, 2] = 0.6
+    clip[:, :, :, 10:16, 20:26] = torch.tensor([0.9, -0.8, -0.8]).view(1, 3, 1, 1, 1)
+    return clip
+
+
+def test_detail_weights_single_out_a_small_object():
+    from training.vae_stage import detail_pixel_weights
+
+    clip = _frame_with_small_square()
+    assert detail_pixel_weights(clip, 0.0, 3) is None
+    w = detail_pixel_weights(clip, 4.0, 3)
+    assert w.shape == (1, 1, 1, 32, 32)
+    assert float(w.mean()) == pytest.approx(5.0, rel=1e-4)  # 1 + detail_weight on average
+    on_square, far_away = w[0, 0, 0, 10:16, 20:26].mean(), w[0, 0, 0, 24:, :8].mean()
+    assert far_away == pytest.approx(1.0, abs=1e-3)  # flat background keeps the base weight
+    assert on_square > 10 * far_away
+    flat = torch.full((1, 3, 1, 16, 16), 0.3)
+    assert torch.allclose(detail_pixel_weights(flat, 4.0, 3), torch.ones(1, 1, 1, 16, 16), atol=1e-2)
+
+
+def test_detail_weighting_makes_losing_a_small_object_cost_more():
+    """Blurring away a 4% object costs about 4% error unweighted; with detail weights it dominates the loss,
+    far above a uniform background tint of the same mean error."""
+    from training.vae_stage import detail_pixel_weights, frame_weighted_mean
+
+    clip = _frame_with_small_square()
+    lost_object = clip.clone()
+    lost_object[:, :, :, 10:16, 20:26] = clip[:, :, :, 0:6, 0:6]  # the square painted over with background
+    tint = clip + (lost_object - clip).abs().mean()  # same mean L1 error, spread over the whole frame
+    w = detail_pixel_weights(clip, 4.0, 3)
+
+    def l1(recon, weights):
+        return float(frame_weighted_mean((recon - clip).abs(), 1.0, weights))
+
+    assert l1(lost_object, None) == pytest.approx(l1(tint, None), rel=1e-4)
+    assert l1(lost_object, w) > 3 * l1(tint, w)
+
 def test_bf16_autocast_follows_the_config_on_cpu():
     from training.common import autocast
 

@@ -4,9 +4,9 @@
 
 The VAE is trained as Wan trains it, causally: a clip of 4k+1 frames is encoded as its first frame alone
 and then chunks of 4, and decoded latent frame by latent frame with the causal cache. Loss: L1 + L2
-reconstruction + a small KL on (mu, log_var). Clips are random spatial crops (cheap steps) or whole
-frames (crop 0); crops alone leave the decoder's per-frame attention unused to the full latent grid, so a
-curriculum ends on whole shots.
+reconstruction (optionally weighted towards detail: edges and small objects) + a small KL on
+(mu, log_var). Clips are random spatial crops (cheap steps) or whole frames (crop 0); crops alone leave
+the decoder's per-frame attention unused to the full latent grid, so a curriculum ends on whole shots.
 
 A schedule of phases (config key `phases`: a list of overrides, each with a name) runs them in order in
 OUT/<name>/, each starting from the previous phase's weights, and ends with OUT/vae.safetensors: curricula
@@ -52,6 +52,11 @@ class VAEStageConfig(StageConfig):
     # single-frame path (zero causal past), which is also how every global-context frame is encoded; it is
     # one frame of a clip, so at weight 1 it stays far blurrier than the chunked frames.
     first_frame_weight: float = 1.0
+    # Extra loss weight on detail: pixels that differ from their neighbourhood (edges, small objects). A
+    # Story World character covers ~5% of a frame, so plain L1/L2 is almost all background and lets the
+    # VAE blur and recolour it. Weight per pixel: 1 + detail_weight * (its detail / the frame's mean detail).
+    detail_weight: float = 0.0
+    detail_radius: int = 3  # neighbourhood half-size (pixels) that detail is measured against
     sample_latent: bool = True  # reparameterised sample (VAE); false: z = mu (plain autoencoder)
     init_from: str = ""  # start from these VAE weights (a refine phase); statistics are re-fitted (train_part all)
     # "all" trains encoder and decoder; "decoder" freezes the encoder (init_from required) and keeps its
@@ -92,9 +97,34 @@ class VAEAutoencoder(nn.Module):
         return recon, mu, log_var
 
 
-def frame_weighted_mean(err: torch.Tensor, first_frame_weight: float) -> torch.Tensor:
-    """Mean of err [B, C, T, H, W] over everything, the first frame weighted first_frame_weight : 1."""
-    per_frame = err.mean(dim=(0, 1, 3, 4))  # [T]
+def detail_map(clips: torch.Tensor, radius: int) -> torch.Tensor:
+    """clips [B, 3, T, H, W] -> [B, 1, T, H, W] >= 0: how far each pixel is from its neighbourhood's mean
+    colour (L1 over channels), spread over the neighbourhood so a shape's inside and rim both count."""
+    k = 2 * radius + 1
+    local_mean = nn.functional.avg_pool3d(clips, (1, k, k), stride=1, padding=(0, radius, radius),
+                                          count_include_pad=False)
+    detail = (clips - local_mean).abs().sum(dim=1, keepdim=True)
+    return nn.functional.max_pool3d(detail, (1, k, k), stride=1, padding=(0, radius, radius))
+
+
+def detail_pixel_weights(clips: torch.Tensor, detail_weight: float, radius: int) -> torch.Tensor | None:
+    """Per-pixel loss weights [B, 1, T, H, W] with mean 1 + detail_weight per frame; None when off."""
+    if detail_weight <= 0:
+        return None
+    detail = detail_map(clips, radius)
+    frame_mean = detail.mean(dim=(3, 4), keepdim=True).clamp_min(1e-3)  # a flat frame: weights stay ~1
+    return 1.0 + detail_weight * detail / frame_mean
+
+
+def frame_weighted_mean(err: torch.Tensor, first_frame_weight: float,
+                        pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of err [B, C, T, H, W], each frame a pixel_weights-weighted mean ([B, 1, T, H, W], default
+    uniform), the first frame weighted first_frame_weight : 1 against the others."""
+    if pixel_weights is None:
+        per_frame = err.mean(dim=(0, 1, 3, 4))  # [T]
+    else:
+        pixel_weights = pixel_weights.expand_as(err)
+        per_frame = (err * pixel_weights).sum(dim=(0, 1, 3, 4)) / pixel_weights.sum(dim=(0, 1, 3, 4))
     w = torch.ones_like(per_frame)
     w[0] = first_frame_weight
     return (per_frame * w).sum() / w.sum()
@@ -246,8 +276,9 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         with autocast(cfg, dist.device):
             recon, mu, log_var = model(clips, eps)
         recon, mu, log_var = recon.float(), mu.float(), log_var.float()
-        l1 = frame_weighted_mean((recon - clips).abs(), cfg.first_frame_weight)
-        l2 = frame_weighted_mean((recon - clips) ** 2, cfg.first_frame_weight)
+        pixel_w = detail_pixel_weights(clips, cfg.detail_weight, cfg.detail_radius)
+        l1 = frame_weighted_mean((recon - clips).abs(), cfg.first_frame_weight, pixel_w)
+        l2 = frame_weighted_mean((recon - clips) ** 2, cfg.first_frame_weight, pixel_w)
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
         gn = optimizer_step(loss, opt, trained, cfg.grad_clip)
