@@ -4,6 +4,7 @@ The tiny preset is the real target, but a tiny shot takes seconds here; its run 
 """
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +163,13 @@ def test_quick_run_tiny(tmp_path):
         assert student["adherence"] < 0.3
     assert metrics["variants"]["truth"]["adherence"] >= 0.99
     assert np.isfinite(student["sec_per_frame"])
+
+
+def test_regenerate_command_carries_every_setting_that_changes_the_numbers():
+    from training.evaluate import EvalConfig, command_line
+
+    plain = command_line(EvalConfig(model="tiny", out=Path("ev"), stories=3, stories10=1))
+    assert "--guidance" not in plain and "--threads" not in plain and "--teacher-steps" not in plain
+    tuned = command_line(EvalConfig(model="tiny", out=Path("ev"), stories=3, stories10=1, guidance=3.0,
+                                    threads=2, teacher_steps=20))
+    assert "--guidance 3 " in tuned + " " and "--threads 2" in tuned and "--teacher-steps 20" in tuned

@@ -532,6 +532,13 @@ def command_line(cfg: EvalConfig) -> str:
     else:
         parts += [f"--stories {cfg.stories}", f"--stories10 {cfg.stories10}",
                   f"--teacher-stories {cfg.teacher_stories}", f"--teacher-stories10 {cfg.teacher_stories10}"]
+    defaults = EvalConfig(model=cfg.model, out=cfg.out)
+    if cfg.teacher_steps != defaults.teacher_steps:
+        parts.append(f"--teacher-steps {cfg.teacher_steps}")
+    if cfg.guidance != defaults.guidance:  # the teacher row depends on it
+        parts.append(f"--guidance {cfg.guidance:g}")
+    if cfg.threads != defaults.threads:  # the timing columns depend on it
+        parts.append(f"--threads {cfg.threads}")
     if cfg.weights_dir != BUNDLED_DIR / cfg.model:
         parts.append(f"--weights-dir {_rel(cfg.weights_dir)}")
     return " ".join(parts)
