@@ -382,6 +382,7 @@ def test_detail_weighting_makes_losing_a_small_object_cost_more():
     assert l1(lost_object, None) == pytest.approx(l1(tint, None), rel=1e-4)
     assert l1(lost_object, w) > 3 * l1(tint, w)
 
+
 def test_bf16_autocast_follows_the_config_on_cpu():
     from training.common import autocast
 

@@ -120,11 +120,8 @@ def frame_weighted_mean(err: torch.Tensor, first_frame_weight: float,
                         pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of err [B, C, T, H, W], each frame a pixel_weights-weighted mean ([B, 1, T, H, W], default
     uniform), the first frame weighted first_frame_weight : 1 against the others."""
-    if pixel_weights is None:
-        per_frame = err.mean(dim=(0, 1, 3, 4))  # [T]
-    else:
-        pixel_weights = pixel_weights.expand_as(err)
-        per_frame = (err * pixel_weights).sum(dim=(0, 1, 3, 4)) / pixel_weights.sum(dim=(0, 1, 3, 4))
+    pw = (torch.ones_like(err[:, :1]) if pixel_weights is None else pixel_weights).expand_as(err)
+    per_frame = (err * pw).sum(dim=(0, 1, 3, 4)) / pw.sum(dim=(0, 1, 3, 4))  # [T]
     w = torch.ones_like(per_frame)
     w[0] = first_frame_weight
     return (per_frame * w).sum() / w.sum()
