@@ -351,7 +351,7 @@ def _frame_with_small_square(h: int = 32, w: int = 32) -> torch.Tensor:
 
 
 def test_detail_weights_single_out_a_small_object():
-    from training.vae_stage import detail_pixel_weights
+    from training.detail import detail_pixel_weights
 
     clip = _frame_with_small_square()
     assert detail_pixel_weights(clip, 0.0, 3) is None
@@ -368,7 +368,8 @@ def test_detail_weights_single_out_a_small_object():
 def test_detail_weighting_makes_losing_a_small_object_cost_more():
     """Blurring away a 4% object costs about 4% error unweighted; with detail weights it dominates the loss,
     far above a uniform background tint of the same mean error."""
-    from training.vae_stage import detail_pixel_weights, frame_weighted_mean
+    from training.detail import detail_pixel_weights
+    from training.vae_stage import frame_weighted_mean
 
     clip = _frame_with_small_square()
     lost_object = clip.clone()
@@ -381,6 +382,22 @@ def test_detail_weighting_makes_losing_a_small_object_cost_more():
 
     assert l1(lost_object, None) == pytest.approx(l1(tint, None), rel=1e-4)
     assert l1(lost_object, w) > 3 * l1(tint, w)
+
+
+def test_latent_detail_map_puts_a_small_object_in_its_latent_cell():
+    """A 6x6 square shown only in pixel frames 5-8 (the causal VAE's third latent frame) lands in that
+    latent frame's cell that holds it; the flat frames have no detail."""
+    from training.detail import latent_detail_map
+
+    video = torch.zeros(1, 3, 9, 32, 32)
+    video[:, 2] = 0.6
+    video[:, :, 5:9] = _frame_with_small_square().expand(-1, -1, 4, -1, -1)
+    d = latent_detail_map(video, 4, 8, 3)
+    assert d.shape == (1, 3, 4, 4)
+    assert float(d[0, :2].abs().max()) == pytest.approx(0.0, abs=1e-5)
+    assert tuple(int(i) for i in (d[0, 2] == d[0, 2].max()).nonzero()[0]) == (1, 2)  # rows 10-15, cols 20-25
+    with pytest.raises(ValueError, match=r"1 \+ 4k"):
+        latent_detail_map(video[:, :, :8], 4, 8, 3)
 
 
 def test_bf16_autocast_follows_the_config_on_cpu():

@@ -99,6 +99,11 @@ def test_preencoded_store_matches_the_vae_and_the_prompt_builder(store):
     shots = shot_frames(clip, GEO)
     video = torch.from_numpy(np.stack(shots)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
     torch.testing.assert_close(torch.stack(story.shot_latents), vae.encode(video), atol=1e-5, rtol=1e-5)
+    # detail maps: one value per latent cell, from the shot's pixels
+    from training.detail import latent_detail_map
+    stride_t, stride_s = vae.config.temporal_stride, vae.config.spatial_stride
+    torch.testing.assert_close(torch.stack(story.detail), latent_detail_map(video, stride_t, stride_s, 3))
+    assert story.detail[0].shape == story.shot_latents[0].shape[1:]
     # frame latents: each frame alone, and present exactly where the context rule can look
     needed = {(s, i) for k in range(1, 3) for s, i in plan_context([GEO.frames_per_shot] * k, FC).picks}
     for s in range(3):
@@ -192,6 +197,48 @@ def test_uniform_weighting_trains_pure_noise(store):
                             SAMPLER.rope_shot_phase, w) for w in ("bell", "uniform")}
     assert float(loss["bell"]) == pytest.approx(0.0, abs=1e-6)
     assert float(loss["uniform"]) > 0.1
+
+
+def _batch_with_detail_at(cell, c=16, f=3, h=4, w=4, detail=True):
+    """A one-sample TeacherBatch whose detail map is high at one latent cell (f, y, x) and flat elsewhere."""
+    from training.stage1_teacher import TeacherBatch
+
+    d = torch.full((1, f, h, w), 0.05)
+    d[(0, *cell)] = 2.0
+    return TeacherBatch(torch.zeros(1, c, FC, h, w), torch.randn(1, c, f, h, w, generator=torch.Generator().manual_seed(1)),
+                        torch.zeros(1, FC + f, dtype=torch.long), torch.zeros(1, FC + f, dtype=torch.long),
+                        torch.zeros(1, 1, 4, DIT.text_dim), torch.zeros(1, 1, 4, DIT.text_dim), d if detail else None)
+
+
+def test_detail_weight_makes_errors_on_small_things_cost_more():
+    """Two predictions with the same plain MSE: one wrong only on the detail cell, one wrong a little
+    everywhere. Unweighted they cost the same; with detail_weight the first costs far more."""
+    from training.stage1_teacher import teacher_loss
+
+    schedule = FlowSchedule(SAMPLER.num_train_timesteps, SAMPLER.shift)
+    batch = _batch_with_detail_at((1, 2, 3))
+    seed = 5
+
+    def target():  # the flow target teacher_loss will draw with the same generator
+        g = torch.Generator().manual_seed(seed)
+        schedule.sample_training_t((1,), generator=g)
+        return schedule.flow_target(batch.x0, torch.randn(batch.x0.shape, generator=g))
+
+    on_cell = torch.zeros_like(batch.x0)
+    on_cell[:, :, 1, 2, 3] = 4.0
+    spread = torch.full_like(batch.x0, 4.0 / (batch.x0[0, 0].numel() ** 0.5))  # same squared error in total
+
+    def loss(error, detail_weight):
+        pred = lambda *a, **k: torch.cat([torch.zeros_like(batch.context), target() + error], dim=2)
+        return float(teacher_loss(pred, schedule, batch, torch.Generator().manual_seed(seed), "cpu",
+                                  SAMPLER.rope_shot_phase, "uniform", detail_weight))
+
+    assert loss(on_cell, 0.0) == pytest.approx(loss(spread, 0.0), rel=1e-4)
+    assert loss(on_cell, 4.0) > 3 * loss(spread, 4.0)
+    assert loss(torch.zeros_like(on_cell), 4.0) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="re-run training.preencode"):
+        teacher_loss(lambda *a, **k: None, schedule, _batch_with_detail_at((0, 0, 0), detail=False),
+                     torch.Generator().manual_seed(0), "cpu", SAMPLER.rope_shot_phase, "uniform", 2.0)
 
 
 # --- ODE pairs and stage 2 --------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Pre-encoded stories (runs/<preset>/latents, written by training.preencode) are s
     shard_XXXX.safetensors   "<story>/shot<i>"       [C, F, h, w]  the shot encoded as a clip
                              "<story>/frames<i>"     [M, C, h, w]  pixel frames encoded alone
                              "<story>/frame_idx<i>"  [M]           which pixel frames those are
+                             "<story>/detail<i>"     [F, h, w]     pixel detail per latent cell (training.detail)
                              "<story>/prompt<i>"     [L, text_dim] features of the shot's prompt
     negative.safetensors     "negative"              [L, text_dim] the empty negative prompt
     index.json               per story: name, shard, ranges, frames per shot, captions, prompts
@@ -122,6 +123,7 @@ class LatentStory:
     negative_features: torch.Tensor  # [L, text_dim]
     ranges: list
     meta: dict
+    detail: list | None = None  # [F, h, w] per shot (None: latents pre-encoded before detail maps existed)
 
     @property
     def num_shots(self) -> int:
@@ -166,7 +168,8 @@ class LatentStoryDataset:
             frames.append(full)
             encoded.append(mask)
             prompts.append(t[f"{name}/prompt{k}"])
-        return LatentStory(name, shots, frames, encoded, prompts, self.negative, s["ranges"], s)
+        detail = [t[f"{name}/detail{k}"] for k in range(s["num_shots"])] if f"{name}/detail0" in t else None
+        return LatentStory(name, shots, frames, encoded, prompts, self.negative, s["ranges"], s, detail)
 
     def history(self, story: LatentStory, k: int, context_frames: int = 6):
         """(context [C, Fc, h, w], flags [Fc + 1]) of target shot k from ground-truth frames."""

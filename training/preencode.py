@@ -2,7 +2,8 @@
 
     python -m training.preencode --config training/configs/tiny-preencode.yaml
 
-Per story: each shot encoded as one clip (first frame alone, then chunks of 4); pixel frames encoded alone
+Per story: each shot encoded as one clip (first frame alone, then chunks of 4), with its pixel detail on
+the latent grid (training.detail: where the small characters are); pixel frames encoded alone
 (the global context is built from single-frame latents, as at inference); the prompt of every shot
 (global caption + "shot{i}:" + shot caption, text.build_shot_prompt) and the empty negative prompt
 encoded with the preset's text encoder. With all_frames=false only the frames the context rule can pick
@@ -30,6 +31,7 @@ from shotstream_core.vae import load_vae
 
 from .common import StageConfig, mark_done, run_stage, save_config
 from .data import context_frame_indices, read_clips, shot_frames
+from .detail import latent_detail_map
 
 
 @dataclass
@@ -43,6 +45,7 @@ class PreencodeConfig(StageConfig):
     batch_size: int = 8  # shots per VAE call
     frame_batch: int = 64  # single frames per VAE call
     negative_prompt: str = ""
+    detail_radius: int = 3  # pixels; the per-shot detail maps the teacher's detail_weight reads (training.detail)
 
 
 @torch.no_grad()
@@ -70,8 +73,10 @@ def encode_shard(records, vae, encoder, cfg: PreencodeConfig, geometry, context_
         part = jobs[i:i + cfg.batch_size]
         video = torch.stack([torch.from_numpy(s) for _, _, s in part]).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
         z = vae.encode(video.to(vae.device)).cpu()
-        for (name, k, _), zk in zip(part, z):
+        detail = latent_detail_map(video, vae.config.temporal_stride, vae.config.spatial_stride, cfg.detail_radius)
+        for (name, k, _), zk, dk in zip(part, z, detail):
             tensors[f"{name}/shot{k}"] = zk.contiguous()
+            tensors[f"{name}/detail{k}"] = dk.contiguous()
     # single frames encoded alone: [N, 3, H, W]
     frames = [(name, k, j, shots[k][j]) for name, shots, needed in clips for k in range(len(shots))
               for j in sorted(needed[k])]

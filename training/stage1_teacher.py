@@ -29,6 +29,7 @@ from shotstream_core.schedule import FlowSchedule
 from .common import (StageConfig, optimizer_step, StepBatches, autocast, enable_grad_checkpointing, mark_done, run_stage,
                      save_config, set_lr, lr_at, step_generator, train_loop, unwrap)
 from .data import LatentStoryDataset, frame_flags, pad_prompts, prompt_ids_for
+from .detail import detail_weights
 
 
 @dataclass
@@ -60,6 +61,10 @@ class TeacherConfig(StageConfig):
     # Start from these DiT weights instead of a random init (a warm start, e.g. an earlier teacher after
     # the VAE was refined: its latents moved, but not far). Empty: from scratch.
     init_from: str = ""
+    # Extra loss weight on the latent cells that hold small things (training.detail; 0 = off): a character
+    # is ~5% of a frame, so the plain mean is almost all sky and ground, which the model learns first and
+    # best while the characters stay mush.
+    detail_weight: float = 0.0
 
 
 @dataclass
@@ -73,6 +78,7 @@ class TeacherBatch:
     prompt_ids: torch.Tensor  # [B, Fc+F]
     text: torch.Tensor  # [B, P, S, D]
     negative: torch.Tensor  # [B, 1, S, D]
+    detail: torch.Tensor | None = None  # [B, F, h, w] pixel detail of the target's latent cells (None: not stored)
 
 
 def make_batch(ds: LatentStoryDataset, targets: list[tuple[int, int]], context_frames: int, text_len: int,
@@ -81,9 +87,10 @@ def make_batch(ds: LatentStoryDataset, targets: list[tuple[int, int]], context_f
     """Assemble (story, shot k) targets with their ground-truth history; applies the dropouts."""
     if text_dropout_to not in ("negative", "zeros"):
         raise ValueError(f"text_dropout_to must be 'negative' or 'zeros', got {text_dropout_to!r}")
-    ctxs, x0s, flags, prompts, counts = [], [], [], [], []
+    ctxs, x0s, flags, prompts, counts, details = [], [], [], [], [], []
     for i, k in targets:
         story = ds[i]
+        details.append(None if story.detail is None else story.detail[k])
         context, fl = ds.history(story, k, context_frames)
         x0 = story.shot_latents[k]
         ctx_flags, shot_flag = fl[:-1], fl[-1]
@@ -102,14 +109,19 @@ def make_batch(ds: LatentStoryDataset, targets: list[tuple[int, int]], context_f
         counts.append(len(texts))
     flags_t = torch.tensor(flags, dtype=torch.long)
     neg = ds.negative[:text_len][None, None].expand(len(targets), 1, -1, -1)
+    detail = None if any(d is None for d in details) else torch.stack(details)
     return TeacherBatch(torch.stack(ctxs), torch.stack(x0s), flags_t, prompt_ids_for(flags_t, counts),
-                        pad_prompts(prompts, text_len), neg.contiguous())
+                        pad_prompts(prompts, text_len), neg.contiguous(), detail)
 
 
 def teacher_loss(model, schedule: FlowSchedule, batch: TeacherBatch, g: torch.Generator, device,
-                 shot_phase: float, weighting: str = "bell") -> torch.Tensor:
+                 shot_phase: float, weighting: str = "bell", detail_weight: float = 0.0) -> torch.Tensor:
     """w(t) * mean over target frames of (v_hat - (noise - x0))^2, averaged over the batch
-    (w = the schedule's bell for weighting "bell", 1 for "uniform")."""
+    (w = the schedule's bell for weighting "bell", 1 for "uniform"). With detail_weight > 0 the mean over
+    latent cells is weighted by training.detail.detail_weights of the batch's detail maps."""
+    if detail_weight > 0 and batch.detail is None:
+        raise ValueError("detail_weight > 0 needs the latents' detail maps, which this latent set lacks: "
+                         "re-run training.preencode (it stores them), or set detail_weight: 0")
     b, fc = batch.x0.shape[0], batch.context.shape[2]
     t = schedule.sample_training_t((b,), generator=g)
     noise = torch.randn(batch.x0.shape, generator=g)
@@ -118,7 +130,12 @@ def teacher_loss(model, schedule: FlowSchedule, batch: TeacherBatch, g: torch.Ge
     v = model(seq, t.to(device), batch.text.to(device), batch.flags.to(device), batch.prompt_ids.to(device),
               shot_phase=shot_phase)[:, :, fc:]
     target = schedule.flow_target(batch.x0, noise).to(device)
-    per_sample = ((v.float() - target) ** 2).mean(dim=(1, 2, 3, 4))
+    err = ((v.float() - target) ** 2).mean(dim=1)  # [B, F, h, w]
+    if detail_weight > 0:
+        w = detail_weights(batch.detail.to(err.device), detail_weight)
+        per_sample = (err * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
+    else:
+        per_sample = err.mean(dim=(1, 2, 3))
     if weighting == "uniform":
         return per_sample.mean()
     return (schedule.training_weight(t).to(device) * per_sample).mean()
@@ -174,7 +191,8 @@ def train(cfg: TeacherConfig, dist) -> dict:
                            cfg.context_dropout, cfg.text_dropout, cfg.text_dropout_to)
         set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps))
         with autocast(cfg, dist.device):
-            loss = teacher_loss(model, schedule, batch, g, dist.device, sampler.rope_shot_phase, cfg.loss_weighting)
+            loss = teacher_loss(model, schedule, batch, g, dist.device, sampler.rope_shot_phase, cfg.loss_weighting,
+                                cfg.detail_weight)
         gn = optimizer_step(loss, opt, teacher.parameters(), cfg.grad_clip)
         if ema is not None:
             update_ema(ema, teacher, min(cfg.ema_decay, (1 + step) / (10 + step)))

@@ -34,6 +34,7 @@ from shotstream_core.vae import WanVAE, load_vae
 from .common import (StageConfig, autocast, optimizer_step, StepBatches, is_done, mark_done, replace_config, run_stage, save_config,
                      set_lr, lr_at, step_generator, train_loop, unwrap)
 from .data import load_shot_frames
+from .detail import detail_pixel_weights
 
 
 @dataclass
@@ -95,25 +96,6 @@ class VAEAutoencoder(nn.Module):
         cache = {}
         recon = torch.cat([vae.decoder(x[:, :, i:i + 1], cache) for i in range(x.shape[2])], dim=2)
         return recon, mu, log_var
-
-
-def detail_map(clips: torch.Tensor, radius: int) -> torch.Tensor:
-    """clips [B, 3, T, H, W] -> [B, 1, T, H, W] >= 0: how far each pixel is from its neighbourhood's mean
-    colour (L1 over channels), spread over the neighbourhood so a shape's inside and rim both count."""
-    k = 2 * radius + 1
-    local_mean = nn.functional.avg_pool3d(clips, (1, k, k), stride=1, padding=(0, radius, radius),
-                                          count_include_pad=False)
-    detail = (clips - local_mean).abs().sum(dim=1, keepdim=True)
-    return nn.functional.max_pool3d(detail, (1, k, k), stride=1, padding=(0, radius, radius))
-
-
-def detail_pixel_weights(clips: torch.Tensor, detail_weight: float, radius: int) -> torch.Tensor | None:
-    """Per-pixel loss weights [B, 1, T, H, W] with mean 1 + detail_weight per frame; None when off."""
-    if detail_weight <= 0:
-        return None
-    detail = detail_map(clips, radius)
-    frame_mean = detail.mean(dim=(3, 4), keepdim=True).clamp_min(1e-3)  # a flat frame: weights stay ~1
-    return 1.0 + detail_weight * detail / frame_mean
 
 
 def frame_weighted_mean(err: torch.Tensor, first_frame_weight: float,
