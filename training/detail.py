@@ -40,7 +40,7 @@ def latent_detail_map(video: torch.Tensor, temporal_stride: int, spatial_stride:
     """video [B, 3, T, H, W] in [-1, 1], T = 1 + temporal_stride * n -> [B, 1 + n, H / s, W / s]: the pixel
     detail of the frames each latent cell encodes (the first frame alone, then groups of temporal_stride,
     as the causal VAE encodes them), max over those frames and averaged over the cell's s x s pixels."""
-    b, _, t, h, w = video.shape
+    t, h, w = video.shape[2:]
     if (t - 1) % temporal_stride or h % spatial_stride or w % spatial_stride:
         raise ValueError(f"video of {t} frames of {h}x{w} does not map onto a {temporal_stride}x{spatial_stride}"
                          f"x{spatial_stride} latent grid (frames must be 1 + {temporal_stride}k)")

@@ -131,11 +131,8 @@ def teacher_loss(model, schedule: FlowSchedule, batch: TeacherBatch, g: torch.Ge
               shot_phase=shot_phase)[:, :, fc:]
     target = schedule.flow_target(batch.x0, noise).to(device)
     err = ((v.float() - target) ** 2).mean(dim=1)  # [B, F, h, w]
-    if detail_weight > 0:
-        w = detail_weights(batch.detail.to(err.device), detail_weight)
-        per_sample = (err * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
-    else:
-        per_sample = err.mean(dim=(1, 2, 3))
+    w = detail_weights(batch.detail.to(err.device), detail_weight) if detail_weight > 0 else torch.ones_like(err)
+    per_sample = (err * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
     if weighting == "uniform":
         return per_sample.mean()
     return (schedule.training_weight(t).to(device) * per_sample).mean()
