@@ -58,7 +58,7 @@ def test_every_shipped_config_loads():
 
 def test_every_tiny_stage_has_a_wall_clock_cap():
     """A working day here can end a long run: every tiny stage and VAE phase has a max_minutes (stages 3
-    and 4 have step ceilings of 100000), so the pipeline's length is bounded by its configs."""
+    and 4 are time-bounded: their step ceilings are far out of reach), so the configs bound the pipeline."""
     from training.pipeline import STAGES, _config_class, stage_config_path
     from training.vae_stage import phase_configs
 
