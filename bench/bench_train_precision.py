@@ -26,10 +26,15 @@ from shotstream_core.vae import WanVAE  # noqa: E402
 from training.vae_stage import VAEAutoencoder  # noqa: E402
 
 
-def vae_step(preset, batch: int, clip_frames: int):
-    """One VAE training step (encode, decode, L2, backward) on whole frames of the preset's size."""
+def vae_step(preset, batch: int, clip_frames: int, decoder_only: bool = False):
+    """One VAE training step (encode, decode, L2, backward) on whole frames of the preset's size;
+    decoder_only: the encoder frozen (no grad), as in the decoder-only phases (train_part: decoder)."""
     geo = preset.geometry
-    ae = VAEAutoencoder(WanVAE(preset.vae), sample_latent=False)
+    vae = WanVAE(preset.vae)
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.conv1.requires_grad_(False)
+    ae = VAEAutoencoder(vae, sample_latent=False, frozen_encoder=decoder_only)
     clip = torch.rand(batch, 3, clip_frames, geo.height, geo.width) * 2 - 1
     eps = torch.zeros(batch, ae.vae.config.z_dim, (clip_frames - 1) // 4 + 1, geo.latent_height, geo.latent_width)
 
@@ -79,6 +84,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--vae-batch", type=int, default=4)
     p.add_argument("--vae-frames", type=int, default=9, help="clip length (4k+1)")
+    p.add_argument("--decoder-frames", type=int, default=33, help="clip length of the decoder-only step")
     p.add_argument("--dit-batch", type=int, default=16)
     a = p.parse_args()
     if a.threads:
@@ -88,6 +94,7 @@ def main() -> None:
     cases = {
         f"VAE step ({a.vae_batch} x {a.vae_frames} frames, {preset.geometry.height}x{preset.geometry.width})":
             vae_step(preset, a.vae_batch, a.vae_frames),
+        f"VAE decoder-only step (1 x {a.decoder_frames} frames)": vae_step(preset, 1, a.decoder_frames, True),
         f"teacher DiT step (batch {a.dit_batch})": teacher_step(preset, a.dit_batch),
     }
     amx = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else None

@@ -68,6 +68,39 @@ def test_every_tiny_stage_has_a_wall_clock_cap():
         assert all(p.max_minutes > 0 for p in parts), f"tiny {stage.name} has a stage or phase without max_minutes"
 
 
+def test_every_tiny_stage_fits_well_inside_two_hours():
+    """The issue's budget: each stage well within two hours here. A stage's caps (its max_minutes, or the
+    sum over its phases) bound its wall time, so they must sum to at most 100 min."""
+    from training.pipeline import STAGES, _config_class, stage_config_path
+    from training.vae_stage import phase_configs
+
+    for stage in STAGES:
+        cfg = load_stage_config(_config_class(stage.config_cls), stage_config_path("tiny", stage))
+        parts = phase_configs(cfg) if getattr(cfg, "phases", ()) else [cfg]
+        cap = sum(p.max_minutes for p in parts)
+        assert cap <= 100, f"tiny {stage.name}: its caps sum to {cap} min"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "micro"])
+def test_decoder_stage_refines_the_vae_stage_without_changing_latents(preset):
+    """The decoder stage starts from the VAE stage's weights and trains only the decoder in every phase
+    (encoder and latent statistics frozen), and every stage after it reads its VAE: so splitting the VAE
+    curriculum into two stages changes no latent."""
+    from training.pipeline import STAGES, _config_class, stage_config_path, stage_out_dir
+    from training.vae_stage import phase_configs
+
+    stages = {s.name: s for s in STAGES}
+    decoder = load_stage_config(_config_class(stages["decoder"].config_cls), stage_config_path(preset, stages["decoder"]))
+    assert Path(decoder.init_from) == stage_out_dir(preset, stages["vae"]) / "vae.safetensors"
+    assert decoder.phases and all(p.train_part == "decoder" for p in phase_configs(decoder))
+    final_vae = stage_out_dir(preset, stages["decoder"]) / "vae.safetensors"
+    names = [s.name for s in STAGES]
+    for stage in STAGES[names.index("decoder") + 1:]:
+        cfg = load_stage_config(_config_class(stage.config_cls), stage_config_path(preset, stage))
+        if hasattr(cfg, "vae_path"):
+            assert Path(cfg.vae_path) == final_vae, f"{preset} {stage.name} reads {cfg.vae_path}"
+
+
 # --- batches, rng, lr -----------------------------------------------------------------------------
 
 def test_step_batches_are_disjoint_across_ranks_and_deterministic():
@@ -143,7 +176,7 @@ def test_pipeline_dry_run_lists_every_stage(capsys):
 
     assert main(["--preset", "tiny", "--dry-run", "--no-eval"]) == 0
     out = capsys.readouterr().out
-    for name in ("vae", "preencode", "teacher", "ode", "stage2", "stage3", "stage4"):
+    for name in ("vae", "decoder", "preencode", "teacher", "ode", "stage2", "stage3", "stage4"):
         assert f"[pipeline] {name}" in out
 
 
@@ -312,7 +345,14 @@ def test_micro_pipeline_end_to_end(tmp_path):
     for name in ("vae.safetensors", "teacher.safetensors", "dit.safetensors", "training_report.md"):
         assert (export / name).is_file(), name
     report = (export / "training_report.md").read_text()
-    assert "not run" not in report
+    assert "not run" not in report and "| decoder / detail |" in report
+    # the shipped VAE is the decoder stage's, whose encoder is the VAE stage's
+    from shotstream_core.vae import load_vae
+
+    shipped = load_vae(export / "vae.safetensors").state_dict()
+    first = load_vae(runs / "vae" / "vae.safetensors").state_dict()
+    assert all(torch.equal(shipped[k], first[k]) for k in shipped if k.startswith(("encoder.", "conv1.", "latent_")))
+    assert any(not torch.equal(shipped[k], first[k]) for k in shipped if k.startswith("decoder."))
 
 
 def test_teacher_warm_start_loads_the_given_weights(micro_latents, tmp_path):

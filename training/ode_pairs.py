@@ -39,7 +39,7 @@ class ODEConfig(StageConfig):
     out_dir: str = "runs/tiny/ode"
     latent_dir: str = "runs/tiny/latents"
     teacher_path: str = "runs/tiny/teacher/teacher.safetensors"
-    vae_path: str = "runs/tiny/vae/vae.safetensors"
+    vae_path: str = "runs/tiny/decoder/vae.safetensors"
     num_pairs: int = 0  # targets to generate (0 = every (story, shot) of the latent store)
     batch_size: int = 32
     shard_size: int = 256

@@ -1,5 +1,5 @@
-"""The whole training pipeline: Story World data -> VAE -> latents -> teacher -> ODE pairs -> stage 2 ->
-stage 3 -> stage 4 -> export and training report (-> evaluation).
+"""The whole training pipeline: Story World data -> VAE -> VAE decoder -> latents -> teacher -> ODE pairs ->
+stage 2 -> stage 3 -> stage 4 -> export and training report (-> evaluation).
 
     python -m training.pipeline --preset tiny            (make train-tiny)
     python -m training.pipeline --preset micro --no-eval (the test suite's smoke run)
@@ -36,11 +36,12 @@ class Stage:
     module: str  # python -m training.<module>
     config_cls: str  # "module:Class", to read out_dir without importing every stage up front
     distributed: bool = True  # runs under torchrun when --nproc > 1
-    owner_note: str = ""
 
 
 STAGES = (
     Stage("vae", "training.vae_stage", "training.vae_stage:VAEStageConfig"),
+    # the VAE's decoder-only detail phases: latents unchanged, split off so each stage fits in two hours
+    Stage("decoder", "training.vae_stage", "training.vae_stage:VAEStageConfig"),
     Stage("preencode", "training.preencode", "training.preencode:PreencodeConfig"),
     Stage("teacher", "training.stage1_teacher", "training.stage1_teacher:TeacherConfig"),
     Stage("ode", "training.ode_pairs", "training.ode_pairs:ODEConfig"),
@@ -52,7 +53,7 @@ STAGES = (
 # What the engine loads, and what the report / ablation needs: (file in the export folder, stage, file in
 # the stage's out_dir).
 SHIPPED = (
-    ("vae.safetensors", ("vae",), "vae.safetensors"),
+    ("vae.safetensors", ("decoder", "vae"), "vae.safetensors"),
     ("teacher.safetensors", ("teacher",), "teacher.safetensors"),
     ("student_stage3.safetensors", ("stage3",), "student.safetensors"),
     # before stage 4 is done, the stage-3 (or stage-2) student is the interim shipped model

@@ -38,7 +38,7 @@ from .detail import latent_detail_map
 class PreencodeConfig(StageConfig):
     out_dir: str = "runs/tiny/latents"
     data_dir: str = "runs/tiny/data"
-    vae_path: str = "runs/tiny/vae/vae.safetensors"
+    vae_path: str = "runs/tiny/decoder/vae.safetensors"
     num_stories: int = 600
     shard_size: int = 25  # stories per shard
     all_frames: bool = False  # encode every pixel frame alone (else only those the context rule picks)

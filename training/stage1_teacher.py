@@ -57,7 +57,7 @@ class TeacherConfig(StageConfig):
     sample_stories: int = 4  # decoded samples for the contact sheet at the end (0 = none)
     sample_guidance: float = 3.0
     sample_steps: int = 50
-    vae_path: str = "runs/tiny/vae/vae.safetensors"
+    vae_path: str = "runs/tiny/decoder/vae.safetensors"
     # Start from these DiT weights instead of a random init (a warm start, e.g. an earlier teacher after
     # the VAE was refined: its latents moved, but not far). Empty: from scratch.
     init_from: str = ""

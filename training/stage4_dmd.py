@@ -36,7 +36,7 @@ from .stage3_dmd import DMDSetup, DMDStageConfig
 class Stage4Config(DMDStageConfig):
     out_dir: str = "runs/tiny/stage4"
     student_path: str = "runs/tiny/stage3/student.safetensors"
-    vae_path: str = "runs/tiny/vae/vae.safetensors"
+    vae_path: str = "runs/tiny/decoder/vae.safetensors"
     shots_per_clip: int = 4  # shots rolled out in order per clip (stories with fewer are skipped)
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float = 0.0  # 0 = rank
