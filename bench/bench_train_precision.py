@@ -30,11 +30,7 @@ def vae_step(preset, batch: int, clip_frames: int, decoder_only: bool = False):
     """One VAE training step (encode, decode, L2, backward) on whole frames of the preset's size;
     decoder_only: the encoder frozen (no grad), as in the decoder-only phases (train_part: decoder)."""
     geo = preset.geometry
-    vae = WanVAE(preset.vae)
-    if decoder_only:
-        vae.encoder.requires_grad_(False)
-        vae.conv1.requires_grad_(False)
-    ae = VAEAutoencoder(vae, sample_latent=False, frozen_encoder=decoder_only)
+    ae = VAEAutoencoder(WanVAE(preset.vae), sample_latent=False, frozen_encoder=decoder_only)
     clip = torch.rand(batch, 3, clip_frames, geo.height, geo.width) * 2 - 1
     eps = torch.zeros(batch, ae.vae.config.z_dim, (clip_frames - 1) // 4 + 1, geo.latent_height, geo.latent_width)
 

@@ -81,6 +81,9 @@ class VAEAutoencoder(nn.Module):
         self.vae = vae
         self.sample_latent = sample_latent
         self.frozen_encoder = frozen_encoder
+        if frozen_encoder:  # before any DDP wrap, which registers only the parameters that train
+            vae.encoder.requires_grad_(False)
+            vae.conv1.requires_grad_(False)
 
     def forward(self, clip: torch.Tensor, eps: torch.Tensor):
         """clip [B, 3, T, H, W] in [-1, 1]; eps [B, z, (T-1)/4+1, H/8, W/8] -> (recon, mu, log_var)."""
@@ -236,9 +239,6 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         init_stats = init.latent_mean.clone(), init.latent_std.clone()
         vae.latent_mean.zero_()  # training works on raw mu; statistics are fitted again at the end
         vae.latent_std.fill_(1.0)
-    if frozen_encoder:
-        vae.encoder.requires_grad_(False)
-        vae.conv1.requires_grad_(False)
     vae = vae.to(dist.device)
     model = dist.wrap(VAEAutoencoder(vae, cfg.sample_latent, frozen_encoder))
     trained = [p for p in vae.parameters() if p.requires_grad]
