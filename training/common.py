@@ -38,6 +38,9 @@ class StageConfig:
     seed: int = 0
     max_steps: int = 1000
     max_minutes: float = 0.0  # wall-clock budget over all resumes of the stage; 0 = none
+    # Length of the lr's cosine decay; 0 = max_steps. Longer than max_steps, a step-bound run replays
+    # exactly the schedule of a longer run that stopped at max_steps (how the tiny recipe was tuned).
+    lr_decay_steps: int = 0
     batch_size: int = 8  # per process
     lr: float = 2e-4
     warmup_steps: int = 50
@@ -51,6 +54,10 @@ class StageConfig:
     grad_checkpointing: bool = False
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     stop_after: int = 0  # simulate a cut run: checkpoint and raise StageInterrupted after this step
+
+    @property
+    def lr_horizon(self) -> int:
+        return self.lr_decay_steps if self.lr_decay_steps > 0 else self.max_steps
 
 
 def _coerce(value, typ):

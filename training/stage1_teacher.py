@@ -186,7 +186,7 @@ def train(cfg: TeacherConfig, dist) -> dict:
         targets = [ds.targets[i] for i in batches.indices(step)]
         batch = make_batch(ds, targets, sampler.context_frames, preset.dit.text_len, g,
                            cfg.context_dropout, cfg.text_dropout, cfg.text_dropout_to)
-        set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps))
+        set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_horizon))
         with autocast(cfg, dist.device):
             loss = teacher_loss(model, schedule, batch, g, dist.device, sampler.rope_shot_phase, cfg.loss_weighting,
                                 cfg.detail_weight)

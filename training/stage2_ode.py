@@ -106,7 +106,7 @@ def train(cfg: Stage2Config, dist) -> dict:
     def step_fn(step: int) -> dict:
         g = step_generator(cfg.seed, step, dist.rank)
         batch = ode_batch(pairs, ds, batches.indices(step), sampler.block_frames, preset.dit.text_len, g)
-        set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps))
+        set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_horizon))
         with autocast(cfg, dist.device):
             loss = ode_loss(model, schedule, batch, mask, dist.device, sampler.rope_shot_phase)
         gn = optimizer_step(loss, opt, student.parameters(), cfg.grad_clip)

@@ -251,7 +251,7 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         clips = sample_clips(shots, batches.indices(step), cfg.clip_frames, cfg.crop, g).to(dist.device)
         eps = torch.randn(clips.shape[0], vae.config.z_dim, (cfg.clip_frames - 1) // 4 + 1,
                           lat, clips.shape[-1] // 8, generator=g).to(dist.device)
-        set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.max_steps))
+        set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_horizon))
         with autocast(cfg, dist.device):
             recon, mu, log_var = model(clips, eps)
         recon, mu, log_var = recon.float(), mu.float(), log_var.float()
