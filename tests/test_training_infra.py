@@ -56,10 +56,11 @@ def test_every_shipped_config_loads():
                 assert cfg.preset == preset, path
 
 
-def test_every_tiny_stage_is_step_bound_with_a_safety_net_inside_two_hours():
+def test_every_tiny_stage_is_step_bound_with_a_bounded_safety_net():
     """The recipe is step counts, so a slow or busy machine trains the same model, only later. Each tiny
-    stage and VAE phase still has a max_minutes safety net (a working day here can end a long run), and a
-    stage's nets (its own, or the sum over its phases) add up to at most two hours."""
+    stage and VAE phase still has a max_minutes safety net, set well above its measured time so that it
+    fires only on a pathologically slow run, and a stage's nets (its own, or the sum over its phases) add
+    up to at most 150 min. Each stage's measured time is in training_report.md."""
     from training.pipeline import STAGES, _config_class, stage_config_path
     from training.vae_stage import phase_configs
 
@@ -68,7 +69,7 @@ def test_every_tiny_stage_is_step_bound_with_a_safety_net_inside_two_hours():
         parts = phase_configs(cfg) if getattr(cfg, "phases", ()) else [cfg]
         assert all(p.max_minutes > 0 for p in parts), f"tiny {stage.name} has a stage or phase without max_minutes"
         cap = sum(p.max_minutes for p in parts)
-        assert cap <= 120, f"tiny {stage.name}: its safety nets sum to {cap} min"
+        assert cap <= 150, f"tiny {stage.name}: its safety nets sum to {cap} min"
         if hasattr(cfg, "num_pairs"):
             assert cfg.num_pairs > 0, "tiny ode: num_pairs 0 generates until the time net"
         elif stage.name not in ("data", "preencode"):  # those run to completion
