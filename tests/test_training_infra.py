@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from training.data import write_training_set
 from training.common import (Checkpointer, Dist, Logger, StageConfig, StepBatches, load_stage_config, lr_at,
-                             read_log, step_generator)
+                             mark_done, read_log, step_generator)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -491,3 +491,35 @@ def test_report_names_how_a_run_departed_from_its_config(tmp_path):
                 tmp_path / "config.yaml")
     assert run_overrides("micro", stage, tmp_path) == {"max_steps": 7, "init_from": "prev.safetensors"}
     assert run_overrides("micro", stage, tmp_path / "never_ran") == {}
+
+
+def test_status_says_how_far_a_cut_run_got(tmp_path):
+    """--status reads the run folders: not started, the phase and checkpoint step a cut curriculum stopped
+    at, the output files a cut ODE run wrote, and done with its steps."""
+    from training.ode_pairs import ODEConfig
+    from training.pipeline import main, run_status
+    from training.stage1_teacher import TeacherConfig
+    from training.vae_stage import VAEStageConfig
+
+    def checkpoint(out, step):
+        (out / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (out / "checkpoints" / f"step_{step:08d}" / "state.pt").write_bytes(b"")
+
+    vae = VAEStageConfig(out_dir=str(tmp_path / "vae"), phases=({"name": "a", "max_steps": 3},
+                                                                 {"name": "b", "max_steps": 4}))
+    assert run_status(vae) == "not started"
+    mark_done(tmp_path / "vae" / "a", steps=3)
+    checkpoint(tmp_path / "vae" / "b", 2)
+    assert run_status(vae) == "phase b (2 of 2) at step 2 of 4"
+    mark_done(tmp_path / "vae", steps=7, wall_s=120.0, stop_reason="phases done")
+    assert run_status(vae) == "done: 7 steps in 2.0 min (phases done)"
+
+    teacher = TeacherConfig(out_dir=str(tmp_path / "teacher"), max_steps=9)
+    checkpoint(tmp_path / "teacher", 5)
+    assert run_status(teacher) == "at step 5 of 9"
+    ode = ODEConfig(out_dir=str(tmp_path / "ode"))
+    for n in range(2):
+        (tmp_path / "ode").mkdir(exist_ok=True)
+        (tmp_path / "ode" / f"pairs_{n:04d}.safetensors").write_bytes(b"")
+    assert run_status(ode) == "2 pairs files written"
+    assert main(["--preset", "micro", "--status", "--only", "teacher"]) == 0

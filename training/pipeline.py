@@ -6,7 +6,7 @@ stage 2 -> stage 3 -> stage 4 -> export and training report (-> evaluation).
 
 Each stage is its own command (`python -m training.<stage> --config training/configs/<preset>-<stage>.yaml`)
 run as a subprocess; a stage whose out_dir holds done.json is skipped, a cut one resumes from its last
-checkpoint (the stage itself does that). --nproc N runs the stages under torchrun with N processes.
+checkpoint (the stage itself does that); --status says where each stage stands. --nproc N runs the stages under torchrun with N processes.
 At the end the shipped files are copied to the export folder (shotstream_core/weights/<preset>/ for tiny)
 with training_report.md: wall time, steps and final losses of each stage, checkpoint sizes, loss plots.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from shotstream_core.files import copy_file
 
-from .common import is_done, load_stage_config, mark_done, read_log
+from .common import Checkpointer, is_done, load_stage_config, mark_done, read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -133,6 +133,44 @@ def export(preset: str, export_dir: Path) -> list[str]:
     return copied
 
 
+def _step_progress(out: Path, max_steps: int) -> str:
+    step = Checkpointer(out).latest_step()
+    return "not started" if step is None else f"at step {step} of {max_steps or '?'}"
+
+
+def stage_status(preset: str, stage: Stage) -> str:
+    path = stage_config_path(preset, stage)
+    if not path.is_file():
+        return "no config for this preset"
+    return run_status(load_stage_config(_config_class(stage.config_cls), path))
+
+
+def run_status(cfg) -> str:
+    """One line on where the run of a stage config stands: done, how far a cut run got (from its
+    checkpoints or output files), or not started. Reads the run folder only; runs nothing."""
+    out = Path(cfg.out_dir)
+    if is_done(out):
+        d = json.loads((out / "done.json").read_text())
+        amount = next((f"{d[k]} {k}" for k in ("steps", "pairs", "stories") if k in d), "")
+        return f"done: {amount} in {float(d.get('wall_s', 0.0)) / 60:.1f} min ({d.get('stop_reason', '-')})"
+    if not out.is_dir():
+        return "not started"
+    if getattr(cfg, "phases", ()):  # a curriculum: the first phase not done is where it stands
+        from .vae_stage import phase_configs
+
+        phases = phase_configs(cfg)
+        for k, sub in enumerate(phases):
+            if not is_done(sub.out_dir):
+                name = Path(sub.out_dir).name
+                return f"phase {name} ({k + 1} of {len(phases)}) {_step_progress(Path(sub.out_dir), sub.max_steps)}"
+        return "every phase done, not yet published (re-run the stage)"
+    for pattern in ("pairs_*.safetensors", "shard_*.safetensors"):  # ode / preencode write whole files
+        files = list(out.glob(pattern))
+        if files:
+            return f"{len(files)} {pattern.split('_')[0]} files written"
+    return _step_progress(out, getattr(cfg, "max_steps", 0))
+
+
 def run_overrides(preset: str, stage: Stage, out: Path) -> dict:
     """Fields of a run's saved config.yaml that differ from the stage's config file (time budgets cut to fit
     a session, a warm start): how the run that produced the shipped files departed from the recipe."""
@@ -228,6 +266,8 @@ def main(argv=None) -> int:
                         "runs/<preset>/export otherwise)")
     p.add_argument("--no-eval", action="store_true", help="skip python -m training.evaluate at the end")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--status", action="store_true",
+                   help="print where each stage stands (done, how far a cut run got), run nothing")
     args = p.parse_args(argv)
 
     preset = args.preset
@@ -235,6 +275,12 @@ def main(argv=None) -> int:
                                      else ROOT / "runs" / preset / "export")
     data_dir = ROOT / "runs" / preset / "data"
     wanted = set(args.only) if args.only else None
+    if args.status:
+        print(f"data: {'done' if is_done(data_dir) else 'not made'} ({data_dir})")
+        for stage in STAGES:
+            if wanted is None or stage.name in wanted:
+                print(f"{stage.name}: {stage_status(preset, stage)}")
+        return 0
 
     if (wanted is None or "data" in wanted) and not is_done(data_dir):
         print(f"[pipeline] data -> {data_dir}", flush=True)
