@@ -511,6 +511,8 @@ def test_status_says_how_far_a_cut_run_got(tmp_path):
     mark_done(tmp_path / "vae" / "a", steps=3)
     checkpoint(tmp_path / "vae" / "b", 2)
     assert run_status(vae) == "phase b (2 of 2) at step 2 of 4"
+    (tmp_path / "vae" / "b.collapsed_seed0").mkdir()
+    assert run_status(vae) == "phase b (2 of 2) (retry 1 after a collapse) at step 2 of 4"
     mark_done(tmp_path / "vae", steps=7, wall_s=120.0, stop_reason="phases done")
     assert run_status(vae) == "done: 7 steps in 2.0 min (phases done)"
 
@@ -523,3 +525,56 @@ def test_status_says_how_far_a_cut_run_got(tmp_path):
         (tmp_path / "ode" / f"pairs_{n:04d}.safetensors").write_bytes(b"")
     assert run_status(ode) == "2 pairs files written"
     assert main(["--preset", "micro", "--status", "--only", "teacher"]) == 0
+
+
+def test_input_dependence_tells_a_collapsed_autoencoder_from_a_working_one():
+    """1 for reconstructions that follow their inputs, 0 for one image whatever the input."""
+    from training.vae_stage import COLLAPSED_BELOW, input_dependence
+
+    class Identity:
+        encode = decode = staticmethod(lambda x: x)
+
+    class Constant(Identity):
+        decode = staticmethod(lambda z: torch.zeros_like(z[:1]).expand_as(z) + 0.3)
+
+    clips = torch.rand(4, 3, 5, 16, 16) * 2 - 1
+    assert input_dependence(Identity(), clips) == pytest.approx(1.0)
+    assert input_dependence(Constant(), clips) < COLLAPSED_BELOW
+    with pytest.raises(ValueError, match="at least 2 clips"):
+        input_dependence(Identity(), clips[:1])
+
+
+def test_a_collapsed_vae_phase_is_set_aside_and_trained_again_with_the_next_seed(tmp_path, monkeypatch):
+    """A phase whose result has collapsed moves to <name>.collapsed_seed<N> and trains again with seed N+1;
+    the next phase starts from the retry. A run that finds a set-aside attempt resumes with the next seed.
+    When every retry collapses, the stage stops with an error that names the fix, keeping the attempts."""
+    from shotstream_core.config import get_preset
+    from training import vae_stage
+
+    write_training_set(tmp_path / "data", 2, get_preset("micro").geometry, 1, 2)
+    argv = ["--config", str(REPO / "training/configs/micro-vae.yaml"), "--set", f"data_dir={tmp_path / 'data'}",
+            "--set", "num_stories=2", "--set", "phases=[{name: a, clip_frames: 5, crop: 16, max_steps: 2}]",
+            "--set", "collapse_check_steps=2"]
+    measured = iter([0.0, 0.9])  # the first attempt collapses, the retry does not
+    monkeypatch.setattr(vae_stage, "input_dependence", lambda vae, clips: next(measured))
+    vae_stage.main(argv + ["--set", f"out_dir={tmp_path / 'vae'}"])
+    aside = tmp_path / "vae" / "a.collapsed_seed0"
+    assert json.loads((aside / "done.json").read_text())["input_dependence"] == 0.0
+    retry = tmp_path / "vae" / "a"
+    assert json.loads((retry / "done.json").read_text())["input_dependence"] == 0.9
+    assert load_stage_config(vae_stage.VAEStageConfig, retry / "config.yaml").seed == 1
+    first = json.loads((tmp_path / "vae" / "done.json").read_text())["phases"][0]
+    assert first["input_dependence"] == 0.9 and first["collapsed_attempts"] == 1
+
+    (tmp_path / "cut" / "a.collapsed_seed0").mkdir(parents=True)  # a run cut during its first retry
+    monkeypatch.setattr(vae_stage, "input_dependence", lambda vae, clips: 0.9)
+    vae_stage.main(argv + ["--set", f"out_dir={tmp_path / 'cut'}"])
+    assert load_stage_config(vae_stage.VAEStageConfig, tmp_path / "cut" / "a" / "config.yaml").seed == 1
+
+    monkeypatch.setattr(vae_stage, "input_dependence", lambda vae, clips: 0.0)
+    with pytest.raises(RuntimeError, match="collapsed with seeds 0..1.*collapse_retries"):
+        vae_stage.main(argv + ["--set", f"out_dir={tmp_path / 'bad'}", "--set", "collapse_retries=1"])
+    assert (tmp_path / "bad" / "a.collapsed_seed0").is_dir() and (tmp_path / "bad" / "a" / "done.json").is_file()
+    assert not (tmp_path / "bad" / "done.json").exists()
+    vae_stage.main(argv + ["--set", f"out_dir={tmp_path / 'short'}", "--set", "collapse_check_steps=3"])
+    assert not list((tmp_path / "short").glob("*.collapsed_seed*"))  # 2 steps: too short to judge

@@ -162,7 +162,9 @@ def run_status(cfg) -> str:
         for k, sub in enumerate(phases):
             if not is_done(sub.out_dir):
                 name = Path(sub.out_dir).name
-                return f"phase {name} ({k + 1} of {len(phases)}) {_step_progress(Path(sub.out_dir), sub.max_steps)}"
+                aside = len(list(out.glob(f"{name}.collapsed_seed*")))
+                retry = f" (retry {aside} after a collapse)" if aside else ""
+                return f"phase {name} ({k + 1} of {len(phases)}){retry} {_step_progress(Path(sub.out_dir), sub.max_steps)}"
         return "every phase done, not yet published (re-run the stage)"
     for pattern in ("pairs_*.safetensors", "shard_*.safetensors"):  # ode / preencode write whole files
         files = list(out.glob(pattern))
@@ -244,6 +246,9 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
                 keep["run with"] = " ".join(f"{k}={v}" for k, v in overrides.items())
             if d.get("phases"):
                 keep["phase_psnr_db"] = ", ".join(f"{p['name']} {p['psnr_db']:.1f}" for p in d["phases"] if "psnr_db" in p)
+                retried = [f"{p['name']} {p['collapsed_attempts']}" for p in d["phases"] if p.get("collapsed_attempts")]
+                if retried:
+                    keep["collapsed attempts set aside"] = ", ".join(retried)
             details.append(f"- **{stage.name}** (`{stage_config_path(preset, stage).relative_to(ROOT)}`): "
                            + ", ".join(f"{k}={v if not isinstance(v, float) else round(v, 4)}" for k, v in keep.items()))
     if details:

@@ -64,6 +64,12 @@ class VAEStageConfig(StageConfig):
     # latent statistics, so latents already pre-encoded, and every DiT trained on them, stay valid.
     train_part: str = "all"
     stats_shots: int = 16  # shots encoded to measure the latent mean/std
+    # A phase whose reconstructions stop depending on its input (see input_dependence) is set aside as
+    # OUT/<name>.collapsed_seed<N> and trained again from the same start with the next seed, this many times.
+    collapse_retries: int = 2
+    # Only a phase of at least this many steps is checked: every autoencoder first learns the mean image,
+    # so a short run (the micro preset's few steps) can look collapsed without being stuck there.
+    collapse_check_steps: int = 200
     export: str = ""  # optional copy of vae.safetensors (e.g. shotstream_core/weights/tiny/vae.safetensors)
     # Curriculum: [{name: ..., <any field above>: ...}, ...] run in order (see the module docstring);
     # empty = one phase with the fields above.
@@ -165,6 +171,27 @@ def reconstruction_sheet(vae: WanVAE, shots: torch.Tensor, path, frames=(0, 8, 1
     return psnr
 
 
+# Below this, a phase has collapsed. Measured on phase-a runs (5-frame 16x16 crops): collapsed runs 2e-5
+# and 8e-4, healthy ones 0.76-0.87; a random initialisation gives 0.05.
+COLLAPSED_BELOW = 0.01
+
+
+@torch.no_grad()
+def input_dependence(vae: WanVAE, clips: torch.Tensor) -> float:
+    """How much the reconstructions of different clips differ, relative to how much the clips differ
+    (spread over the batch, mean over pixels): ~1 for a working autoencoder, ~0 for a collapsed one.
+
+    The collapse it detects: from a small random start, a few large Adam steps can grow a constant
+    component in the decoder's residual stream (|x| ~400 against a spread of ~5 over inputs) until the
+    head's RMS norm, which divides by |x| and subtracts no mean, returns the same image for every input.
+    Its gradients then vanish and the loss stays on the predict-the-mean plateau (about 2 in 8 phase-a
+    runs, whichever seed or thread count)."""
+    if clips.shape[0] < 2:
+        raise ValueError(f"input_dependence needs at least 2 clips to compare, got {clips.shape[0]}")
+    recon = vae.decode(vae.encode(clips))
+    return float(recon.std(dim=0).mean() / clips.std(dim=0).mean().clamp_min(1e-8))
+
+
 def phase_configs(cfg: VAEStageConfig) -> list[VAEStageConfig]:
     """The phases of cfg as complete configs: OUT/<name>/, each initialised from the one before."""
     out, prev, names = [], cfg.init_from, set()
@@ -181,6 +208,33 @@ def phase_configs(cfg: VAEStageConfig) -> list[VAEStageConfig]:
     return out
 
 
+def train_until_not_collapsed(cfg: VAEStageConfig, dist) -> VAEStageConfig:
+    """train(cfg); while the result has collapsed, set it aside and train again with the next seed. The
+    folders set aside count the attempts, so a run cut mid-retry resumes the right one."""
+    out = Path(cfg.out_dir)
+    aside = lambda: sorted(out.parent.glob(f"{out.name}.collapsed_seed*"))  # noqa: E731
+    base_seed = cfg.seed
+    while True:
+        cfg = dataclasses.replace(cfg, seed=base_seed + len(aside()))
+        train(cfg, dist)
+        done = json.loads((out / "done.json").read_text())
+        dependence = done.get("input_dependence", 1.0)
+        if dependence >= COLLAPSED_BELOW or int(done.get("steps", 0)) < cfg.collapse_check_steps:
+            return cfg
+        if len(aside()) >= cfg.collapse_retries:
+            raise RuntimeError(
+                f"VAE phase {out.name!r} collapsed with seeds {base_seed}..{cfg.seed}: its reconstructions no "
+                f"longer depend on the input (input dependence {dependence:.2g}, healthy runs ~0.8). Its "
+                f"attempts are kept beside it as {out.name}.collapsed_seed*. Fix: lower this phase's lr, or "
+                f"raise collapse_retries (--set collapse_retries=N), and run the stage again.")
+        dist.barrier()
+        if dist.is_main:
+            print(f"[vae] phase {out.name} collapsed (input dependence {dependence:.2g}); training it again "
+                  f"with seed {cfg.seed + 1}", flush=True)
+            out.rename(out.parent / f"{out.name}.collapsed_seed{cfg.seed}")
+        dist.barrier()
+
+
 def train_phases(cfg: VAEStageConfig, dist) -> dict:
     """Run every phase not yet done (a cut phase resumes), then publish the last one as OUT/vae.safetensors."""
     out = Path(cfg.out_dir)
@@ -191,8 +245,10 @@ def train_phases(cfg: VAEStageConfig, dist) -> dict:
     summaries = []
     for sub in phases:
         if not is_done(sub.out_dir):
-            train(sub, dist)
-        summaries.append({"name": Path(sub.out_dir).name, **json.loads((Path(sub.out_dir) / "done.json").read_text())})
+            sub = train_until_not_collapsed(sub, dist)
+        out_sub = Path(sub.out_dir)
+        summaries.append({"name": out_sub.name, **json.loads((out_sub / "done.json").read_text()),
+                          "collapsed_attempts": len(list(out_sub.parent.glob(f"{out_sub.name}.collapsed_seed*")))})
     summary = {"steps": sum(int(s.get("steps", 0)) for s in summaries),
                "stop_reason": "phases done", "wall_s": sum(float(s.get("wall_s", 0.0)) for s in summaries),
                "psnr_db": summaries[-1].get("psnr_db"),
@@ -274,9 +330,13 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         path = save_vae(vae, out / "vae.safetensors")
         reloaded = load_vae(path)  # what the engine will load
         psnr = reconstruction_sheet(reloaded, shots[:4], out / "recon.png")
+        # probe clips shaped like this phase's training clips, the same for every attempt
+        probe_shots = held if len(held) >= 2 else shots
+        probe = sample_clips(probe_shots, list(range(len(probe_shots))), cfg.clip_frames, cfg.crop, torch.Generator().manual_seed(0))
+        dependence = input_dependence(reloaded, probe.to(dist.device))
         if cfg.export:
             save_vae(vae, cfg.export)
-        summary.update(psnr_db=psnr, latent_mean=mean.tolist(), latent_std=std.tolist())
+        summary.update(psnr_db=psnr, input_dependence=dependence, latent_mean=mean.tolist(), latent_std=std.tolist())
         mark_done(out, **summary)
     dist.barrier()
     return summary
