@@ -563,8 +563,12 @@ def test_a_collapsed_vae_phase_is_set_aside_and_trained_again_with_the_next_seed
     retry = tmp_path / "vae" / "a"
     assert json.loads((retry / "done.json").read_text())["input_dependence"] == 0.9
     assert load_stage_config(vae_stage.VAEStageConfig, retry / "config.yaml").seed == 1
-    first = json.loads((tmp_path / "vae" / "done.json").read_text())["phases"][0]
+    stage = json.loads((tmp_path / "vae" / "done.json").read_text())
+    first = stage["phases"][0]
     assert first["input_dependence"] == 0.9 and first["collapsed_attempts"] == 1
+    aside_wall = json.loads((aside / "done.json").read_text())["wall_s"]
+    assert first["collapsed_wall_s"] == aside_wall > 0
+    assert stage["wall_s"] == pytest.approx(first["wall_s"] + aside_wall)  # the stage's time counts both
 
     (tmp_path / "cut" / "a.collapsed_seed0").mkdir(parents=True)  # a run cut during its first retry
     monkeypatch.setattr(vae_stage, "input_dependence", lambda vae, clips: 0.9)

@@ -247,10 +247,13 @@ def train_phases(cfg: VAEStageConfig, dist) -> dict:
         if not is_done(sub.out_dir):
             sub = train_until_not_collapsed(sub, dist)
         out_sub = Path(sub.out_dir)
+        aside = [json.loads(d.read_text()) for d in out_sub.parent.glob(f"{out_sub.name}.collapsed_seed*/done.json")]
         summaries.append({"name": out_sub.name, **json.loads((out_sub / "done.json").read_text()),
-                          "collapsed_attempts": len(list(out_sub.parent.glob(f"{out_sub.name}.collapsed_seed*")))})
-    summary = {"steps": sum(int(s.get("steps", 0)) for s in summaries),
-               "stop_reason": "phases done", "wall_s": sum(float(s.get("wall_s", 0.0)) for s in summaries),
+                          "collapsed_attempts": len(aside),
+                          "collapsed_wall_s": sum(float(d.get("wall_s", 0.0)) for d in aside)})
+    summary = {"steps": sum(int(s.get("steps", 0)) for s in summaries), "stop_reason": "phases done",
+               # the stage's time includes the attempts set aside
+               "wall_s": sum(float(s.get("wall_s", 0.0)) + s["collapsed_wall_s"] for s in summaries),
                "psnr_db": summaries[-1].get("psnr_db"),
                "phases": [{k: v for k, v in s.items() if k not in ("latent_mean", "latent_std", "final")}
                           for s in summaries]}
