@@ -6,7 +6,8 @@ stage 2 -> stage 3 -> stage 4 -> export and training report (-> evaluation).
 
 Each stage is its own command (`python -m training.<stage> --config training/configs/<preset>-<stage>.yaml`)
 run as a subprocess; a stage whose out_dir holds done.json is skipped, a cut one resumes from its last
-checkpoint (the stage itself does that); --status says where each stage stands. --nproc N runs the stages under torchrun with N processes.
+checkpoint (the stage itself does that); --status says where each stage stands. --nproc N runs the
+stages under torchrun with N processes.
 At the end the shipped files are copied to the export folder (shotstream_core/weights/<preset>/ for tiny)
 with training_report.md: wall time, steps and final losses of each stage, checkpoint sizes, loss plots.
 """

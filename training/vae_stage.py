@@ -181,11 +181,10 @@ def input_dependence(vae: WanVAE, clips: torch.Tensor) -> float:
     """How much the reconstructions of different clips differ, relative to how much the clips differ
     (spread over the batch, mean over pixels): ~1 for a working autoencoder, ~0 for a collapsed one.
 
-    The collapse it detects: from a small random start, a few large Adam steps can grow a constant
-    component in the decoder's residual stream (|x| ~400 against a spread of ~5 over inputs) until the
-    head's RMS norm, which divides by |x| and subtracts no mean, returns the same image for every input.
-    Its gradients then vanish and the loss stays on the predict-the-mean plateau (about 2 in 8 phase-a
-    runs, whichever seed or thread count)."""
+    The collapse it detects (2 of 8 test runs of phase a): the decoder's residual stream grows a constant
+    component (|x| ~400 against a spread of ~5 over inputs), and the head's RMS norm, which divides by
+    |x| and subtracts no mean, returns the same image for every input. Its gradients then vanish and
+    the loss stays on the predict-the-mean plateau for good."""
     if clips.shape[0] < 2:
         raise ValueError(f"input_dependence needs at least 2 clips to compare, got {clips.shape[0]}")
     recon = vae.decode(vae.encode(clips))
@@ -212,7 +211,10 @@ def train_until_not_collapsed(cfg: VAEStageConfig, dist) -> VAEStageConfig:
     """train(cfg); while the result has collapsed, set it aside and train again with the next seed. The
     folders set aside count the attempts, so a run cut mid-retry resumes the right one."""
     out = Path(cfg.out_dir)
-    aside = lambda: sorted(out.parent.glob(f"{out.name}.collapsed_seed*"))  # noqa: E731
+
+    def aside() -> list[Path]:
+        return sorted(out.parent.glob(f"{out.name}.collapsed_seed*"))
+
     base_seed = cfg.seed
     while True:
         cfg = dataclasses.replace(cfg, seed=base_seed + len(aside()))
