@@ -157,15 +157,15 @@ def run_status(cfg) -> str:
     if not out.is_dir():
         return "not started"
     if getattr(cfg, "phases", ()):  # a curriculum: the first phase not done is where it stands
-        from .vae_stage import phase_configs
+        from .vae_stage import collapsed_attempts, phase_configs
 
         phases = phase_configs(cfg)
         for k, sub in enumerate(phases):
             if not is_done(sub.out_dir):
-                name = Path(sub.out_dir).name
-                aside = len(list(out.glob(f"{name}.collapsed_seed*")))
+                aside = len(collapsed_attempts(sub.out_dir))
                 retry = f" (retry {aside} after a collapse)" if aside else ""
-                return f"phase {name} ({k + 1} of {len(phases)}){retry} {_step_progress(Path(sub.out_dir), sub.max_steps)}"
+                return (f"phase {Path(sub.out_dir).name} ({k + 1} of {len(phases)}){retry} "
+                        f"{_step_progress(Path(sub.out_dir), sub.max_steps)}")
         return "every phase done, not yet published (re-run the stage)"
     for pattern in ("pairs_*.safetensors", "shard_*.safetensors"):  # ode / preencode write whole files
         files = list(out.glob(pattern))

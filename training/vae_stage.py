@@ -207,23 +207,25 @@ def phase_configs(cfg: VAEStageConfig) -> list[VAEStageConfig]:
     return out
 
 
-def train_until_not_collapsed(cfg: VAEStageConfig, dist) -> VAEStageConfig:
+def collapsed_attempts(phase_dir) -> list[Path]:
+    """The attempts of a phase set aside after a collapse: <phase>.collapsed_seed<N> beside its folder."""
+    phase_dir = Path(phase_dir)
+    return sorted(phase_dir.parent.glob(f"{phase_dir.name}.collapsed_seed*"))
+
+
+def train_until_not_collapsed(cfg: VAEStageConfig, dist) -> None:
     """train(cfg); while the result has collapsed, set it aside and train again with the next seed. The
     folders set aside count the attempts, so a run cut mid-retry resumes the right one."""
     out = Path(cfg.out_dir)
-
-    def aside() -> list[Path]:
-        return sorted(out.parent.glob(f"{out.name}.collapsed_seed*"))
-
     base_seed = cfg.seed
     while True:
-        cfg = dataclasses.replace(cfg, seed=base_seed + len(aside()))
+        cfg = dataclasses.replace(cfg, seed=base_seed + len(collapsed_attempts(out)))
         train(cfg, dist)
         done = json.loads((out / "done.json").read_text())
         dependence = done.get("input_dependence", 1.0)
         if dependence >= COLLAPSED_BELOW or int(done.get("steps", 0)) < cfg.collapse_check_steps:
-            return cfg
-        if len(aside()) >= cfg.collapse_retries:
+            return
+        if len(collapsed_attempts(out)) >= cfg.collapse_retries:
             raise RuntimeError(
                 f"VAE phase {out.name!r} collapsed with seeds {base_seed}..{cfg.seed}: its reconstructions no "
                 f"longer depend on the input (input dependence {dependence:.2g}, healthy runs ~0.8). Its "
@@ -247,9 +249,10 @@ def train_phases(cfg: VAEStageConfig, dist) -> dict:
     summaries = []
     for sub in phases:
         if not is_done(sub.out_dir):
-            sub = train_until_not_collapsed(sub, dist)
+            train_until_not_collapsed(sub, dist)
         out_sub = Path(sub.out_dir)
-        aside = [json.loads(d.read_text()) for d in out_sub.parent.glob(f"{out_sub.name}.collapsed_seed*/done.json")]
+        aside = [json.loads((d / "done.json").read_text()) for d in collapsed_attempts(out_sub)
+                 if (d / "done.json").is_file()]
         summaries.append({"name": out_sub.name, **json.loads((out_sub / "done.json").read_text()),
                           "collapsed_attempts": len(aside),
                           "collapsed_wall_s": sum(float(d.get("wall_s", 0.0)) for d in aside)})
