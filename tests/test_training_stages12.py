@@ -172,6 +172,40 @@ def test_teacher_overfits_a_fixed_batch(store):
     assert losses[-1] < 0.5 * losses[0], losses[::6]
 
 
+def test_diagnose_reads_flow_error_and_text_gain(store):
+    """An oracle that knows x0 scores zero error; a model without a text path gains nothing from captions,
+    and a random one does (so text_gain can fail both ways)."""
+    from training.data import LatentStoryDataset
+    from training.diagnose import diagnose
+
+    ds = LatentStoryDataset(store / "latents")
+    sigmas = (0.5, 0.9)
+    torch.manual_seed(0)
+    model = WanDiT(DIT).eval()
+    random_scores = diagnose(model, ds, PRESET, num_targets=4, sigmas=sigmas)
+    assert set(random_scores) == {"flow_mse@0.5", "char_mse@0.5", "flow_mse@0.9", "char_mse@0.9", "text_gain@0.9"}
+    assert random_scores["flow_mse@0.5"] > 0.5 and random_scores["char_mse@0.5"] > 0.5  # character cells exist
+    assert random_scores["text_gain@0.9"] != 0.0
+
+    for block in model.blocks:  # cut the text path: captions can no longer change the output
+        torch.nn.init.zeros_(block.cross_attn.o.weight)
+        torch.nn.init.zeros_(block.cross_attn.o.bias)
+    assert diagnose(model, ds, PRESET, num_targets=4, sigmas=sigmas)["text_gain@0.9"] == pytest.approx(0.0, abs=1e-6)
+
+    schedule = FlowSchedule(SAMPLER.num_train_timesteps, SAMPLER.shift)
+
+    class Oracle(torch.nn.Module):  # v = (x_t - x0) / sigma = noise - x0, with x0 looked up by the context
+        def forward(self, seq, t, text, flags, prompt_ids, shot_phase):
+            from training.stage1_teacher import make_batch
+            x0 = make_batch(ds, ds.targets[::max(1, len(ds.targets) // 4)][:4], FC, DIT.text_len).x0
+            sigma = schedule.sigma(t).view(-1, 1, 1, 1, 1)
+            fc = seq.shape[2] - x0.shape[2]
+            return torch.cat([seq[:, :, :fc], (seq[:, :, fc:] - (1 - sigma) * x0) / sigma - x0], dim=2)
+
+    oracle_scores = diagnose(Oracle(), ds, PRESET, num_targets=4, sigmas=sigmas)
+    assert oracle_scores["flow_mse@0.5"] < 1e-6 and oracle_scores["char_mse@0.9"] < 1e-6
+
+
 def test_teacher_loss_is_zero_weight_at_pure_noise():
     schedule = FlowSchedule()
     w = schedule.training_weight(torch.tensor([1000.0, 500.0]))
