@@ -493,6 +493,37 @@ def test_report_names_how_a_run_departed_from_its_config(tmp_path):
     assert run_overrides("micro", stage, tmp_path / "never_ran") == {}
 
 
+def test_export_waits_for_a_student_and_never_half_replaces_the_shipped_model(tmp_path, monkeypatch):
+    """A run cut after its VAE (or a --only data run) leaves the export folder as it was, report included;
+    once a student stage is done, the VAE, teacher and student are exported together."""
+    from training import pipeline
+
+    runs = {s.name: tmp_path / "runs" / s.name for s in pipeline.STAGES}
+    monkeypatch.setattr(pipeline, "stage_out_dir", lambda preset, stage: runs[stage.name])
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "training_report.md").write_text("the shipped run")
+    for stage, name in (("decoder", "vae.safetensors"), ("teacher", "teacher.safetensors")):
+        runs[stage].mkdir(parents=True)
+        (runs[stage] / name).write_bytes(stage.encode())
+        mark_done(runs[stage], steps=1)
+    assert pipeline.export("micro", shipped) == []
+    monkeypatch.setattr(pipeline, "make_data", lambda preset, data_dir: None)
+    assert pipeline.main(["--preset", "micro", "--only", "data", "--no-eval", "--export-dir", str(shipped)]) == 0
+    assert sorted(p.name for p in shipped.iterdir()) == ["training_report.md"]
+    assert (shipped / "training_report.md").read_text() == "the shipped run"
+
+    runs["stage2"].mkdir(parents=True)
+    (runs["stage2"] / "student.safetensors").write_bytes(b"stage2")
+    mark_done(runs["stage2"], steps=1)
+    assert sorted(pipeline.export("micro", shipped)) == [
+        "dit.safetensors (from stage2)", "teacher.safetensors (from teacher)", "vae.safetensors (from decoder)"]
+    assert (shipped / "vae.safetensors").read_bytes() == b"decoder"
+    assert (shipped / "dit.safetensors").read_bytes() == b"stage2"
+    with pytest.raises(SystemExit):  # a misspelt stage is refused, not silently skipped
+        pipeline.main(["--preset", "micro", "--only", "teachr", "--export-dir", str(shipped)])
+
+
 def test_status_says_how_far_a_cut_run_got(tmp_path):
     """--status reads the run folders: not started, the phase and checkpoint step a cut curriculum stopped
     at, the output files a cut ODE run wrote, and done with its steps."""

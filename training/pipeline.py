@@ -120,18 +120,24 @@ def _mb(n: int) -> str:
 
 
 def export(preset: str, export_dir: Path) -> list[str]:
-    """Copy the shipped files of the finished stages; returns the names copied."""
-    export_dir.mkdir(parents=True, exist_ok=True)
+    """Copy the shipped files of the finished stages; returns the names copied.
+
+    Nothing is copied until a student stage is done: a new VAE or teacher alone would not match the
+    shipped student (it was trained on the old latents), and the package must always load as one model."""
     stages = {s.name: s for s in STAGES}
-    copied = []
+    found = {}
     for name, candidates, src in SHIPPED:
         for stage in candidates:
             out = stage_out_dir(preset, stages[stage])
             if out is not None and (out / src).is_file() and is_done(out):
-                copy_file(out / src, export_dir / name)
-                copied.append(f"{name} (from {stage})")
+                found[name] = (out / src, stage)
                 break
-    return copied
+    if "dit.safetensors" not in found:
+        return []
+    export_dir.mkdir(parents=True, exist_ok=True)
+    for name, (path, _) in found.items():
+        copy_file(path, export_dir / name)
+    return [f"{name} (from {stage})" for name, (_, stage) in found.items()]
 
 
 def _step_progress(out: Path, max_steps: int) -> str:
@@ -281,6 +287,9 @@ def main(argv=None) -> int:
                                      else ROOT / "runs" / preset / "export")
     data_dir = ROOT / "runs" / preset / "data"
     wanted = set(args.only) if args.only else None
+    known = ["data"] + [s.name for s in STAGES]
+    if wanted is not None and wanted - set(known):
+        p.error(f"--only: unknown stage(s) {sorted(wanted - set(known))}; choose from {known}")
     if args.status:
         print(f"data: {'done' if is_done(data_dir) else 'not made'} ({data_dir})")
         for stage in STAGES:
@@ -318,6 +327,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
     copied = export(preset, export_dir)
+    if not copied:
+        print(f"[pipeline] no student stage is done yet: nothing exported, {export_dir} is unchanged", flush=True)
+        return 0
     report = write_training_report(preset, export_dir, data_dir)
     print(f"[pipeline] exported {copied} and {report}", flush=True)
     if not args.no_eval and (export_dir / "dit.safetensors").is_file():
