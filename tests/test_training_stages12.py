@@ -206,6 +206,20 @@ def test_diagnose_reads_flow_error_and_text_gain(store):
     assert oracle_scores["flow_mse@0.5"] < 1e-6 and oracle_scores["char_mse@0.9"] < 1e-6
 
 
+def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path):
+    from shotstream_core.loading import save_dit
+    from training.diagnose import main
+
+    torch.manual_seed(0)
+    paths = [str(save_dit(WanDiT(DIT), tmp_path / f"t{i}.safetensors")) for i in range(2)]
+    argv = [*paths, "--latent-dir", str(store / "latents"), "--preset", "micro", "--targets", "4"]
+    results = main(argv + ["--sample-shots", "2", "--vae", str(store / "vae.safetensors"), "--steps", "2"])
+    assert list(results) == paths and results[paths[0]] != results[paths[1]]
+    assert all(0.0 <= r["sample_adherence"] <= 1.0 for r in results.values())
+    with pytest.raises(SystemExit):  # sampling without the VAE to decode with is refused up front
+        main(argv + ["--sample-shots", "2"])
+
+
 def test_teacher_loss_is_zero_weight_at_pure_noise():
     schedule = FlowSchedule()
     w = schedule.training_weight(torch.tensor([1000.0, 500.0]))

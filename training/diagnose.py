@@ -14,6 +14,8 @@ two checkpoints compare number for number. Per noise level sigma:
 - text_gain (sigma >= 0.8 only): 1 - char_mse / char_mse with every caption replaced by the negative
   prompt. It is the share of the character error the captions remove where the captions are all a model
   has to go on: about 0 means the characters' words are ignored.
+With --sample-shots N it also samples the last N training-split shots with CFG and scores them with the
+analyser (adherence), as the ODE stage's guidance check does: slower (minutes), but what counts.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ import torch
 
 from shotstream_core.config import Preset, get_preset
 from shotstream_core.schedule import FlowSchedule
+from shotstream_core.vae import load_vae
 
 from .data import LatentStoryDataset
-from .ode_pairs import load_teacher
+from .ode_pairs import check_guidance, load_teacher
 from .stage1_teacher import make_batch
 
 SIGMAS = (0.3, 0.6, 0.8, 0.95)
@@ -75,13 +78,26 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--targets", type=int, default=48, help="target shots in the fixed batch")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sample-shots", type=int, default=0,
+                   help="also sample this many training-split shots (the last targets of the store, as the ODE "
+                        "stage's guidance check) and score them with the analyser: adherence (needs --vae)")
+    p.add_argument("--vae", default="", help="the VAE the latents were encoded with (for --sample-shots)")
+    p.add_argument("--guidance", type=float, default=3.0, help="CFG scale for --sample-shots")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps for --sample-shots")
     a = p.parse_args(argv)
+    if a.sample_shots and not a.vae:
+        p.error("--sample-shots decodes its samples: give --vae (the VAE the latents were encoded with)")
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     preset, ds = get_preset(a.preset), LatentStoryDataset(a.latent_dir)
+    vae = load_vae(a.vae) if a.sample_shots else None
     results = {}
     for path in a.weights:
-        results[path] = diagnose(load_teacher(path, 'cpu'), ds, preset, a.targets)
+        teacher = load_teacher(path, "cpu")
+        results[path] = diagnose(teacher, ds, preset, a.targets)
+        if vae is not None:
+            scores = check_guidance(teacher, ds, preset, [a.guidance], a.sample_shots, vae, "cpu", a.steps, seed=0)
+            results[path]["sample_adherence"] = round(scores[a.guidance], 4)
         print(path, json.dumps(results[path]), flush=True)
     return results
 
