@@ -145,6 +145,20 @@ def test_lr_warmup_then_cosine():
 
 # --- checkpoints and logs -------------------------------------------------------------------------
 
+def test_checkpointed_dit_loads_with_its_own_config(tmp_path):
+    """A DiT of no preset's shape (a 1x1 patch, 4 heads): its checkpoint carries the config, so heads and
+    text length, which tensor shapes cannot tell, load as trained."""
+    from shotstream_core.config import DiTConfig
+    from shotstream_core.loading import load_dit_state
+    from shotstream_core.model import WanDiT
+
+    cfg = DiTConfig(dim=64, ffn_dim=96, num_heads=4, num_layers=1, freq_dim=32, text_dim=32, text_len=24,
+                    patch_size=(1, 1, 1))
+    path = Checkpointer(tmp_path).save(1, {"teacher": WanDiT(cfg), "head": nn.Linear(2, 2)}, {})
+    sd, found = load_dit_state(path / "teacher.safetensors")
+    assert found == cfg
+
+
 def test_checkpointer_roundtrip_weights_optimizer_and_rng(tmp_path):
     torch.manual_seed(0)
     net = nn.Linear(4, 3)

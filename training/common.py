@@ -26,6 +26,8 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from shotstream_core.config import DiTConfig
+
 
 # --- configs ---------------------------------------------------------------------------------------
 
@@ -262,8 +264,13 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, module in modules.items():
-            sd = {k: v.detach().contiguous().cpu() for k, v in unwrap(module).state_dict().items()}
-            save_file(sd, str(tmp / f"{name}.safetensors"))
+            module = unwrap(module)
+            sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            config = getattr(module, "config", None)
+            # a DiT's config rides along (as save_dit writes it): heads and text length are not in the shapes
+            meta = ({"shotstream_config": json.dumps(dataclasses.asdict(config))}
+                    if isinstance(config, DiTConfig) else None)
+            save_file(sd, str(tmp / f"{name}.safetensors"), metadata=meta)
         state = {"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                  "rng": _rng_state(), "extra": dict(extra or {})}
         torch.save(state, tmp / "state.pt")
