@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
-from statistics import median
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_train_precision import teacher_step  # noqa: E402
+from bench_train_precision import teacher_step, time_alternating  # noqa: E402
 from shotstream_core.config import get_preset  # noqa: E402
 
 
@@ -43,17 +41,9 @@ def main() -> None:
         ph, pw = pr.dit.patch_size[1:]
         grid = f"{geo.latent_height // ph}x{geo.latent_width // pw}"
         steps[f"patch {ph}x{pw} ({grid} tokens a frame)"] = teacher_step(pr, a.batch)
-    for step in steps.values():  # warm-up: allocator, oneDNN primitive caches
-        step(False)
-    times = {name: [] for name in steps}
-    for _ in range(a.repeats):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step(False)
-            times[name].append(time.perf_counter() - t0)
+    med = time_alternating({name: (lambda s=step: s(False)) for name, step in steps.items()}, a.repeats)
     print(f"{a.preset} preset, teacher step (forward + backward, fp32, batch {a.batch}), "
           f"{torch.get_num_threads()} threads, median of {a.repeats}:")
-    med = {name: median(v) for name, v in times.items()}
     base = next(iter(med.values()))
     for name, t in med.items():
         print(f"  {name}: {t * 1e3:.0f} ms, {t / base:.2f}x the preset's")

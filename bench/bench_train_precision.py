@@ -62,15 +62,22 @@ def teacher_step(preset, batch: int):
     return step
 
 
-def time_side_by_side(step, repeats: int) -> dict[str, float]:
-    step(False), step(True)  # warm-up: allocator, oneDNN primitive caches
-    times = {"fp32": [], "bf16": []}
+def time_alternating(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each named call; the calls alternate within every repeat, so machine noise
+    hits all alike."""
+    for call in calls.values():  # warm-up: allocator, oneDNN primitive caches
+        call()
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        for name, bf16 in (("fp32", False), ("bf16", True)):
+        for name, call in calls.items():
             t0 = time.perf_counter()
-            step(bf16)
+            call()
             times[name].append(time.perf_counter() - t0)
     return {k: median(v) for k, v in times.items()}
+
+
+def time_side_by_side(step, repeats: int) -> dict[str, float]:
+    return time_alternating({"fp32": lambda: step(False), "bf16": lambda: step(True)}, repeats)
 
 
 def main() -> None:

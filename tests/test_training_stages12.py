@@ -176,7 +176,8 @@ def test_diagnose_reads_flow_error_and_text_gain(store):
     """An oracle that knows x0 scores zero error; a model without a text path gains nothing from captions,
     and a random one does (so text_gain can fail both ways)."""
     from training.data import LatentStoryDataset
-    from training.diagnose import diagnose
+    from training.diagnose import diagnose, fixed_targets
+    from training.stage1_teacher import make_batch
 
     ds = LatentStoryDataset(store / "latents")
     sigmas = (0.5, 0.9)
@@ -196,8 +197,7 @@ def test_diagnose_reads_flow_error_and_text_gain(store):
 
     class Oracle(torch.nn.Module):  # v = (x_t - x0) / sigma = noise - x0, with x0 looked up by the context
         def forward(self, seq, t, text, flags, prompt_ids, shot_phase):
-            from training.stage1_teacher import make_batch
-            x0 = make_batch(ds, ds.targets[::max(1, len(ds.targets) // 4)][:4], FC, DIT.text_len).x0
+            x0 = make_batch(ds, fixed_targets(ds, 4), FC, DIT.text_len).x0
             sigma = schedule.sigma(t).view(-1, 1, 1, 1, 1)
             fc = seq.shape[2] - x0.shape[2]
             return torch.cat([seq[:, :, :fc], (seq[:, :, fc:] - (1 - sigma) * x0) / sigma - x0], dim=2)

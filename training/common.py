@@ -27,6 +27,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from shotstream_core.config import DiTConfig
+from shotstream_core.loading import save_dit
 
 
 # --- configs ---------------------------------------------------------------------------------------
@@ -265,12 +266,11 @@ class Checkpointer:
         tmp.mkdir(parents=True)
         for name, module in modules.items():
             module = unwrap(module)
+            if isinstance(getattr(module, "config", None), DiTConfig):
+                save_dit(module, tmp / f"{name}.safetensors")  # with its config: heads, text length
+                continue
             sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            config = getattr(module, "config", None)
-            # a DiT's config rides along (as save_dit writes it): heads and text length are not in the shapes
-            meta = ({"shotstream_config": json.dumps(dataclasses.asdict(config))}
-                    if isinstance(config, DiTConfig) else None)
-            save_file(sd, str(tmp / f"{name}.safetensors"), metadata=meta)
+            save_file(sd, str(tmp / f"{name}.safetensors"))
         state = {"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                  "rng": _rng_state(), "extra": dict(extra or {})}
         torch.save(state, tmp / "state.pt")

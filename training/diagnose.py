@@ -37,12 +37,16 @@ TEXT_GAIN_FROM = 0.8  # below it the noisy shot itself shows the characters' col
 CHAR_DETAIL_RATIO = 2.0  # a character cell's detail is above this many times its frame's mean
 
 
+def fixed_targets(ds: LatentStoryDataset, num_targets: int) -> list[tuple[int, int]]:
+    """num_targets (story, shot) targets spread evenly over the latent set: the same on every call."""
+    return ds.targets[::max(1, len(ds.targets) // num_targets)][:num_targets]
+
+
 @torch.no_grad()
 def diagnose(model, ds: LatentStoryDataset, preset: Preset, num_targets: int = 48, sigmas=SIGMAS,
              seed: int = 123) -> dict[str, float]:
     """model(seq, t, text, flags, prompt_ids, shot_phase=...) -> flow; returns {metric@sigma: value}."""
-    step = max(1, len(ds.targets) // num_targets)
-    targets = ds.targets[::step][:num_targets]
+    targets = fixed_targets(ds, num_targets)
     batch = make_batch(ds, targets, preset.sampler.context_frames, preset.dit.text_len)
     if batch.detail is None:
         raise ValueError("the latent set has no detail maps: re-run training.preencode (it stores them)")

@@ -288,8 +288,9 @@ def main(argv=None) -> int:
     data_dir = ROOT / "runs" / preset / "data"
     wanted = set(args.only) if args.only else None
     known = ["data"] + [s.name for s in STAGES]
-    if wanted is not None and wanted - set(known):
-        p.error(f"--only: unknown stage(s) {sorted(wanted - set(known))}; choose from {known}")
+    unknown = sorted(wanted - set(known)) if wanted is not None else []
+    if unknown:
+        p.error(f"--only: unknown stage(s) {unknown}; choose from {known}")
     if args.status:
         print(f"data: {'done' if is_done(data_dir) else 'not made'} ({data_dir})")
         for stage in STAGES:
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
         return 0
     report = write_training_report(preset, export_dir, data_dir)
     print(f"[pipeline] exported {copied} and {report}", flush=True)
-    if not args.no_eval and (export_dir / "dit.safetensors").is_file():
+    if not args.no_eval:
         cmd = [sys.executable, "-m", "training.evaluate", "--model", preset, "--out", str(export_dir)]
         if preset != "tiny":
             cmd += ["--weights-dir", str(export_dir), "--quick"]
