@@ -87,12 +87,28 @@ def infer_dit_config(sd: dict[str, torch.Tensor], meta: dict | None = None) -> D
     return DiTConfig(num_heads=heads, text_len=text_len, eps=meta.get("eps", 1e-6), **shape)
 
 
-def match_preset(cfg: DiTConfig) -> Preset:
-    """The preset whose DiT this is (geometry, sampler, VAE and text encoder defaults); else 1.3B's defaults."""
+def dit_misfit(cfg: DiTConfig, preset: Preset) -> str | None:
+    """Why a DiT of shape `cfg` cannot run in `preset`'s pipeline (its latents, text features and prompt
+    length), or None. Width, depth, heads and patch may differ: everything else derives them from the DiT."""
+    want = preset.dit
+    bad = [f"{name} {getattr(cfg, name)} (the {preset.name} preset has {getattr(want, name)})"
+           for name in ("in_channels", "out_channels", "text_dim", "text_len")
+           if getattr(cfg, name) != getattr(want, name)]
+    return "; ".join(bad) or None
+
+
+def match_preset(cfg: DiTConfig, family: str | None = None) -> Preset:
+    """The preset whose DiT this is (geometry, sampler, VAE and text encoder defaults). A DiT no preset has
+    (e.g. a tiny teacher trained with a finer patch) joins `family` when it fits that preset's latents and
+    text; else it gets 1.3B's defaults."""
     for make in PRESETS.values():
         p = make()
         if p.dit == cfg:
             return p
+    if family is not None:
+        p = get_preset(family)
+        if dit_misfit(cfg, p) is None:
+            return dataclasses.replace(p, dit=cfg)
     base = get_preset("wan2.1-t2v-1.3b")
     return dataclasses.replace(base, name=f"custom-{cfg.dim}x{cfg.num_layers}", dit=cfg)
 
@@ -216,7 +232,8 @@ def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: st
                 device: str = "auto", attention: str = "auto", text_encoder_device: str = "cpu",
                 lora_path=None, lora_strength: float = 1.0):
     """Build a ShotStreamEngine. dit_path None -> the bundled model of `preset` (random weights, with a
-    warning, when no trained weights are bundled for it)."""
+    warning, when no trained weights are bundled for it). A DiT file whose shape no preset has runs in
+    `preset`'s geometry when it fits that preset's latents and text (match_preset)."""
     from .engine import ShotStreamEngine
     from .vae import WanVAE, load_vae
 
@@ -236,7 +253,7 @@ def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: st
         sd, cfg = load_dit_state(dit_path)
     if lora_path is not None:
         sd = merge_lora(sd, read_tensors(lora_path), lora_strength)
-    p = match_preset(cfg)
+    p = match_preset(cfg, family=preset)
     dit = build_dit(sd, cfg, torch_dtype, dev, attention)
 
     if vae_path is None:

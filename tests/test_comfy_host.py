@@ -13,7 +13,6 @@ import copy
 import json
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import pytest

@@ -1,5 +1,4 @@
 """Checkpoint formats, config inference, LoRA merge and wrong-file errors (issue 2, acceptance 6)."""
-import dataclasses
 import json
 import os
 

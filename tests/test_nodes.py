@@ -3,7 +3,6 @@
 Node functions are called directly, with the engine. Most behaviour is checked on the micro preset (fast);
 one test goes through LoadShotStream with the bundled tiny model.
 """
-import importlib.util
 import math
 import sys
 import warnings

@@ -1,5 +1,4 @@
 """Training infrastructure: configs, checkpoints, step batches, logs, exact resume, 2-process torchrun."""
-import dataclasses
 import json
 import subprocess
 import sys

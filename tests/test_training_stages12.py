@@ -1,5 +1,6 @@
 """VAE stage, pre-encoding, stage 1 teacher, ODE pairs, stage 2 (micro preset): data layout, the context
 rule, and an overfit test per stage (loss over a fixed small batch goes down clearly)."""
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -345,7 +346,7 @@ def test_stage2_overfits_a_fixed_batch(ode_run):
     store, _ = ode_run
     pairs, ds = ODEPairs(store / "ode"), LatentStoryDataset(store / "latents")
     batch = ode_batch(pairs, ds, [0, 1, 2, 3], SAMPLER.block_frames, DIT.text_len, torch.Generator().manual_seed(1))
-    x_t, t = batch[0], batch[1]
+    t = batch[1]
     assert (t > 0).any()
     mask = block_causal_mask(FC, GEO.latent_frames, SAMPLER.block_frames,
                              DIT.tokens_per_frame(GEO.latent_height, GEO.latent_width))
@@ -377,3 +378,56 @@ def test_stage2_loss_ignores_clean_frames(ode_run):
     assert torch.equal(ode_loss(student, schedule, tuple(batch), mask, "cpu", SAMPLER.rope_shot_phase), base)
     batch[2][:, :, 3:] += 5.0
     assert ode_loss(student, schedule, tuple(batch), mask, "cpu", SAMPLER.rope_shot_phase) > base
+
+
+# --- a DiT shape other than the preset's (the teacher's `dit:` changes) -------------------------------
+
+def test_a_finer_patch_teacher_carries_its_shape_through_every_stage(store, tmp_path):
+    """The teacher alone chooses the architecture (here 1x1 patches: 4x the preset's tokens a frame); ODE
+    pairs, stage 2 and stage 3 take it from its weights, and the engine runs the student in the preset's
+    geometry."""
+    import warnings
+
+    from shotstream_core.engine import ShotRequest
+    from shotstream_core.loading import ModelLoadError, load_dit_state, load_engine, save_dit
+    from training import ode_pairs, stage1_teacher, stage2_ode, stage3_dmd
+
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    latents = f"latent_dir={store / 'latents'}"
+
+    def run(module, stage, out, *extra):
+        argv = ["--config", str(configs / f"micro-{stage}.yaml"), "--set", f"out_dir={tmp_path / out}",
+                "--set", latents]
+        for item in extra:
+            argv += ["--set", item]
+        return module.main(argv)
+
+    run(stage1_teacher, "teacher", "teacher", "max_steps=2", "sample_stories=0", "dit={patch_size: [1, 1, 1]}")
+    teacher = tmp_path / "teacher" / "teacher.safetensors"
+    _, cfg = load_dit_state(teacher)
+    assert cfg.patch_size == (1, 1, 1) and cfg.tokens_per_frame(4, 4) == 4 * DIT.tokens_per_frame(4, 4)
+    assert cfg == dataclasses.replace(DIT, patch_size=(1, 1, 1))  # nothing else changed
+    run(ode_pairs, "ode", "ode", f"teacher_path={teacher}", "num_pairs=4", "steps=4")
+    run(stage2_ode, "stage2", "stage2", f"teacher_path={teacher}", f"ode_dir={tmp_path / 'ode'}", "max_steps=2")
+    student2 = tmp_path / "stage2" / "student.safetensors"
+    run(stage3_dmd, "stage3", "stage3", f"teacher_path={teacher}", f"student_path={student2}", "max_steps=2")
+    student3 = tmp_path / "stage3" / "student.safetensors"
+    assert load_dit_state(student2)[1] == load_dit_state(student3)[1] == cfg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = load_engine(dit_path=student3, vae_path=store / "vae.safetensors", preset="micro", device="cpu")
+    assert engine.preset.geometry == GEO and engine.dit.config == cfg
+    state, frames = engine.generate_shot(engine.new_story(), ShotRequest("a red circle in a meadow",
+                                                                         "wide shot, the circle moves left"))
+    assert state.num_shots == 1 and tuple(frames.shape) == (GEO.frames_per_shot, GEO.height, GEO.width, 3)
+
+    # A student of another shape than its teacher, and shape changes that the latents or text cannot
+    # feed, fail before any training, naming the problem.
+    save_dit(CausalWanDiT(DIT), tmp_path / "patch2.safetensors")
+    with pytest.raises(ModelLoadError, match="patch-1x2x2.*patch-1x1x1"):
+        run(stage3_dmd, "stage3", "bad3", f"teacher_path={teacher}", f"student_path={tmp_path / 'patch2.safetensors'}")
+    with pytest.raises(ValueError, match="text_dim 8 .*the micro preset has 32"):
+        run(stage1_teacher, "teacher", "bad1", "max_steps=1", "sample_stories=0", "dit={text_dim: 8}")
+    with pytest.raises(ValueError, match="unknown config key.*patch"):
+        run(stage1_teacher, "teacher", "bad1", "max_steps=1", "sample_stories=0", "dit={patch: [1, 1, 1]}")

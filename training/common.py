@@ -26,8 +26,8 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from shotstream_core.config import DiTConfig
-from shotstream_core.loading import save_dit
+from shotstream_core.config import DiTConfig, Preset
+from shotstream_core.loading import ModelLoadError, dit_misfit, save_dit
 
 
 # --- configs ---------------------------------------------------------------------------------------
@@ -108,6 +108,33 @@ def replace_config(cfg, values: dict, fixed=(), what: str = ""):
         raise ValueError(f"unknown config key(s) {unknown} for {what or cls.__name__}; known: {sorted(names)}")
     hints = typing.get_type_hints(cls)
     return dataclasses.replace(cfg, **{k: _coerce(v, hints[k]) for k, v in values.items()})
+
+
+def describe_dit(dit: DiTConfig) -> str:
+    return f"{dit.dim}-dim {dit.num_layers}-layer {dit.num_heads}-head patch-{'x'.join(map(str, dit.patch_size))}"
+
+
+def preset_with_dit(preset: Preset, changes: dict) -> Preset:
+    """`preset` with its DiT's shape changed by `changes` (the teacher config's `dit:` field, e.g.
+    {patch_size: [1, 1, 1]}); the new shape must still read the preset's latents and text."""
+    if not changes:
+        return preset
+    dit = replace_config(preset.dit, changes, what=f"dit (changes to the {preset.name} preset's DiT)")
+    misfit = dit_misfit(dit, preset)
+    if misfit:
+        raise ValueError(f"dit: {misfit}: these follow from the VAE and the text encoder; change the DiT's "
+                         f"width, depth, heads or patch only")
+    return dataclasses.replace(preset, dit=dit)
+
+
+def preset_for_weights(preset: Preset, dit: DiTConfig, path) -> Preset:
+    """`preset` with the DiT shape that weights at `path` have (a teacher trained with `dit:` changes):
+    the later stages take the architecture from the teacher, never from a config of their own."""
+    misfit = dit_misfit(dit, preset)
+    if misfit:
+        raise ModelLoadError(f"{path} does not fit the {preset.name} preset: {misfit}. Train it on this "
+                             f"preset's latents, or pick the preset it was trained for")
+    return dataclasses.replace(preset, dit=dit)
 
 
 def save_config(cfg, path) -> None:

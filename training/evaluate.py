@@ -34,7 +34,7 @@ from shotstream_core.config import get_preset
 from shotstream_core.context import plan_context
 from shotstream_core.engine import BlockOutput, ShotRequest, ShotStream, ShotStreamEngine
 from shotstream_core.loading import (BUNDLED_DIR, ModelLoadError, build_dit, fingerprint, load_dit_state,
-                                     load_engine, match_preset)
+                                     load_engine)
 from shotstream_core.model import CausalWanDiT, prompt_ids_from_flags
 from shotstream_core.state import ShotRecord, StoryState
 from shotstream_core.teacher import sample_teacher
@@ -254,7 +254,7 @@ class ModelZoo:
             return None, f"not available: {name}.safetensors is a {dcfg.dim}x{dcfg.num_layers} DiT, not {self.cfg.model}'s"
         dit = build_dit(sd, dcfg, self.base.dtype, self.base.device)
         # Same VAE and text encoder as the base engine; a fresh prompt cache per variant (fair timing).
-        engine = ShotStreamEngine(dit, self.base.vae, self.base.prompts.encoder, match_preset(dcfg),
+        engine = ShotStreamEngine(dit, self.base.vae, self.base.prompts.encoder, self.base.preset,
                                   fingerprint(sd, dcfg))
         return engine, desc
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from shotstream_core.model import WanDiT
 from shotstream_core.schedule import FlowSchedule
 from shotstream_core.teacher import sample_teacher
 
-from .common import StageConfig, mark_done, run_stage, save_config, step_generator
+from .common import StageConfig, mark_done, preset_for_weights, run_stage, save_config, step_generator
 from .data import LatentStoryDataset
 
 
@@ -152,6 +152,7 @@ def generate(cfg: ODEConfig, dist) -> dict:
     student_t = [float(t) for t in schedule.warp(sampler.denoising_steps)]
     ds = LatentStoryDataset(cfg.latent_dir)
     teacher = load_teacher(cfg.teacher_path, dist.device)
+    preset = preset_for_weights(preset, teacher.config, cfg.teacher_path)
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
 

@@ -16,7 +16,7 @@ from scratch, so every parameter trains, with AdamW, warmup and a from-scratch l
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,8 +26,9 @@ from shotstream_core.loading import load_dit_state, save_dit
 from shotstream_core.model import WanDiT
 from shotstream_core.schedule import FlowSchedule
 
-from .common import (StageConfig, optimizer_step, StepBatches, autocast, enable_grad_checkpointing, mark_done, run_stage,
-                     save_config, set_lr, lr_at, step_generator, train_loop, unwrap)
+from .common import (StageConfig, optimizer_step, StepBatches, autocast, describe_dit, enable_grad_checkpointing,
+                     mark_done, run_stage, preset_with_dit, save_config, set_lr, lr_at, step_generator,
+                     train_loop)
 from .data import LatentStoryDataset, frame_flags, pad_prompts, prompt_ids_for
 from .detail import detail_weights
 
@@ -65,6 +66,9 @@ class TeacherConfig(StageConfig):
     # is ~5% of a frame, so the plain mean is almost all sky and ground, which the model learns first and
     # best while the characters stay mush.
     detail_weight: float = 0.0
+    # Changes to the preset's DiT shape, e.g. {patch_size: [1, 1, 1]} (tiny: 8x8 tokens a frame, not 4x4).
+    # Only the teacher chooses the architecture: ODE pairs and stages 2-4 read it from its weights.
+    dit: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -151,8 +155,9 @@ def build_teacher(preset, device, seed: int, init_from: str = "") -> WanDiT:
     if init_from:
         sd, found = load_dit_state(init_from)
         if found != preset.dit:
-            raise ValueError(f"init_from {init_from} is a {found.dim}-dim {found.num_layers}-layer DiT; the "
-                             f"{preset.name} preset needs {preset.dit.dim}-dim {preset.dit.num_layers}-layer weights")
+            raise ValueError(f"init_from {init_from} is a {describe_dit(found)} DiT; this run builds a "
+                             f"{describe_dit(preset.dit)} one (the {preset.name} preset with the config's dit: "
+                             f"changes): start from scratch, or set dit: to match the weights")
         teacher.load_state_dict(sd)
     return teacher.to(device)
 
@@ -165,7 +170,7 @@ def train(cfg: TeacherConfig, dist) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
-    preset = get_preset(cfg.preset)
+    preset = preset_with_dit(get_preset(cfg.preset), cfg.dit)
     sampler = preset.sampler
     ds = LatentStoryDataset(cfg.latent_dir)
     schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)

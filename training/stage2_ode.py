@@ -20,8 +20,8 @@ from shotstream_core.loading import load_dit_state, save_dit
 from shotstream_core.model import CausalWanDiT, block_causal_mask
 from shotstream_core.schedule import FlowSchedule
 
-from .common import (StageConfig, optimizer_step, StepBatches, autocast, enable_grad_checkpointing, mark_done, run_stage,
-                     save_config, set_lr, lr_at, step_generator, train_loop)
+from .common import (StageConfig, optimizer_step, StepBatches, autocast, enable_grad_checkpointing, mark_done,
+                     preset_for_weights, run_stage, save_config, set_lr, lr_at, step_generator, train_loop)
 from .data import LatentStoryDataset, pad_prompts
 from .ode_pairs import ODEPairs
 
@@ -94,6 +94,7 @@ def train(cfg: Stage2Config, dist) -> dict:
     pairs = ODEPairs(cfg.ode_dir)
     ds = LatentStoryDataset(cfg.latent_dir)
     student = load_student(cfg.teacher_path, dist.device)
+    preset = preset_for_weights(preset, student.config, cfg.teacher_path)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(student)
     model = dist.wrap(student)

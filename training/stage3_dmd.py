@@ -26,8 +26,8 @@ from shotstream_core.config import get_preset
 from shotstream_core.loading import ModelLoadError, load_dit_state, save_dit
 from shotstream_core.model import CausalWanDiT, WanDiT
 
-from .common import (Dist, StageConfig, autocast, enable_grad_checkpointing, mark_done, run_stage, save_config,
-                     step_generator, train_loop, unwrap)
+from .common import (Dist, StageConfig, autocast, describe_dit, enable_grad_checkpointing, mark_done,
+                     preset_for_weights, run_stage, save_config, step_generator, train_loop, unwrap)
 from .data import LatentStoryDataset
 from .dmd import DMDHyper, DMDTrainer, is_generator_step, uncond_like
 from .rollout import SelfForcingRollout, make_conditioning
@@ -68,15 +68,12 @@ class DMDStageConfig(StageConfig):
                         grad_clip_critic=self.grad_clip_critic)
 
 
-def load_dit(path: str, cls, what: str, preset, device) -> torch.nn.Module:
-    """A DiT of class `cls` from a weights file, checked against the preset; clear error if absent."""
+def load_dit(path: str, cls, what: str, device) -> torch.nn.Module:
+    """A DiT of class `cls` from a weights file, in the shape the file has; clear error if absent."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{what} weights not found at {path}: run the earlier stage first, or set "
                                 f"the path in the config")
     sd, dcfg = load_dit_state(path)
-    if dcfg != preset.dit:
-        raise ModelLoadError(f"{path} is a {dcfg.dim}-dim {dcfg.num_layers}-layer DiT, not the {preset.name} "
-                             f"preset's {preset.dit.dim}-dim {preset.dit.num_layers}-layer one")
     model = cls(dcfg)
     model.load_state_dict(sd)
     return model.to(device)
@@ -87,10 +84,15 @@ class DMDSetup:
 
     def __init__(self, cfg: DMDStageConfig, dist: Dist):
         self.cfg, self.dist = cfg, dist
-        self.preset = get_preset(cfg.preset)
         dev = dist.device
-        teacher = load_dit(cfg.teacher_path, WanDiT, "teacher (stage 1)", self.preset, dev).eval().requires_grad_(False)
-        student = load_dit(cfg.student_path, CausalWanDiT, "student", self.preset, dev).train()
+        teacher = load_dit(cfg.teacher_path, WanDiT, "teacher (stage 1)", dev).eval().requires_grad_(False)
+        student = load_dit(cfg.student_path, CausalWanDiT, "student", dev).train()
+        # The teacher's shape is the run's (a teacher trained with dit: changes); the student must share it.
+        self.preset = preset_for_weights(get_preset(cfg.preset), teacher.config, cfg.teacher_path)
+        if student.config != teacher.config:
+            raise ModelLoadError(f"{cfg.student_path} is a {describe_dit(student.config)} DiT but the teacher "
+                                 f"{cfg.teacher_path} is a {describe_dit(teacher.config)} one: start the student "
+                                 f"from this teacher's stage 2")
         fake = copy.deepcopy(teacher).train().requires_grad_(True)
         self.prepare(student, fake)
         if cfg.grad_checkpointing:  # GPU memory: recompute blocks in backward (cache writes are idempotent)

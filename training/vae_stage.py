@@ -32,7 +32,7 @@ from shotstream_core.files import copy_file, save_tensors
 from shotstream_core.vae import WanVAE, load_vae
 
 from .common import (StageConfig, autocast, optimizer_step, StepBatches, is_done, mark_done, replace_config, run_stage, save_config,
-                     set_lr, lr_at, step_generator, train_loop, unwrap)
+                     set_lr, lr_at, step_generator, train_loop)
 from .data import load_shot_frames
 from .detail import detail_pixel_weights
 
