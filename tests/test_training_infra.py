@@ -575,17 +575,25 @@ def test_input_dependence_tells_a_collapsed_autoencoder_from_a_working_one():
     """1 for reconstructions that follow their inputs, 0 for one image whatever the input."""
     from training.vae_stage import COLLAPSED_BELOW, input_dependence
 
-    class Identity:
-        encode = decode = staticmethod(lambda x: x)
-
-    class Constant(Identity):
-        decode = staticmethod(lambda z: torch.zeros_like(z[:1]).expand_as(z) + 0.3)
-
     clips = torch.rand(4, 3, 5, 16, 16) * 2 - 1
-    assert input_dependence(Identity(), clips) == pytest.approx(1.0)
-    assert input_dependence(Constant(), clips) < COLLAPSED_BELOW
+    assert input_dependence(clips, clips.clone()) == pytest.approx(1.0)
+    assert input_dependence(clips, torch.full_like(clips, 0.3)) < COLLAPSED_BELOW
     with pytest.raises(ValueError, match="at least 2 clips"):
-        input_dependence(Identity(), clips[:1])
+        input_dependence(clips[:1], clips[:1])
+
+
+def test_vae_phase_on_crops_the_dit_could_not_take_finishes_with_its_collapse_check(tmp_path):
+    """The tiny recipe's phase c trains on 24x24 crops: the end-of-phase check must reconstruct them the
+    way training does (the engine's encode rejects sizes that are not a multiple of 16)."""
+    from shotstream_core.config import get_preset
+    from training import vae_stage
+
+    write_training_set(tmp_path / "data", 2, get_preset("micro").geometry, 1, 2)
+    vae_stage.main(["--config", str(REPO / "training/configs/micro-vae.yaml"), "--set", f"data_dir={tmp_path / 'data'}",
+                    "--set", f"out_dir={tmp_path / 'vae'}", "--set", "num_stories=2", "--set",
+                    "phases=[{name: c, clip_frames: 5, crop: 24, max_steps: 1}]", "--set", "collapse_check_steps=1"])
+    done = json.loads((tmp_path / "vae" / "c" / "done.json").read_text())
+    assert 0.0 < done["input_dependence"] and (tmp_path / "vae" / "vae.safetensors").is_file()
 
 
 def test_a_collapsed_vae_phase_is_set_aside_and_trained_again_with_the_next_seed(tmp_path, monkeypatch):

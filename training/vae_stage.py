@@ -177,7 +177,7 @@ COLLAPSED_BELOW = 0.01
 
 
 @torch.no_grad()
-def input_dependence(vae: WanVAE, clips: torch.Tensor) -> float:
+def input_dependence(clips: torch.Tensor, recon: torch.Tensor) -> float:
     """How much the reconstructions of different clips differ, relative to how much the clips differ
     (spread over the batch, mean over pixels): ~1 for a working autoencoder, ~0 for a collapsed one.
 
@@ -187,7 +187,6 @@ def input_dependence(vae: WanVAE, clips: torch.Tensor) -> float:
     the loss stays on the predict-the-mean plateau for good."""
     if clips.shape[0] < 2:
         raise ValueError(f"input_dependence needs at least 2 clips to compare, got {clips.shape[0]}")
-    recon = vae.decode(vae.encode(clips))
     return float(recon.std(dim=0).mean() / clips.std(dim=0).mean().clamp_min(1e-8))
 
 
@@ -341,7 +340,11 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         # probe clips shaped like this phase's training clips, the same for every attempt
         probe_shots = held if len(held) >= 2 else shots
         probe = sample_clips(probe_shots, list(range(len(probe_shots))), cfg.clip_frames, cfg.crop, torch.Generator().manual_seed(0))
-        dependence = input_dependence(reloaded, probe.to(dist.device))
+        # through the training path (z = mu): the engine's encode also demands the DiT's 16-pixel multiple,
+        # which crops of 24 (phase c) are not
+        with torch.no_grad():
+            recon = VAEAutoencoder(reloaded, sample_latent=False)(probe.to(dist.device), None)[0]
+        dependence = input_dependence(probe.to(dist.device), recon)
         if cfg.export:
             save_vae(vae, cfg.export)
         summary.update(psnr_db=psnr, input_dependence=dependence, latent_mean=mean.tolist(), latent_std=std.tolist())
