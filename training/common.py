@@ -116,24 +116,21 @@ def describe_dit(dit: DiTConfig) -> str:
 
 def preset_with_dit(preset: Preset, changes: dict) -> Preset:
     """`preset` with its DiT's shape changed by `changes` (the teacher config's `dit:` field, e.g.
-    {patch_size: [1, 1, 1]}); the new shape must still read the preset's latents and text."""
+    {patch_size: [1, 1, 1]})."""
     if not changes:
         return preset
     dit = replace_config(preset.dit, changes, what=f"dit (changes to the {preset.name} preset's DiT)")
-    misfit = dit_misfit(dit, preset)
-    if misfit:
-        raise ValueError(f"dit: {misfit}: these follow from the VAE and the text encoder; change the DiT's "
-                         f"width, depth, heads or patch only")
-    return dataclasses.replace(preset, dit=dit)
+    return preset_for_weights(preset, dit, "the config's dit:")
 
 
-def preset_for_weights(preset: Preset, dit: DiTConfig, path) -> Preset:
-    """`preset` with the DiT shape that weights at `path` have (a teacher trained with `dit:` changes):
+def preset_for_weights(preset: Preset, dit: DiTConfig, source) -> Preset:
+    """`preset` with the DiT shape `dit` of `source` (a teacher's weights, or the teacher config's `dit:`):
     the later stages take the architecture from the teacher, never from a config of their own."""
     misfit = dit_misfit(dit, preset)
     if misfit:
-        raise ModelLoadError(f"{path} does not fit the {preset.name} preset: {misfit}. Train it on this "
-                             f"preset's latents, or pick the preset it was trained for")
+        raise ModelLoadError(f"{source} does not fit the {preset.name} preset: {misfit}. Width, depth, heads "
+                             f"and patch may change; channels, text_dim and text_len follow from its VAE and "
+                             f"text encoder")
     return dataclasses.replace(preset, dit=dit)
 
 
