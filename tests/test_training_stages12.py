@@ -307,9 +307,9 @@ def ode_run(store):
 
 
 def test_ode_pairs_hold_the_teacher_trajectory(ode_run):
-    from training.common import step_generator
+    from training.common import load_dit, step_generator
     from training.data import LatentStoryDataset
-    from training.ode_pairs import ODEPairs, load_teacher, sample_targets
+    from training.ode_pairs import ODEPairs, sample_targets
 
     store, summary = ode_run
     pairs = ODEPairs(store / "ode")
@@ -324,8 +324,8 @@ def test_ode_pairs_hold_the_teacher_trajectory(ode_run):
     targets = [tuple(t) for t in pairs.target[:3].tolist()]
     noise = torch.randn(3, 16, f, h, w, generator=step_generator(0 * 100003, 0, 0, stream=7))
     assert torch.equal(pairs.latents[:3, 0], noise)
-    x0, _, batch = sample_targets(load_teacher(store / "teacher.safetensors", "cpu"), ds, targets, PRESET, 2.0, 50,
-                                  0, "cpu")
+    teacher = load_dit(store / "teacher.safetensors", WanDiT, "teacher", "cpu").eval()
+    x0, _, batch = sample_targets(teacher, ds, targets, PRESET, 2.0, 50, 0, "cpu")
     torch.testing.assert_close(pairs.latents[:3, 4], x0)
     assert torch.equal(pairs.flags[:3], batch.flags) and torch.equal(pairs.context[:3], batch.context)
 
@@ -341,7 +341,8 @@ def test_block_levels_are_constant_inside_blocks():
 def test_stage2_overfits_a_fixed_batch(ode_run):
     from training.data import LatentStoryDataset
     from training.ode_pairs import ODEPairs
-    from training.stage2_ode import load_student, ode_batch, ode_loss
+    from training.common import load_dit
+    from training.stage2_ode import ode_batch, ode_loss
 
     store, _ = ode_run
     pairs, ds = ODEPairs(store / "ode"), LatentStoryDataset(store / "latents")
@@ -351,7 +352,7 @@ def test_stage2_overfits_a_fixed_batch(ode_run):
     mask = block_causal_mask(FC, GEO.latent_frames, SAMPLER.block_frames,
                              DIT.tokens_per_frame(GEO.latent_height, GEO.latent_width))
     schedule = FlowSchedule(SAMPLER.num_train_timesteps, SAMPLER.shift)
-    student = load_student(store / "teacher.safetensors", "cpu")
+    student = load_dit(store / "teacher.safetensors", CausalWanDiT, "teacher", "cpu")
     assert isinstance(student, CausalWanDiT)
     losses = overfit(student.parameters(), lambda: ode_loss(student, schedule, batch, mask, "cpu",
                                                             SAMPLER.rope_shot_phase), steps=30)
@@ -362,13 +363,14 @@ def test_stage2_loss_ignores_clean_frames(ode_run):
     """Frames at t = 0 carry no loss: corrupting their target changes nothing."""
     from training.data import LatentStoryDataset
     from training.ode_pairs import ODEPairs
-    from training.stage2_ode import load_student, ode_batch, ode_loss
+    from training.common import load_dit
+    from training.stage2_ode import ode_batch, ode_loss
 
     store, _ = ode_run
     pairs, ds = ODEPairs(store / "ode"), LatentStoryDataset(store / "latents")
     batch = list(ode_batch(pairs, ds, [0, 1], SAMPLER.block_frames, DIT.text_len, torch.Generator().manual_seed(3)))
     batch[1][:, :3] = 0.0  # make the first block clean in both samples
-    student = load_student(store / "teacher.safetensors", "cpu")
+    student = load_dit(store / "teacher.safetensors", CausalWanDiT, "teacher", "cpu")
     schedule = FlowSchedule()
     mask = block_causal_mask(FC, GEO.latent_frames, SAMPLER.block_frames,
                              DIT.tokens_per_frame(GEO.latent_height, GEO.latent_width))
@@ -431,3 +433,11 @@ def test_a_finer_patch_teacher_carries_its_shape_through_every_stage(store, tmp_
         run(stage1_teacher, "teacher", "bad1", "max_steps=1", "sample_stories=0", "dit={text_dim: 8}")
     with pytest.raises(ValueError, match="unknown config key.*patch"):
         run(stage1_teacher, "teacher", "bad1", "max_steps=1", "sample_stories=0", "dit={patch: [1, 1, 1]}")
+
+
+def test_a_stage_pointed_at_missing_teacher_weights_names_the_path_and_the_fix(tmp_path):
+    from training.common import load_dit
+
+    missing = tmp_path / "teacher.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"teacher \(stage 1\) weights not found at .*teacher.safetensors.*run"):
+        load_dit(missing, CausalWanDiT, "teacher (stage 1)", "cpu")

@@ -27,7 +27,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from shotstream_core.config import DiTConfig, Preset
-from shotstream_core.loading import ModelLoadError, dit_misfit, save_dit
+from shotstream_core.loading import ModelLoadError, dit_misfit, load_dit_state, save_dit
 
 
 # --- configs ---------------------------------------------------------------------------------------
@@ -108,6 +108,18 @@ def replace_config(cfg, values: dict, fixed=(), what: str = ""):
         raise ValueError(f"unknown config key(s) {unknown} for {what or cls.__name__}; known: {sorted(names)}")
     hints = typing.get_type_hints(cls)
     return dataclasses.replace(cfg, **{k: _coerce(v, hints[k]) for k, v in values.items()})
+
+
+def load_dit(path, cls: type[nn.Module], what: str, device) -> nn.Module:
+    """A DiT of class `cls` (WanDiT or CausalWanDiT) in the shape its weights file has, in train mode on
+    `device`; a clear error names the stage that writes it if the file is absent."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what} weights not found at {path}: run the stage that writes them first, "
+                                f"or set the path in the config")
+    sd, dit_cfg = load_dit_state(path)
+    model = cls(dit_cfg)
+    model.load_state_dict(sd)
+    return model.to(device)
 
 
 def describe_dit(dit: DiTConfig) -> str:

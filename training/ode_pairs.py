@@ -25,12 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shotstream_core.config import get_preset
-from shotstream_core.loading import load_dit_state
 from shotstream_core.model import WanDiT
 from shotstream_core.schedule import FlowSchedule
 from shotstream_core.teacher import sample_teacher
 
-from .common import StageConfig, mark_done, preset_for_weights, run_stage, save_config, step_generator
+from .common import StageConfig, load_dit, mark_done, preset_for_weights, run_stage, save_config, step_generator
 from .data import LatentStoryDataset
 
 
@@ -47,13 +46,6 @@ class ODEConfig(StageConfig):
     guidance: float = 6.0  # the reference's scale; replaced by the check's pick when guidance_check is set
     guidance_check: tuple[float, ...] = ()
     check_targets: int = 12  # (story, shot) targets of the check, taken from the END of the latent store
-
-
-def load_teacher(path, device) -> WanDiT:
-    sd, cfg = load_dit_state(path)
-    teacher = WanDiT(cfg)
-    teacher.load_state_dict(sd)
-    return teacher.to(device).eval().requires_grad_(False)
 
 
 def target_inputs(ds: LatentStoryDataset, targets, context_frames: int, text_len: int):
@@ -151,7 +143,7 @@ def generate(cfg: ODEConfig, dist) -> dict:
     schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
     student_t = [float(t) for t in schedule.warp(sampler.denoising_steps)]
     ds = LatentStoryDataset(cfg.latent_dir)
-    teacher = load_teacher(cfg.teacher_path, dist.device)
+    teacher = load_dit(cfg.teacher_path, WanDiT, "teacher (stage 1)", dist.device).eval().requires_grad_(False)
     preset = preset_for_weights(preset, teacher.config, cfg.teacher_path)
     if dist.is_main:
         save_config(cfg, out / "config.yaml")

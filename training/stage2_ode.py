@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from shotstream_core.config import get_preset
-from shotstream_core.loading import load_dit_state, save_dit
+from shotstream_core.loading import save_dit
 from shotstream_core.model import CausalWanDiT, block_causal_mask
 from shotstream_core.schedule import FlowSchedule
 
-from .common import (StageConfig, optimizer_step, StepBatches, autocast, enable_grad_checkpointing, mark_done,
-                     preset_for_weights, run_stage, save_config, set_lr, lr_at, step_generator, train_loop)
+from .common import (StageConfig, optimizer_step, StepBatches, autocast, enable_grad_checkpointing, load_dit,
+                     mark_done, preset_for_weights, run_stage, save_config, set_lr, lr_at, step_generator, train_loop)
 from .data import LatentStoryDataset, pad_prompts
 from .ode_pairs import ODEPairs
 
@@ -75,13 +75,6 @@ def ode_loss(model, schedule, batch, mask, device, shot_phase: float) -> torch.T
     return (err * noisy).sum() / noisy.sum().clamp_min(1.0)
 
 
-def load_student(teacher_path, device) -> CausalWanDiT:
-    sd, cfg = load_dit_state(teacher_path)
-    student = CausalWanDiT(cfg)
-    student.load_state_dict(sd)
-    return student.to(device)
-
-
 def train(cfg: Stage2Config, dist) -> dict:
     """Regress the teacher's ODE endpoints with the block-causal student."""
     out = Path(cfg.out_dir)
@@ -93,7 +86,7 @@ def train(cfg: Stage2Config, dist) -> dict:
     schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
     pairs = ODEPairs(cfg.ode_dir)
     ds = LatentStoryDataset(cfg.latent_dir)
-    student = load_student(cfg.teacher_path, dist.device)
+    student = load_dit(cfg.teacher_path, CausalWanDiT, "teacher (stage 1)", dist.device)
     preset = preset_for_weights(preset, student.config, cfg.teacher_path)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(student)

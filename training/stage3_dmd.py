@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from shotstream_core.config import get_preset
-from shotstream_core.loading import ModelLoadError, load_dit_state, save_dit
+from shotstream_core.loading import ModelLoadError, save_dit
 from shotstream_core.model import CausalWanDiT, WanDiT
 
-from .common import (Dist, StageConfig, autocast, describe_dit, enable_grad_checkpointing, mark_done,
+from .common import (Dist, StageConfig, autocast, describe_dit, enable_grad_checkpointing, load_dit, mark_done,
                      preset_for_weights, run_stage, save_config, step_generator, train_loop, unwrap)
 from .data import LatentStoryDataset
 from .dmd import DMDHyper, DMDTrainer, is_generator_step, uncond_like
@@ -66,17 +66,6 @@ class DMDStageConfig(StageConfig):
                         t_max=self.t_max, critic_per_generator=self.critic_per_generator,
                         refresh_sigma=self.refresh_sigma, grad_clip_generator=self.grad_clip,
                         grad_clip_critic=self.grad_clip_critic)
-
-
-def load_dit(path: str, cls, what: str, device) -> torch.nn.Module:
-    """A DiT of class `cls` from a weights file, in the shape the file has; clear error if absent."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{what} weights not found at {path}: run the earlier stage first, or set "
-                                f"the path in the config")
-    sd, dcfg = load_dit_state(path)
-    model = cls(dcfg)
-    model.load_state_dict(sd)
-    return model.to(device)
 
 
 class DMDSetup:
@@ -212,4 +201,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["DMDStageConfig", "DMDSetup", "intra_shot_batch", "is_generator_step", "load_dit", "train"]
+__all__ = ["DMDStageConfig", "DMDSetup", "intra_shot_batch", "is_generator_step", "train"]
