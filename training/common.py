@@ -389,10 +389,9 @@ def read_log(path) -> list[dict]:
 
 def plot_log(log_path, png_path, keys=None) -> Path | None:
     """Every scalar with "loss" in its name against the step (raw, faint, and a moving average)."""
-    import matplotlib
+    from .report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = read_log(log_path)
     if not rows:
@@ -413,10 +412,7 @@ def plot_log(log_path, png_path, keys=None) -> Path | None:
         if ys.min() > 0 and ys.max() / ys.min() > 20:
             ax.set_yscale("log")
     fig.suptitle(Path(log_path).parent.name)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)
-    return Path(png_path)
+    return save_figure(fig, png_path, dpi=90)
 
 
 # --- the step loop ---------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def items_table(metrics: dict) -> str:
 
 # --- plots ---------------------------------------------------------------------------------------------
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,8 +87,16 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int | None = None) -> Path:
+    """Lay out, write and free a figure (pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return Path(path)
+
+
 def plot_metrics(metrics: dict, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     rows = {k: r for k, r in metrics["variants"].items() if r.get("available")}
     fig, ax = plt.subplots(figsize=(9, 3.2), dpi=90)
     width = 0.8 / max(1, len(rows))
@@ -105,14 +113,11 @@ def plot_metrics(metrics: dict, path: Path) -> Path:
     ax.set_ylabel("score (higher is better)")
     ax.set_title("Story World metrics per row (dashed: targets)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_adherence_by_shot(metrics: dict, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.2), dpi=90)
     for k, r in metrics["variants"].items():
         ys = r.get("adherence_by_shot") if r.get("available") else None
@@ -124,14 +129,11 @@ def plot_adherence_by_shot(metrics: dict, path: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_title("Adherence by shot index (drift = shots 6-10 minus 1-5)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_timing(metrics: dict, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     rows = {k: r for k, r in metrics["variants"].items() if r.get("available") and r.get("sec_per_frame")}
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8), dpi=90)
     for ax, key, title in zip(axes, ("sec_per_frame", "time_to_first_frame"),
@@ -144,10 +146,7 @@ def plot_timing(metrics: dict, path: Path) -> Path:
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_samples(samples: dict, path: Path, max_shots: int = 5) -> Path | None:
@@ -155,7 +154,7 @@ def plot_samples(samples: dict, path: Path, max_shots: int = 5) -> Path | None:
     samples = {k: s for k, s in samples.items() if s is not None}
     if not samples:
         return None
-    plt = _plt()
+    plt = pyplot()
     cols = min(max_shots, max(len(s[2]) for s in samples.values()))
     # About one screen pixel per video pixel: the figure stays a few tens of kB for smooth frames.
     fig, axes = plt.subplots(len(samples), cols, figsize=(1.0 * cols + 0.8, 1.0 * len(samples) + 0.3), dpi=72,
@@ -172,10 +171,7 @@ def plot_samples(samples: dict, path: Path, max_shots: int = 5) -> Path | None:
             if j == 0:
                 ax.set_ylabel(key, fontsize=7)
     fig.suptitle(f"story {next(iter(samples.values()))[0]}: middle frame of each shot", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --- the markdown ---------------------------------------------------------------------------------------
