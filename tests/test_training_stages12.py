@@ -324,7 +324,7 @@ def test_ode_pairs_hold_the_teacher_trajectory(ode_run):
     targets = [tuple(t) for t in pairs.target[:3].tolist()]
     noise = torch.randn(3, 16, f, h, w, generator=step_generator(0 * 100003, 0, 0, stream=7))
     assert torch.equal(pairs.latents[:3, 0], noise)
-    teacher = load_dit(store / "teacher.safetensors", WanDiT, "teacher", "cpu").eval()
+    teacher = load_dit(store / "teacher.safetensors", WanDiT, "teacher", "cpu", frozen=True)
     x0, _, batch = sample_targets(teacher, ds, targets, PRESET, 2.0, 50, 0, "cpu")
     torch.testing.assert_close(pairs.latents[:3, 4], x0)
     assert torch.equal(pairs.flags[:3], batch.flags) and torch.equal(pairs.context[:3], batch.context)
@@ -339,9 +339,9 @@ def test_block_levels_are_constant_inside_blocks():
 
 
 def test_stage2_overfits_a_fixed_batch(ode_run):
+    from training.common import load_dit
     from training.data import LatentStoryDataset
     from training.ode_pairs import ODEPairs
-    from training.common import load_dit
     from training.stage2_ode import ode_batch, ode_loss
 
     store, _ = ode_run
@@ -361,9 +361,9 @@ def test_stage2_overfits_a_fixed_batch(ode_run):
 
 def test_stage2_loss_ignores_clean_frames(ode_run):
     """Frames at t = 0 carry no loss: corrupting their target changes nothing."""
+    from training.common import load_dit
     from training.data import LatentStoryDataset
     from training.ode_pairs import ODEPairs
-    from training.common import load_dit
     from training.stage2_ode import ode_batch, ode_loss
 
     store, _ = ode_run

@@ -110,16 +110,18 @@ def replace_config(cfg, values: dict, fixed=(), what: str = ""):
     return dataclasses.replace(cfg, **{k: _coerce(v, hints[k]) for k, v in values.items()})
 
 
-def load_dit(path, cls: type[nn.Module], what: str, device) -> nn.Module:
-    """A DiT of class `cls` (WanDiT or CausalWanDiT) in the shape its weights file has, in train mode on
-    `device`; a clear error names the stage that writes it if the file is absent."""
+def load_dit(path, cls: type[nn.Module], what: str, device, frozen: bool = False) -> nn.Module:
+    """A DiT of class `cls` (WanDiT or CausalWanDiT) in the shape its weights file has, on `device`;
+    `frozen`: in eval mode without gradients (a teacher that only samples). A clear error names `what`
+    if the file is absent."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{what} weights not found at {path}: run the stage that writes them first, "
                                 f"or set the path in the config")
     sd, dit_cfg = load_dit_state(path)
     model = cls(dit_cfg)
     model.load_state_dict(sd)
-    return model.to(device)
+    model = model.to(device)
+    return model.eval().requires_grad_(False) if frozen else model
 
 
 def describe_dit(dit: DiTConfig) -> str:

@@ -29,8 +29,8 @@ from shotstream_core.model import WanDiT
 from shotstream_core.schedule import FlowSchedule
 from shotstream_core.vae import load_vae
 
-from .data import LatentStoryDataset
 from .common import load_dit
+from .data import LatentStoryDataset
 from .ode_pairs import check_guidance
 from .stage1_teacher import make_batch
 
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     vae = load_vae(a.vae) if a.sample_shots else None
     results = {}
     for path in a.weights:
-        teacher = load_dit(path, WanDiT, "teacher", "cpu").eval().requires_grad_(False)
+        teacher = load_dit(path, WanDiT, "teacher", "cpu", frozen=True)
         results[path] = diagnose(teacher, ds, preset, a.targets)
         if vae is not None:
             scores = check_guidance(teacher, ds, preset, [a.guidance], a.sample_shots, vae, "cpu", a.steps, seed=0)

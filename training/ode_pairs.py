@@ -143,7 +143,7 @@ def generate(cfg: ODEConfig, dist) -> dict:
     schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
     student_t = [float(t) for t in schedule.warp(sampler.denoising_steps)]
     ds = LatentStoryDataset(cfg.latent_dir)
-    teacher = load_dit(cfg.teacher_path, WanDiT, "teacher (stage 1)", dist.device).eval().requires_grad_(False)
+    teacher = load_dit(cfg.teacher_path, WanDiT, "teacher (stage 1)", dist.device, frozen=True)
     preset = preset_for_weights(preset, teacher.config, cfg.teacher_path)
     if dist.is_main:
         save_config(cfg, out / "config.yaml")

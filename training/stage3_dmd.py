@@ -74,8 +74,8 @@ class DMDSetup:
     def __init__(self, cfg: DMDStageConfig, dist: Dist):
         self.cfg, self.dist = cfg, dist
         dev = dist.device
-        teacher = load_dit(cfg.teacher_path, WanDiT, "teacher (stage 1)", dev).eval().requires_grad_(False)
-        student = load_dit(cfg.student_path, CausalWanDiT, "student", dev).train()
+        teacher = load_dit(cfg.teacher_path, WanDiT, "teacher (stage 1)", dev, frozen=True)
+        student = load_dit(cfg.student_path, CausalWanDiT, "student", dev)
         # The teacher's shape is the run's (a teacher trained with dit: changes); the student must share it.
         self.preset = preset_for_weights(get_preset(cfg.preset), teacher.config, cfg.teacher_path)
         if student.config != teacher.config:
