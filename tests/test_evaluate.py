@@ -173,3 +173,19 @@ def test_regenerate_command_carries_every_setting_that_changes_the_numbers():
     tuned = command_line(EvalConfig(model="tiny", out=Path("ev"), stories=3, stories10=1, guidance=3.0,
                                     threads=2, teacher_steps=20))
     assert "--guidance 3 " in tuned + " " and "--threads 2" in tuned and "--teacher-steps 20" in tuned
+
+
+def test_report_splits_memory_by_hidden_attribute_and_shows_its_error():
+    from training.report import ablation_table, memory_table
+
+    eval5 = {"memory_by_kind": {"colour": 0.25, "place": 0.5},
+             "counts": {"memory_shots_by_kind": {"colour": 8, "place": 12}}}
+    metrics = {"variants": {
+        "student": {"label": "causal student", "available": True, "stories5": 4, "stories10": 0,
+                    "memory": 0.4, "memory_stderr": 0.125, "eval5": eval5},
+        "teacher": {"label": "teacher", "available": False, "reason": "no teacher weights"}}}
+    table = memory_table(metrics).splitlines()
+    assert table[0] == "| row | hidden colour | hidden place |"
+    assert table[2] == "| `student` | 0.250 (8 shots) | 0.500 (12 shots) |" and len(table) == 3
+    assert "| 0.400 ± 0.12 |" in ablation_table(metrics)
+    assert memory_table({"variants": {"student": {"available": True, "eval5": {}}}}) == ""

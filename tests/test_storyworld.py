@@ -181,6 +181,36 @@ def test_colours_swapped_between_shots_fail(corruption_stories):
     assert m["cut_f1"] > 0.99 and m["flicker"] > 0.99  # what was not corrupted still scores
 
 
+def test_memory_splits_by_hidden_attribute_and_its_error_counts_stories(corruption_stories):
+    """Moving only the place-hiding stories to another place after shot 1 fails memory on those and
+    nowhere else; the split says which, and the story-clustered error sees that the misses come as whole
+    stories, where the truth has no error at all."""
+    def move_place(i, s, f, r):
+        if not s.hides_place:
+            return f
+        other = dataclasses.replace(s, place=next(p for p in PLACES if p != s.place))
+        return np.concatenate([f[: r[0][1]]] + [render_shot(other, k, GEOMETRY) for k in range(1, s.num_shots)])
+
+    truth = score_all(corruption_stories, lambda i, s, f, r: f)
+    assert set(truth["memory_by_kind"]) == {"place", "colour"}, truth
+    assert min(truth["memory_by_kind"].values()) >= 0.99 and truth["memory_stderr"] == 0.0, truth
+    m = score_all(corruption_stories, move_place)
+    assert m["memory_by_kind"]["place"] < 0.1 and m["memory_by_kind"]["colour"] >= 0.99, m
+    kinds = m["counts"]["memory_shots_by_kind"]
+    assert sum(kinds.values()) == m["counts"]["memory_shots"] and m["counts"]["memory_stories"] >= 3, m
+    assert abs(m["memory"] - kinds["colour"] / m["counts"]["memory_shots"]) < 1e-9, m
+    assert m["memory_stderr"] > 0.1, m
+
+
+def test_clustered_stderr_grows_when_a_story_hits_or_misses_as_a_whole():
+    from training.storyworld.analyse import clustered_stderr
+
+    whole = clustered_stderr([[1, 1, 1, 1], [0, 0, 0, 0]])  # two stories, each all right or all wrong
+    mixed = clustered_stderr([[1, 0, 1, 0], [0, 1, 0, 1]])  # same items, each story half right
+    assert whole == pytest.approx(0.5) and mixed == pytest.approx(0.0)
+    assert clustered_stderr([[1, 0, 1]]) is None and clustered_stderr([[1], []]) is None
+
+
 def test_noise_fails(corruption_stories):
     rng = np.random.default_rng(1)
     m = score_all(corruption_stories, lambda i, s, f, r: rng.integers(0, 256, f.shape, dtype=np.uint8))

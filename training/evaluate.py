@@ -400,7 +400,8 @@ class VariantRun:
         row = {
             "label": self.variant.label, "available": True, "weights": self.weights,
             "stories5": len(self.scores5), "stories10": len(self.scores10),
-            "adherence": head["adherence"], "memory": head["memory"], "cut_f1": head["cut_f1"],
+            "adherence": head["adherence"], "memory": head["memory"], "memory_stderr": head["memory_stderr"],
+            "cut_f1": head["cut_f1"],
             "drift": agg10["drift"] if agg10 else None, "flicker": head["flicker"],
         }
         row.update(self.timing.summary() if self.runner is not None and not self.variant.through_vae else

@@ -41,6 +41,8 @@ def ablation_table(metrics: dict) -> str:
             lines.append(f"| {label} | {row.get('reason', 'not available')} |" + " — |" * (len(COLUMNS)))
             continue
         cells = [_cell(row.get(k), fmt) for k, _, fmt in COLUMNS]
+        if row.get("memory") is not None and row.get("memory_stderr") is not None:
+            cells[[k for k, _, _ in COLUMNS].index("memory")] += f" ± {row['memory_stderr']:.2f}"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['stories5']} + {row['stories10']} |")
     return "\n".join(lines)
 
@@ -73,6 +75,20 @@ def items_table(metrics: dict) -> str:
     for k, r in rows.items():
         by = (r.get("eval5") or r.get("eval10") or {}).get("adherence_by_item") or {}
         lines.append(f"| `{k}` | " + " | ".join(_cell(by.get(i), "{:.3f}") for i in items) + " |")
+    return "\n".join(lines)
+
+
+def memory_table(metrics: dict) -> str:
+    """Memory on the 5-shot stories split by what the story hides (the place, or a character's colour)."""
+    rows = {k: (r.get("eval5") or {}) for k, r in metrics["variants"].items() if r.get("available")}
+    kinds = sorted({k for e in rows.values() for k in (e.get("memory_by_kind") or {})})
+    if not kinds:
+        return ""
+    lines = ["| row | " + " | ".join(f"hidden {k}" for k in kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+    for key, e in rows.items():
+        by, n = e.get("memory_by_kind") or {}, (e.get("counts") or {}).get("memory_shots_by_kind") or {}
+        lines.append(f"| `{key}` | " + " | ".join(
+            f"{_cell(by.get(k), '{:.3f}')} ({n.get(k, 0)} shots)" for k in kinds) + " |")
     return "\n".join(lines)
 
 
@@ -237,6 +253,14 @@ def write_report(metrics: dict, out_dir, samples: dict | None = None) -> Path:
         "## Adherence per caption item (5-shot stories)",
         "",
         items_table(metrics),
+        "",
+        "## Memory by hidden attribute (5-shot stories)",
+        "",
+        memory_table(metrics),
+        "",
+        "A model that draws the same place or colour whatever the caption leaves out scores on memory by "
+        "chance; the row with the global cache emptied every shot (`no_history`) shows that level. The "
+        "± in the ablation table is memory's standard error with each story's shots counted together.",
         "",
         "## Plots",
         "",

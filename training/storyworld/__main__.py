@@ -59,7 +59,8 @@ def cmd_score(args) -> None:
     metrics = score_dirs(args.stories, args.videos, per_story=not args.summary_only)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(metrics, indent=2))
-    summary = {k: metrics[k] for k in ("adherence", "memory", "cut_f1", "drift", "flicker", "counts")}
+    summary = {k: metrics[k] for k in ("adherence", "memory", "memory_stderr", "memory_by_kind", "cut_f1", "drift",
+                                        "flicker", "counts")}
     print(json.dumps(summary, indent=2))
 
 

@@ -18,6 +18,8 @@ Metrics (all "higher is better" except drift, which is a difference; see `aggreg
   stated), the exact cast (all of them and nobody else), the framing, and the motion.
 - memory: on memory stories, share of later shots whose hidden attribute (place, or a character's colour)
   equals what the analyser saw in shot 1. Unreadable counts as a miss, so noise cannot score.
+  `memory_by_kind` splits it by the hidden attribute, and `memory_stderr` is its standard error with the
+  shots of one story counted together (they share one shot 1, so they are not independent draws).
 - cut_f1: detected cuts against the true shot starts (a detection within one frame matches), counted
   over all stories; detections inside shots are false positives.
 - drift: adherence over shots 6-10 minus adherence over shots 1-5, on stories with at least 10 shots
@@ -369,6 +371,7 @@ class StoryScore:
     adherence_items: list[list[float]]  # per shot, one 0/1 per stated attribute
     item_names: list[list[str]]
     memory_items: list[float]  # one 0/1 per later shot that shows the hidden attribute
+    memory_kind: str | None  # what the story hides: "place", "colour", or None (not a memory story)
     cut_tp: int
     cut_fp: int
     cut_fn: int
@@ -425,6 +428,7 @@ def score_story(story: Story, frames: np.ndarray, ranges) -> StoryScore:
         items.append(it); names.append(nm)
 
     memory = []
+    memory_kind = None if story.hidden is None else "place" if story.hides_place else "colour"
     if story.hidden is not None and story.num_shots > 1:
         first = analysis.shots[0]
         if story.hides_place:
@@ -441,7 +445,20 @@ def score_story(story: Story, frames: np.ndarray, ranges) -> StoryScore:
 
     tp, fp, fn = match_cuts(analysis.cuts, [a for a, _ in ranges[1:]])
     flicker = float(np.clip(1 - analysis.flicker_change / FLICKER_SCALE, 0, 1))
-    return StoryScore(items, names, memory, tp, fp, fn, flicker, analysis)
+    return StoryScore(items, names, memory, memory_kind, tp, fp, fn, flicker, analysis)
+
+
+def clustered_stderr(groups: list[list[float]]) -> float | None:
+    """Standard error of the pooled mean of 0/1 items that come in correlated groups (the later shots of
+    one story): the ratio estimator's cluster-robust error. None below two non-empty groups."""
+    groups = [g for g in groups if g]
+    if len(groups) < 2:
+        return None
+    total = sum(len(g) for g in groups)
+    mean = sum(sum(g) for g in groups) / total
+    resid = np.array([sum(g) - mean * len(g) for g in groups])
+    k = len(groups)
+    return float(np.sqrt(k / (k - 1) * np.sum(resid ** 2)) / total)
 
 
 def aggregate(scores: list[StoryScore]) -> dict:
@@ -449,6 +466,10 @@ def aggregate(scores: list[StoryScore]) -> dict:
     if not scores:
         raise ValueError("no stories to aggregate")
     mem = [x for s in scores for x in s.memory_items]
+    by_kind: dict[str, list[float]] = {}
+    for s in scores:
+        if s.memory_items:
+            by_kind.setdefault(s.memory_kind, []).extend(s.memory_items)
     tp, fp, fn = (sum(getattr(s, k) for s in scores) for k in ("cut_tp", "cut_fp", "cut_fn"))
     f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0
     long = [s for s in scores if len(s.adherence_items) >= 10]
@@ -460,11 +481,16 @@ def aggregate(scores: list[StoryScore]) -> dict:
     return {
         "adherence": float(np.mean([s.adherence() for s in scores])),
         "memory": float(np.mean(mem)) if mem else None,
+        "memory_stderr": clustered_stderr([s.memory_items for s in scores]),
+        "memory_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
         "cut_f1": float(f1),
         "drift": float(np.mean([s.adherence(slice(5, 10)) - s.adherence(slice(0, 5)) for s in long]))
         if long else None,
         "flicker": float(np.mean([s.flicker for s in scores])),
         "adherence_by_item": {k: float(np.mean(v)) for k, v in sorted(per_item.items())},
-        "counts": {"stories": len(scores), "memory_shots": len(mem), "ten_shot_stories": len(long),
+        "counts": {"stories": len(scores), "memory_shots": len(mem),
+                   "memory_stories": sum(bool(s.memory_items) for s in scores),
+                   "memory_shots_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
+                   "ten_shot_stories": len(long),
                    "cuts_true": tp + fn, "cuts_detected": tp + fp},
     }
