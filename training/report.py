@@ -32,6 +32,13 @@ def _cell(v, fmt: str) -> str:
     return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else fmt.format(v)
 
 
+def _stderr(row: dict) -> str:
+    """' ± s.e.' after a memory cell, when the row has both."""
+    if row.get("memory") is None or row.get("memory_stderr") is None:
+        return ""
+    return f" ± {row['memory_stderr']:.2f}"
+
+
 def ablation_table(metrics: dict) -> str:
     head = "| row | " + " | ".join(h for _, h, _ in COLUMNS) + " | stories (5-shot + 10-shot) |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
@@ -40,9 +47,7 @@ def ablation_table(metrics: dict) -> str:
         if not row.get("available"):
             lines.append(f"| {label} | {row.get('reason', 'not available')} |" + " — |" * (len(COLUMNS)))
             continue
-        cells = [_cell(row.get(k), fmt) for k, _, fmt in COLUMNS]
-        if row.get("memory") is not None and row.get("memory_stderr") is not None:
-            cells[[k for k, _, _ in COLUMNS].index("memory")] += f" ± {row['memory_stderr']:.2f}"
+        cells = [_cell(row.get(k), fmt) + (_stderr(row) if k == "memory" else "") for k, _, fmt in COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['stories5']} + {row['stories10']} |")
     return "\n".join(lines)
 

@@ -371,7 +371,7 @@ class StoryScore:
     adherence_items: list[list[float]]  # per shot, one 0/1 per stated attribute
     item_names: list[list[str]]
     memory_items: list[float]  # one 0/1 per later shot that shows the hidden attribute
-    memory_kind: str | None  # what the story hides: "place", "colour", or None (not a memory story)
+    memory_kind: str | None  # Hidden.kind of a memory story ("place" or "colour"), else None
     cut_tp: int
     cut_fp: int
     cut_fn: int
@@ -428,7 +428,6 @@ def score_story(story: Story, frames: np.ndarray, ranges) -> StoryScore:
         items.append(it); names.append(nm)
 
     memory = []
-    memory_kind = None if story.hidden is None else "place" if story.hides_place else "colour"
     if story.hidden is not None and story.num_shots > 1:
         first = analysis.shots[0]
         if story.hides_place:
@@ -445,6 +444,7 @@ def score_story(story: Story, frames: np.ndarray, ranges) -> StoryScore:
 
     tp, fp, fn = match_cuts(analysis.cuts, [a for a, _ in ranges[1:]])
     flicker = float(np.clip(1 - analysis.flicker_change / FLICKER_SCALE, 0, 1))
+    memory_kind = story.hidden.kind if story.hidden is not None else None
     return StoryScore(items, names, memory, memory_kind, tp, fp, fn, flicker, analysis)
 
 
