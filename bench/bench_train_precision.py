@@ -1,8 +1,9 @@
 """Training step time in fp32 against bf16 autocast, side by side, for the tiny VAE and the tiny teacher DiT.
 
-Why: `bf16: true` autocasts on the CPU too (training/common.py). Whether that pays depends on the CPU
-(oneDNN uses AMX tiles where the CPU has them) and on the model: convolutions with many pixels gain,
-small matmuls lose to the casts. This prints both so a config choice rests on a measurement. The two
+Why: `bf16: true` autocasts on the CPU too where it has native bf16 (training/common.py). Whether that pays
+depends on the CPU (oneDNN uses AMX tiles where the CPU has them, and emulates bf16, far slower, where it
+has neither AMX-BF16 nor AVX512-BF16) and on the model: convolutions with many pixels gain, small matmuls
+lose to the casts. This prints both so a config choice rests on a measurement. The two
 precisions alternate within every repeat, so machine noise hits both alike.
 
     python bench/bench_train_precision.py                 # CPU, torch's default threads
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shotstream_core.config import get_preset  # noqa: E402
 from shotstream_core.model import WanDiT  # noqa: E402
 from shotstream_core.vae import WanVAE  # noqa: E402
+from training.common import native_bf16  # noqa: E402
 from training.vae_stage import VAEAutoencoder  # noqa: E402
 
 
@@ -100,8 +102,9 @@ def main() -> None:
         f"VAE decoder-only step (1 x {a.decoder_frames} frames)": vae_step(preset, 1, a.decoder_frames, True),
         f"teacher DiT step (batch {a.dit_batch})": teacher_step(preset, a.dit_batch),
     }
-    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else None
-    print(f"{a.preset} preset, {torch.get_num_threads()} threads, CPU with AMX bf16: {amx}")
+    native = native_bf16(torch.device("cpu"))
+    print(f"{a.preset} preset, {torch.get_num_threads()} threads ({torch.backends.cpu.get_cpu_capability()}), "
+          f"CPU with native bf16: {native}" + ("" if native else " (training stages run fp32 here, whatever bf16 says)"))
     for name, step in cases.items():
         t = time_side_by_side(step, a.repeats)
         print(f"{name}: fp32 {t['fp32'] * 1e3:.0f} ms, bf16 autocast {t['bf16'] * 1e3:.0f} ms, "

@@ -1,4 +1,5 @@
 """Training infrastructure: configs, checkpoints, step batches, logs, exact resume, 2-process torchrun."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,6 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
+
+from shotstream_core.config import get_preset
+from shotstream_core.model import WanDiT
 
 from training.data import write_training_set
 from training.common import (Checkpointer, Dist, Logger, StageConfig, StepBatches, load_stage_config, lr_at,
@@ -57,9 +62,9 @@ def test_every_shipped_config_loads():
 
 def test_every_tiny_stage_is_step_bound_with_a_bounded_safety_net():
     """The recipe is step counts, so a slow or busy machine trains the same model, only later. Each tiny
-    stage and VAE phase still has a max_minutes safety net, set well above its measured time so that it
-    fires only on a pathologically slow run, and a stage's nets (its own, or the sum over its phases) add
-    up to at most 150 min. Each stage's measured time is in training_report.md."""
+    stage and VAE phase has a sitting's time budget (max_minutes; when it runs out the stage pauses, to be
+    resumed), set well above its measured time, and a stage's budgets (its own, or the sum over its
+    phases) add up to at most 150 min. Each stage's measured time is in training_report.md."""
     from training.pipeline import STAGES, _config_class, stage_config_path
     from training.vae_stage import phase_configs
 
@@ -338,21 +343,103 @@ def test_vae_curriculum_runs_its_phases_in_order_and_resumes(tmp_path):
         vae_stage.main(argv + ["--set", f"out_dir={tmp_path / 'bad'}", "--set", "phases=[{name: a, crop_size: 8}]"])
 
 
-def test_time_budget_stops_and_marks_done(micro_latents, tmp_path):
+def test_a_sittings_time_budget_pauses_the_stage_and_never_changes_the_model(micro_latents, tmp_path):
+    """max_minutes ends a sitting, not the stage: the stage checkpoints, says how to go on and stops unfinished
+    (exit status EXIT_PAUSED, no done.json), and the same command resumes it to the weights of an
+    uninterrupted run. (Marked done, a slow machine would have shipped a shorter-trained model.)"""
     from training import stage1_teacher
+    from training.common import EXIT_PAUSED, StageInterrupted, paused_message
 
-    res = stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "t", "max_steps=1000", "max_minutes=0.0001",
-                                            "batch_size=2"))
-    assert res["stop_reason"] == "max_minutes" and res["steps"] < 1000
-    assert json.loads((tmp_path / "t" / "done.json").read_text())["stop_reason"] == "max_minutes"
+    args = ("max_steps=4", "batch_size=2")
+    with pytest.raises(StageInterrupted) as stop:
+        stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", *args, "max_minutes=0.000001"))
+    assert stop.value.code == EXIT_PAUSED
+    assert not (tmp_path / "cut" / "done.json").exists()
+    message = paused_message(tmp_path / "cut")
+    assert "max_minutes" in message and "run the same command again" in message
+    res = stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", *args))
+    assert res["steps"] == 4 and res["stop_reason"] == "max_steps"
+    assert paused_message(tmp_path / "cut") is None and (tmp_path / "cut" / "done.json").is_file()
+    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "whole", *args))
+    cut = load_file(str(tmp_path / "cut" / "teacher.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "teacher.safetensors"))
+    assert all(torch.equal(cut[k], whole[k]) for k in whole)
+
+
+def test_pipeline_tells_a_paused_stage_from_a_failed_one(tmp_path, monkeypatch, capsys):
+    """A stage that stopped on its sitting's budget makes the pipeline exit EXIT_PAUSED with the stage's
+    own message (whatever status torchrun passes on); a stage that failed is reported as failed."""
+    from training import pipeline
+    from training.common import EXIT_PAUSED, pause_stage
+
+    runs = {s.name: tmp_path / "runs" / s.name for s in pipeline.STAGES}
+    monkeypatch.setattr(pipeline, "stage_out_dir", lambda preset, stage: runs[stage.name])
+
+    def paused_run(cmd, cwd=None):
+        pause_stage(runs["teacher"], "teacher stopped at step 7 of 9: budget ran out")
+        return 1  # torchrun's status when a worker exits non-zero
+
+    monkeypatch.setattr(pipeline.subprocess, "call", paused_run)
+    assert pipeline.main(["--preset", "micro", "--only", "teacher", "--no-eval"]) == EXIT_PAUSED
+    assert "teacher paused: teacher stopped at step 7 of 9" in capsys.readouterr().out
+
+    def failed_run(cmd, cwd=None):  # the next sitting starts (its pause is cleared), then fails
+        (runs["teacher"] / "paused.json").unlink()
+        return 1
+
+    monkeypatch.setattr(pipeline.subprocess, "call", failed_run)
+    assert pipeline.main(["--preset", "micro", "--only", "teacher", "--no-eval"]) == 1
+    assert "teacher failed (exit 1)" in capsys.readouterr().out
+
+
+def test_preencoding_pauses_between_shards_and_goes_on(micro_latents, tmp_path):
+    """Pre-encoding out of budget keeps the shards it wrote, writes no index (the store is unfinished), and
+    the next sitting encodes the rest into the same store as one uninterrupted run."""
+    from training.common import StageInterrupted
+    from training.preencode import PreencodeConfig, preencode
+
+    root = micro_latents.parent
+    cfg = PreencodeConfig(out_dir=str(tmp_path / "latents"), data_dir=str(root / "data"), preset="micro",
+                          vae_path=str(root / "vae.safetensors"), num_stories=3, shard_size=2, max_minutes=0.000001)
+    with pytest.raises(StageInterrupted, match="pre-encoding stopped before shard 1 of 2"):
+        preencode(cfg, Dist())
+    assert not (tmp_path / "latents" / "index.json").exists()
+    summary = preencode(dataclasses.replace(cfg, max_minutes=0.0), Dist())
+    assert summary["stories"] == 3 and summary["stop_reason"] == "done"
+    again = json.loads((tmp_path / "latents" / "index.json").read_text())["stories"]
+    assert again == json.loads((micro_latents / "index.json").read_text())["stories"]
+
+
+def test_ode_pairs_pause_without_writing_a_partial_shard(micro_latents, tmp_path):
+    """A budget that runs out inside a shard writes none of it (a partial shard would be skipped on
+    resume, leaving fewer pairs than the recipe)."""
+    from shotstream_core.loading import save_dit
+    from training.common import StageInterrupted
+    from training.ode_pairs import ODEConfig, generate
+
+    save_dit(WanDiT(get_preset("micro").dit), tmp_path / "teacher.safetensors")
+    cfg = ODEConfig(out_dir=str(tmp_path / "ode"), latent_dir=str(micro_latents), preset="micro",
+                    teacher_path=str(tmp_path / "teacher.safetensors"), batch_size=1, shard_size=2, steps=50,
+                    guidance=2.0, num_pairs=2, max_minutes=0.000001)
+    with pytest.raises(StageInterrupted, match="ode pairs stopped in shard 1 of 1"):
+        generate(cfg, Dist())
+    assert not list((tmp_path / "ode").glob("pairs_*.safetensors"))
+    summary = generate(dataclasses.replace(cfg, max_minutes=0.0), Dist())
+    assert summary["pairs"] == 2 and summary["stop_reason"] == "done"
 
 
 def test_teacher_under_two_process_torchrun(micro_latents, tmp_path):
-    """2-process gloo DDP: both ranks step together; rank 0 writes the checkpoint and teacher."""
+    """2-process gloo DDP: both ranks step together; rank 0 writes the checkpoint and teacher. A sitting's
+    budget that runs out pauses both ranks at the same step (no rank left waiting in a collective), and
+    the same command then finishes the stage."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "training.stage1_teacher", *_teacher_argv(micro_latents, out, "max_steps=2", "batch_size=1",
                                                            "num_threads=1")]
+    res = subprocess.run(cmd + ["--set", "max_minutes=0.000001"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0 and "[paused] teacher stopped at step" in res.stdout, res.stderr[-3000:]
+    assert not (out / "done.json").exists()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "teacher.safetensors").is_file() and json.loads((out / "done.json").read_text())["steps"] == 2
@@ -479,14 +566,27 @@ def test_latent_detail_map_puts_a_small_object_in_its_latent_cell():
         latent_detail_map(video[:, :, :8], 4, 8, 3)
 
 
-def test_bf16_autocast_follows_the_config_on_cpu():
-    from training.common import autocast
+def test_bf16_autocast_follows_the_config_where_the_cpu_has_native_bf16(monkeypatch, capsys):
+    """bf16: true autocasts on a CPU with native bf16; on one without (AVX2 only), where emulated bf16 runs
+    the VAE ~20x slower, the stage trains in fp32 and says so once."""
+    import training.common as common
 
     x = torch.randn(4, 4)
-    with autocast(StageConfig(bf16=True), torch.device("cpu")):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "_cpu_has_native_bf16", lambda: True)
+    with common.autocast(StageConfig(bf16=True), cpu):
         assert (x @ x).dtype == torch.bfloat16
-    with autocast(StageConfig(bf16=False), torch.device("cpu")):
+    with common.autocast(StageConfig(bf16=False), cpu):
         assert (x @ x).dtype == torch.float32
+    assert "[bf16]" not in capsys.readouterr().out
+
+    monkeypatch.setattr(common, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(common, "_warned_emulated_bf16", set())
+    for _ in range(2):
+        with common.autocast(StageConfig(bf16=True), cpu):
+            assert (x @ x).dtype == torch.float32
+    out = capsys.readouterr().out
+    assert out.count("[bf16]") == 1 and "AMX-BF16" in out and "fp32" in out
 
 
 def test_report_names_how_a_run_departed_from_its_config(tmp_path):

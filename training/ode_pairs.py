@@ -29,7 +29,8 @@ from shotstream_core.model import WanDiT
 from shotstream_core.schedule import FlowSchedule
 from shotstream_core.teacher import sample_teacher
 
-from .common import StageConfig, load_dit, mark_done, preset_for_weights, run_stage, save_config, step_generator
+from .common import (StageConfig, clear_pause, load_dit, mark_done, pause_stage, preset_for_weights, run_stage,
+                     save_config, step_generator)
 from .data import LatentStoryDataset
 
 
@@ -166,6 +167,7 @@ def generate(cfg: ODEConfig, dist) -> dict:
     prev_path = out / "progress.json"
     prev = json.loads(prev_path.read_text())["elapsed_s"] if prev_path.is_file() else 0.0
     budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
+    clear_pause(out, dist.is_main)
     stopped = False
     for n, shard in enumerate(shards):
         if n % dist.world_size != dist.rank:
@@ -175,7 +177,7 @@ def generate(cfg: ODEConfig, dist) -> dict:
             continue
         parts = {k: [] for k in ("latents", "context", "flags", "prompt_ids", "target")}
         for j in range(0, len(shard), cfg.batch_size):
-            if prev + time.perf_counter() - t0 > budget:
+            if time.perf_counter() - t0 > budget:  # this sitting's budget
                 stopped = True
                 break
             part = shard[j:j + cfg.batch_size]
@@ -187,7 +189,7 @@ def generate(cfg: ODEConfig, dist) -> dict:
             parts["flags"].append(batch.flags)
             parts["prompt_ids"].append(batch.prompt_ids)
             parts["target"].append(torch.tensor(part, dtype=torch.long))
-        if not parts["latents"]:
+        if stopped:  # a shard is written whole or not at all: a partial one would be skipped on resume
             break
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         tensors["timesteps"] = torch.tensor(student_t + [0.0])
@@ -197,14 +199,18 @@ def generate(cfg: ODEConfig, dist) -> dict:
         if dist.is_main:
             prev_path.write_text(json.dumps({"elapsed_s": prev + time.perf_counter() - t0}))
             print(f"pairs shard {n + 1}/{len(shards)}: {len(tensors['target'])} pairs", flush=True)
-        if stopped:
-            break
+    # Shards are per rank and each rank watches the clock alone: any rank that stops records why
+    # (its exit ends the torchrun job); the shards written stay, the next sitting does the rest.
+    if stopped:
+        raise pause_stage(out, f"ode pairs stopped in shard {n + 1} of {len(shards)}: this sitting's time budget "
+                               f"(max_minutes={cfg.max_minutes:g}) ran out. Run the same command again to go on "
+                               f"(finished shards are kept)")
     dist.barrier()
     summary = {}
     if dist.is_main:
         count = sum(load_file(str(p))["target"].shape[0] for p in sorted(out.glob("pairs_*.safetensors")))
         summary = {"pairs": count, "guidance": guidance, "student_timesteps": student_t,
-                   "wall_s": prev + time.perf_counter() - t0, "stop_reason": "max_minutes" if stopped else "done"}
+                   "wall_s": prev + time.perf_counter() - t0, "stop_reason": "done"}
         mark_done(out, **summary)
         print(json.dumps(summary), flush=True)
     dist.barrier()

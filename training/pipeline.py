@@ -25,7 +25,7 @@ from pathlib import Path
 
 from shotstream_core.files import copy_file
 
-from .common import Checkpointer, is_done, load_stage_config, mark_done, read_log
+from .common import EXIT_PAUSED, Checkpointer, is_done, load_stage_config, mark_done, paused_message, read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -319,6 +319,11 @@ def main(argv=None) -> int:
         if args.dry_run:
             continue
         rc = subprocess.call(cmd, cwd=ROOT)
+        paused = paused_message(out) if rc != 0 else None
+        if paused:
+            print(f"[pipeline] {stage.name} paused: {paused}. Run the pipeline again to go on: finished stages "
+                  f"are skipped, this one resumes where it stopped", flush=True)
+            return EXIT_PAUSED
         if rc != 0:
             print(f"[pipeline] {stage.name} failed (exit {rc}); fix it and re-run: finished stages are skipped, "
                   f"this one resumes from its last checkpoint", flush=True)

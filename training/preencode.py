@@ -29,7 +29,7 @@ from shotstream_core.loading import make_text_encoder
 from shotstream_core.text import build_shot_prompt
 from shotstream_core.vae import load_vae
 
-from .common import StageConfig, mark_done, run_stage, save_config
+from .common import StageConfig, clear_pause, mark_done, pause_stage, run_stage, save_config
 from .data import context_frame_indices, read_clips, shot_frames
 from .detail import latent_detail_map
 
@@ -115,6 +115,7 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
     shards = [records[i:i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
     budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
     prev = json.loads((out / "progress.json").read_text()).get("elapsed_s", 0.0) if (out / "progress.json").is_file() else 0.0
+    clear_pause(out, dist.is_main)
     stopped = False
     for n, shard in enumerate(shards):
         if n % dist.world_size != dist.rank:
@@ -122,7 +123,7 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
         path = out / f"shard_{n:04d}.safetensors"
         if path.is_file() and (out / f"shard_{n:04d}.json").is_file():
             continue
-        if prev + time.perf_counter() - t0 > budget:
+        if time.perf_counter() - t0 > budget:  # this sitting's budget
             stopped = True
             break
         tensors, entries = encode_shard(shard, vae, encoder, cfg, geometry, preset.sampler.context_frames)
@@ -135,6 +136,12 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
         if dist.is_main:
             print(f"shard {n + 1}/{len(shards)} done, {prev + time.perf_counter() - t0:.0f}s", flush=True)
             (out / "progress.json").write_text(json.dumps({"elapsed_s": prev + time.perf_counter() - t0}))
+    # Shards are per rank and each rank watches the clock alone: any rank that stops records why
+    # (its exit ends the torchrun job); the shards written stay, the next sitting does the rest.
+    if stopped:
+        raise pause_stage(out, f"pre-encoding stopped before shard {n + 1} of {len(shards)}: this sitting's time "
+                               f"budget (max_minutes={cfg.max_minutes:g}) ran out. Run the same command again to "
+                               f"go on (finished shards are kept)")
     dist.barrier()
     summary = {}
     if dist.is_main:
@@ -142,14 +149,14 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
         for p in sorted(out.glob("shard_*.json")):
             stories += json.loads(p.read_text())
         if not stories:
-            raise RuntimeError(f"no shard was encoded within max_minutes={cfg.max_minutes}; raise the budget")
+            raise RuntimeError(f"no story to encode in {cfg.data_dir}: write the training set first")
         c, f, h, w = load_file(str(out / stories[0]["shard"]))[f"{stories[0]['name']}/shot0"].shape
         info = {"preset": cfg.preset, "latent_shape": [c, f, h, w], "context_frames": preset.sampler.context_frames,
                 "all_frames": cfg.all_frames, "vae_path": str(vae_path), "stories": stories}
         (out / "index.json").write_text(json.dumps(info))
         wall = prev + time.perf_counter() - t0
         summary = {"stories": len(stories), "shots": sum(s["num_shots"] for s in stories),
-                   "wall_s": wall, "stop_reason": "max_minutes" if stopped else "done"}
+                   "wall_s": wall, "stop_reason": "done"}
         mark_done(out, **summary)
         print(json.dumps(summary), flush=True)
     dist.barrier()
