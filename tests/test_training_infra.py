@@ -640,6 +640,7 @@ def test_export_waits_for_a_student_and_never_half_replaces_the_shipped_model(tm
 def test_status_says_how_far_a_cut_run_got(tmp_path):
     """--status reads the run folders: not started, the phase and checkpoint step a cut curriculum stopped
     at, the output files a cut ODE run wrote, and done with its steps."""
+    from training.common import pause_stage
     from training.ode_pairs import ODEConfig
     from training.pipeline import main, run_status
     from training.stage1_teacher import TeacherConfig
@@ -663,6 +664,8 @@ def test_status_says_how_far_a_cut_run_got(tmp_path):
     teacher = TeacherConfig(out_dir=str(tmp_path / "teacher"), max_steps=9)
     checkpoint(tmp_path / "teacher", 5)
     assert run_status(teacher) == "at step 5 of 9"
+    pause_stage(tmp_path / "teacher", "teacher stopped at step 5 of 9: this sitting's time budget ran out")
+    assert run_status(teacher) == "at step 5 of 9 (paused; run it again to go on)"
     ode = ODEConfig(out_dir=str(tmp_path / "ode"))
     for n in range(2):
         (tmp_path / "ode").mkdir(exist_ok=True)

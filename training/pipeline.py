@@ -162,6 +162,11 @@ def run_status(cfg) -> str:
         return f"done: {amount} in {float(d.get('wall_s', 0.0)) / 60:.1f} min ({d.get('stop_reason', '-')})"
     if not out.is_dir():
         return "not started"
+    paused = " (paused; run it again to go on)" if paused_message(out) else ""
+    return _where_it_stands(cfg, out) + paused
+
+
+def _where_it_stands(cfg, out: Path) -> str:
     if getattr(cfg, "phases", ()):  # a curriculum: the first phase not done is where it stands
         from .vae_stage import collapsed_attempts, phase_configs
 
