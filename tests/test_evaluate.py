@@ -189,3 +189,15 @@ def test_report_splits_memory_by_hidden_attribute_and_shows_its_error():
     assert table[2] == "| `student` | 0.250 (8 shots) | 0.500 (12 shots) |" and len(table) == 3
     assert "| 0.400 ± 0.12 |" in ablation_table(metrics)
     assert memory_table({"variants": {"student": {"available": True, "eval5": {}}}}) == ""
+
+
+def test_report_says_where_cut_f1_loses():
+    from training.report import cut_table
+
+    counts = {"cuts_true": 128, "cuts_missed": 1, "cuts_spurious": 22, "cuts_spurious_opening": 21}
+    metrics = {"variants": {
+        "student": {"available": True, "eval5": {"counts": counts}},
+        "teacher": {"available": False, "reason": "no teacher weights"}}}
+    table = cut_table(metrics).splitlines()
+    assert table[2] == "| `student` | 128 | 1 | 22 | 21 |" and len(table) == 3
+    assert cut_table({"variants": {"student": {"available": True, "eval5": {"counts": {}}}}}) == ""

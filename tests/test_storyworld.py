@@ -170,6 +170,25 @@ def test_shuffled_frames_fail(corruption_stories):
     assert m["adherence"] < 0.8, m
 
 
+def test_a_flash_at_each_shots_first_frame_costs_cut_f1_and_is_counted_at_the_opening(corruption_stories):
+    """Each shot's frame 0 recoloured (what a VAE whose single-frame path differs from its chunks does): the
+    later shots' flashes fall on their true cuts, but the video's opening one is a spurious cut, counted as
+    such; the truth has none."""
+    stories = corruption_stories[:6]
+
+    def flash(i, s, f, r):
+        f = f.copy()
+        for a, _ in r:
+            f[a] = np.clip(f[a].astype(int) + 60, 0, 255).astype(np.uint8)
+        return f
+
+    truth = score_all(stories, lambda i, s, f, r: f)
+    flashed = score_all(stories, flash)
+    assert truth["counts"]["cuts_spurious"] == 0 and truth["counts"]["cuts_spurious_opening"] == 0, truth
+    assert flashed["counts"]["cuts_spurious_opening"] == len(stories), flashed
+    assert flashed["counts"]["cuts_missed"] == 0 and flashed["cut_f1"] < 0.97, flashed
+
+
 def test_colours_swapped_between_shots_fail(corruption_stories):
     def swap(i, s, f, r):
         other = _swapped(s)

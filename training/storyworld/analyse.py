@@ -21,7 +21,9 @@ Metrics (all "higher is better" except drift, which is a difference; see `aggreg
   `memory_by_kind` splits it by the hidden attribute, and `memory_stderr` is its standard error with the
   shots of one story counted together (they share one shot 1, so they are not independent draws).
 - cut_f1: detected cuts against the true shot starts (a detection within one frame matches), counted
-  over all stories; detections inside shots are false positives.
+  over all stories; detections inside shots are false positives. `counts` gives the cuts missed and the
+  spurious ones, and how many of those sit at a video's opening frames (frame 0 jumping against frame 1:
+  the VAE decodes a shot's first latent frame alone, unlike the 4-frame chunks after it).
 - drift: adherence over shots 6-10 minus adherence over shots 1-5, on stories with at least 10 shots
   (0 is perfect, negative means the story decays).
 - flicker: 1 - (mean absolute frame-to-frame change of background pixels inside shots) / FLICKER_SCALE,
@@ -58,6 +60,7 @@ SIZE_BOUNDS = (0.26, 0.41)  # box height / H between wide|medium and medium|clos
 STILL_BELOW = 0.08  # displacement over the shot (fraction of the side) below which nothing moves
 CUT_MIN_CHANGE = 1.5  # least mean abs change (0-255) of a cut
 CUT_RATIO = 4.0  # a cut's change must exceed this many times the median change around it
+OPENING_FRAMES = 2  # a spurious cut at t <= this is the video's first frame(s) jumping against the next
 CUT_WINDOW = 8
 FLICKER_SCALE = 32.0  # mean change (of 255) per frame that scores 0; noise (about 85) is far beyond
 CHAR_DILATE = 2
@@ -375,6 +378,7 @@ class StoryScore:
     cut_tp: int
     cut_fp: int
     cut_fn: int
+    cut_fp_opening: int  # of cut_fp, those at the video's opening frames (t <= OPENING_FRAMES)
     flicker: float  # score in [0, 1]
     analysis: VideoAnalysis | None = field(default=None, repr=False)
 
@@ -442,10 +446,12 @@ def score_story(story: Story, frames: np.ndarray, ranges) -> StoryScore:
                     d = seen.find(shape)
                     memory.append(float(ref is not None and d is not None and d.colour == ref.colour))
 
-    tp, fp, fn = match_cuts(analysis.cuts, [a for a, _ in ranges[1:]])
+    starts = [a for a, _ in ranges[1:]]
+    tp, fp, fn = match_cuts(analysis.cuts, starts)
+    opening = sum(1 for c in analysis.cuts if c <= OPENING_FRAMES and all(abs(c - b) > 1 for b in starts))
     flicker = float(np.clip(1 - analysis.flicker_change / FLICKER_SCALE, 0, 1))
     memory_kind = story.hidden.kind if story.hidden is not None else None
-    return StoryScore(items, names, memory, memory_kind, tp, fp, fn, flicker, analysis)
+    return StoryScore(items, names, memory, memory_kind, tp, fp, fn, opening, flicker, analysis)
 
 
 def clustered_stderr(groups: list[list[float]]) -> float | None:
@@ -492,5 +498,6 @@ def aggregate(scores: list[StoryScore]) -> dict:
                    "memory_stories": sum(bool(s.memory_items) for s in scores),
                    "memory_shots_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
                    "ten_shot_stories": len(long),
-                   "cuts_true": tp + fn, "cuts_detected": tp + fp},
+                   "cuts_true": tp + fn, "cuts_detected": tp + fp, "cuts_missed": fn, "cuts_spurious": fp,
+                   "cuts_spurious_opening": sum(s.cut_fp_opening for s in scores)},
     }
