@@ -33,6 +33,7 @@ Metrics (all "higher is better" except drift, which is a difference; see `aggreg
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -287,7 +288,9 @@ def analyse_shot(frames: np.ndarray, labels: np.ndarray | None = None) -> tuple[
         if len(seen_t) < MIN_PRESENT * F:
             continue
         named = [s for s in shapes if s is not None]
-        shape = max(set(named), key=named.count) if named else None
+        # The most frequent shape; a tie goes to the one read first. (max over a set broke ties by string
+        # hash order, which Python salts per process: the same video scored differently run to run.)
+        shape = Counter(named).most_common(1)[0][0] if named else None
         if len(seen_t) >= 2:
             span = (F - 1) if F > 1 else 1
             dx = float(np.polyfit(seen_t, cx, 1)[0] * span / W)
