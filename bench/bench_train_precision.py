@@ -39,7 +39,7 @@ def vae_step(preset, batch: int, clip_frames: int, decoder_only: bool = False):
     def step(bf16: bool) -> None:
         ae.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            recon, _, _ = ae(clip, eps)
+            recon = ae(clip, eps)[0]
         ((recon.float() - clip) ** 2).mean().backward()
     return step
 

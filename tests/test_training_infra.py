@@ -508,6 +508,83 @@ def test_first_frame_weight_weighs_the_first_frame():
     assert float(frame_weighted_mean(err, 4.0)) == pytest.approx(1 / 8)
 
 
+class _HistoryFreeEncoder(nn.Module):
+    """Stands in for the VAE encoder: each chunk's latent is its frames' mean colour, pooled 8x8, with no
+    causal past at all. A correct shift alignment then sees no difference between the two encodings."""
+
+    def __init__(self, z2: int):
+        super().__init__()
+        self.z2 = z2
+
+    def forward(self, chunk, cache):
+        pooled = nn.functional.avg_pool3d(chunk.mean(dim=2, keepdim=True), (1, 8, 8))  # [B, 3, 1, h, w]
+        return pooled.repeat(1, -(-self.z2 // 3), 1, 1, 1)[:, :self.z2]
+
+
+def test_latent_shift_loss_compares_the_same_frames_one_chunk_apart():
+    """mu[j+1] of a clip and mu_shifted[j] of the clip from frame 4 on must be the same four frames: with an
+    encoder that has no past the loss is 0, and the same latents one chunk off are not."""
+    from shotstream_core.vae import WanVAE
+    from training.vae_stage import VAEAutoencoder, latent_shift_loss
+
+    torch.manual_seed(0)
+    vae = WanVAE("micro")
+    z2 = vae.conv1.out_channels
+    vae.encoder = _HistoryFreeEncoder(z2)
+    with torch.no_grad():  # conv1: identity, so mu is the pooled colour
+        vae.conv1.weight.zero_()
+        vae.conv1.bias.zero_()
+        vae.conv1.weight[:, :, 0, 0, 0] = torch.eye(z2)
+    clip = torch.rand(2, 3, 17, 16, 16) * 2 - 1  # every frame different
+    with torch.no_grad():
+        _, mu, _, mu_shifted = VAEAutoencoder(vae, sample_latent=False)(clip, None, shifted=True)
+    assert mu.shape[2] == 5 and mu_shifted.shape[2] == 4
+    assert float(latent_shift_loss(mu, mu_shifted)) < 1e-10
+    off_by_one = latent_shift_loss(mu[:, :, :-1], mu_shifted[:, :, 1:])  # mu[j] against mu_shifted[j]
+    assert float(off_by_one) > 0.5
+    # scale-free: shrinking both latents cannot lower it
+    a, b = torch.randn(2, 4, 3, 2, 2), torch.randn(2, 4, 2, 2, 2)
+    assert float(latent_shift_loss(0.01 * a, 0.01 * b)) == pytest.approx(float(latent_shift_loss(a, b)), rel=1e-4)
+    with pytest.raises(ValueError, match="at least 9 frames"):
+        latent_shift_loss(a[:, :, :2], b[:, :, :1])
+
+
+def test_latent_shift_weight_makes_latents_stationary_on_a_fixed_batch(tmp_path):
+    """Trained on the shift loss, a micro encoder's latent of the same frames stops depending on where they
+    fall in the clip (the loss over a fixed batch falls clearly), and the stage refuses the loss where the
+    encoder is frozen or the clips too short, naming the fix."""
+    from shotstream_core.config import get_preset
+    from shotstream_core.vae import WanVAE
+    from training import vae_stage
+    from training.storyworld.render import render_story
+    from training.storyworld.world import make_split
+
+    frames, _ = render_story(make_split("train", 1, num_shots=1)[0], get_preset("micro").geometry)
+    clips = vae_stage.sample_clips(torch.from_numpy(frames[None]), [0, 0], 13, 16, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = vae_stage.VAEAutoencoder(WanVAE("micro"), sample_latent=False)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, mu, _, mu_shifted = model(clips, None, shifted=True)
+        loss = vae_stage.latent_shift_loss(mu, mu_shifted)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.3 * losses[0], losses[::6]
+
+    write_training_set(tmp_path / "data", 2, get_preset("micro").geometry, 1, 2)
+    base = ["--config", str(REPO / "training/configs/micro-vae.yaml"), "--set", f"data_dir={tmp_path / 'data'}",
+            "--set", "num_stories=2", "--set", "max_steps=2", "--set", "phases=[]", "--set", "latent_shift_weight=1.0"]
+    summary = vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'ok'}", "--set", "clip_frames=9"])
+    assert len(summary["latent_adjacent_corr"]) == get_preset("micro").geometry.latent_frames - 1
+    logged = [json.loads(line) for line in (tmp_path / "ok" / "log.jsonl").read_text().splitlines()]
+    assert all("shift" in rec for rec in logged if "loss" in rec)
+    with pytest.raises(ValueError, match="clip_frames 5"):
+        vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'short'}", "--set", "clip_frames=5"])
+
+
 def _frame_with_small_square(h: int = 32, w: int = 32) -> torch.Tensor:
     """[1, 3, 1, h, w]: a flat blue frame with a small red 6x6 square (about 4% of the pixels)."""
     clip = torch.zeros(1, 3, 1, h, w)

@@ -219,6 +219,52 @@ def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path)
     assert all(0.0 <= r["sample_adherence"] <= 1.0 for r in results.values())
     with pytest.raises(SystemExit):  # sampling without the VAE to decode with is refused up front
         main(argv + ["--sample-shots", "2"])
+    vae_path = str(store / "vae.safetensors")
+    read = main(["--vaes", vae_path, "--shots", "2", "--preset", "micro"])
+    assert list(read) == [vae_path] and len(read[vae_path]["latent_adjacent_corr"]) == GEO.latent_frames - 1
+    with pytest.raises(SystemExit):  # DiT weights and VAEs in one call: refused
+        main([paths[0], "--vaes", vae_path, "--preset", "micro"])
+
+
+class _FakeVAE:
+    """Latents are the video itself (so their stationarity is the video's); optionally a start-up
+    transient on the first latent frames, or a first decoded frame shifted in colour."""
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def __init__(self, transient: int = 0, first_frame_tint: float = 0.0):
+        self.transient, self.tint = transient, first_frame_tint
+
+    def encode(self, video):
+        z = video.clone()
+        if self.transient:
+            z[:, :, :self.transient] = torch.randn(z[:, :, :self.transient].shape, generator=torch.Generator().manual_seed(0))
+        return z
+
+    def decode(self, z):
+        out = z.clone()
+        out[:, :, 0] = (out[:, :, 0] + self.tint).clamp(-1, 1)
+        return out
+
+
+def test_diagnose_vae_reads_the_single_frame_path_and_the_encoder_transient():
+    """A perfect VAE reconstructs at high PSNR with the truth's own opening jump and the truth's latent
+    correlations; a tinted first frame shows as a low first-frame PSNR and a large opening jump; a start-up
+    transient in the latents as low correlations over the first latent frames (each measure can fail)."""
+    from training.diagnose import diagnose_vae, held_out_shots
+
+    shots = held_out_shots(PRESET, 3)
+    assert shots.shape == (3, GEO.frames_per_shot, GEO.height, GEO.width, 3) and shots.dtype == torch.uint8
+    perfect = diagnose_vae(_FakeVAE(), shots)
+    assert perfect["psnr_first_db"] > 60 and perfect["psnr_rest_db"] > 60
+    assert perfect["opening_jump"] == pytest.approx(perfect["truth_opening_jump"], abs=0.01)
+    assert len(perfect["latent_adjacent_corr"]) == GEO.frames_per_shot - 1 and min(perfect["latent_adjacent_corr"]) > 0.8
+
+    tinted = diagnose_vae(_FakeVAE(first_frame_tint=0.3), shots)
+    assert tinted["psnr_first_db"] < 25 and tinted["psnr_rest_db"] > 60
+    assert tinted["opening_jump"] > 3 * max(perfect["opening_jump"], 1.0)
+
+    transient = diagnose_vae(_FakeVAE(transient=3), shots)["latent_adjacent_corr"]
+    assert max(transient[:3]) < 0.3 and min(transient[3:]) > 0.8
 
 
 def test_teacher_loss_is_zero_weight_at_pure_noise():

@@ -16,6 +16,14 @@ two checkpoints compare number for number. Per noise level sigma:
   has to go on: about 0 means the characters' words are ignored.
 With --sample-shots N it also samples the last N training-split shots with CFG and scores them with the
 analyser (adherence), as the ODE stage's guidance check does: slower (minutes), but what counts.
+
+    python -m training.diagnose --vaes A/vae.safetensors [B/vae.safetensors ...]
+
+reads VAEs instead, on the first shots of training-split stories that no training set reaches (held out,
+not the evaluation split): PSNR of the first frame (the single-frame path) and of the rest; the opening
+jump, the change from frame 0 to frame 1 over the median change between later frames (the truth's own
+ratio beside it: a jump the analyser can read as a cut); and the correlation of adjacent latent frames
+(vae_stage.latent_stationarity), where a start-up transient of the causal encoder shows.
 """
 from __future__ import annotations
 
@@ -33,10 +41,12 @@ from .common import load_dit
 from .data import LatentStoryDataset
 from .ode_pairs import check_guidance
 from .stage1_teacher import make_batch
+from .vae_stage import latent_stationarity
 
 SIGMAS = (0.3, 0.6, 0.8, 0.95)
 TEXT_GAIN_FROM = 0.8  # below it the noisy shot itself shows the characters' colours
 CHAR_DETAIL_RATIO = 2.0  # a character cell's detail is above this many times its frame's mean
+HELD_OUT_START = 100_000  # training-split stories from here on: no training set is that large
 
 
 def fixed_targets(ds: LatentStoryDataset, num_targets: int) -> list[tuple[int, int]]:
@@ -77,9 +87,48 @@ def diagnose(model, ds: LatentStoryDataset, preset: Preset, num_targets: int = 4
     return {k: round(v, 4) for k, v in out.items()}
 
 
+def held_out_shots(preset: Preset, num_shots: int) -> torch.Tensor:
+    """First shots of num_shots held-out training-split stories, rendered at the preset's geometry:
+    uint8 [S, F, H, W, 3]."""
+    import numpy as np
+
+    from .storyworld.render import render_shot
+    from .storyworld.world import make_split
+
+    stories = make_split("train", num_shots, start=HELD_OUT_START)
+    return torch.from_numpy(np.stack([render_shot(s, 0, preset.geometry) for s in stories]))
+
+
+@torch.no_grad()
+def diagnose_vae(vae, shots: torch.Tensor) -> dict:
+    """Reconstruction of whole shots [S, F, H, W, 3] uint8 through vae (encode, decode): see the docstring."""
+    import numpy as np
+
+    from .storyworld.analyse import frame_changes
+
+    video = shots.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # [S, 3, F, H, W]
+    recon = torch.cat([vae.decode(vae.encode(video[i:i + 4])) for i in range(0, len(video), 4)])
+    mse = ((recon - video) ** 2).mean(dim=(0, 1, 3, 4))  # [F], on [-1, 1]: peak-to-peak 2
+    psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+    def opening_jump(frames: torch.Tensor) -> float:  # [S, 3, F, H, W] in [-1, 1]
+        ratios = []
+        for f in ((frames.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy():
+            d = frame_changes(f)
+            ratios.append(d[1] / max(float(np.median(d[2:])), 1e-3))
+        return float(np.mean(ratios))
+
+    corr = latent_stationarity(vae, shots)
+    return {"psnr_first_db": round(float(psnr[0]), 2), "psnr_rest_db": round(float(psnr[1:].mean()), 2),
+            "opening_jump": round(opening_jump(recon), 2), "truth_opening_jump": round(opening_jump(video), 2),
+            "latent_adjacent_corr": [round(c, 2) for c in corr]}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m training.diagnose", description=__doc__.split("\n\n")[0])
-    p.add_argument("weights", nargs="+", help="teacher (or student) .safetensors files to compare")
+    p.add_argument("weights", nargs="*", help="teacher (or student) .safetensors files to compare")
+    p.add_argument("--vaes", nargs="+", default=[], help="VAE .safetensors files to read instead (see above)")
+    p.add_argument("--shots", type=int, default=24, help="held-out shots for --vaes")
     p.add_argument("--latent-dir", default="runs/tiny/latents", help="pre-encoded latents (training.preencode)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--targets", type=int, default=48, help="target shots in the fixed batch")
@@ -91,13 +140,21 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance", type=float, default=3.0, help="CFG scale for --sample-shots")
     p.add_argument("--steps", type=int, default=50, help="Euler steps for --sample-shots")
     a = p.parse_args(argv)
+    if bool(a.weights) == bool(a.vaes):
+        p.error("give DiT weights to compare, or --vaes VAE files, not both")
     if a.sample_shots and not a.vae:
         p.error("--sample-shots decodes its samples: give --vae (the VAE the latents were encoded with)")
     if a.threads > 0:
         torch.set_num_threads(a.threads)
-    preset, ds = get_preset(a.preset), LatentStoryDataset(a.latent_dir)
+    preset, results = get_preset(a.preset), {}
+    if a.vaes:
+        shots = held_out_shots(preset, a.shots)
+        for path in a.vaes:
+            results[path] = diagnose_vae(load_vae(path), shots)
+            print(path, json.dumps(results[path]), flush=True)
+        return results
+    ds = LatentStoryDataset(a.latent_dir)
     vae = load_vae(a.vae) if a.sample_shots else None
-    results = {}
     for path in a.weights:
         teacher = load_dit(path, WanDiT, "teacher", "cpu", frozen=True)
         results[path] = diagnose(teacher, ds, preset, a.targets)

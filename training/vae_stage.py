@@ -58,6 +58,12 @@ class VAEStageConfig(StageConfig):
     # VAE blur and recolour it. Weight per pixel: 1 + detail_weight * (its detail / the frame's mean detail).
     detail_weight: float = 0.0
     detail_radius: int = 3  # neighbourhood half-size (pixels) that detail is measured against
+    # Weight of the latent shift loss: the same four frames should encode to the same latent wherever they
+    # fall in a clip. The encoder's causal caches start from zeros, so without it the latents of a shot's
+    # first chunks are a start-up transient (static content: adjacent latent frames correlate ~0.2 over the
+    # first three, ~1.0 after), which the DiT then has to learn as separate codes. Needs clip_frames >= 9
+    # and the encoder training (train_part all).
+    latent_shift_weight: float = 0.0
     sample_latent: bool = True  # reparameterised sample (VAE); false: z = mu (plain autoencoder)
     init_from: str = ""  # start from these VAE weights (a refine phase); statistics are re-fitted (train_part all)
     # "all" trains encoder and decoder; "decoder" freezes the encoder (init_from required) and keeps its
@@ -91,20 +97,62 @@ class VAEAutoencoder(nn.Module):
             vae.encoder.requires_grad_(False)
             vae.conv1.requires_grad_(False)
 
-    def forward(self, clip: torch.Tensor, eps: torch.Tensor):
-        """clip [B, 3, T, H, W] in [-1, 1]; eps [B, z, (T-1)/4+1, H/8, W/8] -> (recon, mu, log_var)."""
+    def _encode(self, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """clip [B, 3, 4k+1, H, W] -> raw (mu, log_var) [B, z, k+1, H/8, W/8]: the first frame alone, then
+        chunks of 4, through one causal cache."""
         vae, stride = self.vae, VAE_TEMPORAL_STRIDE
         cache: dict = {}
         chunks = [clip[:, :, :1]] + [clip[:, :, i:i + stride] for i in range(1, clip.shape[2], stride)]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
             h = torch.cat([vae.encoder(c, cache) for c in chunks], dim=2)
-            mu, log_var = vae.conv1(h).chunk(2, dim=1)
+            return vae.conv1(h).chunk(2, dim=1)
+
+    def forward(self, clip: torch.Tensor, eps: torch.Tensor, shifted: bool = False):
+        """clip [B, 3, T, H, W] in [-1, 1]; eps [B, z, (T-1)/4+1, H/8, W/8] -> (recon, mu, log_var, mu_shifted).
+
+        shifted: also encode the clip from its frame 4 on (mu_shifted [B, z, (T-1)/4, H/8, W/8], else None),
+        for latent_shift_loss. It runs inside forward so that DDP sees every parameter's use.
+        """
+        vae = self.vae
+        mu, log_var = self._encode(clip)
+        mu_shifted = self._encode(clip[:, :, VAE_TEMPORAL_STRIDE:])[0] if shifted else None
         log_var = log_var.clamp(-30.0, 20.0)
         z = mu + torch.exp(0.5 * log_var) * eps if self.sample_latent else mu
         x = vae.conv2(z)
         cache = {}
         recon = torch.cat([vae.decoder(x[:, :, i:i + 1], cache) for i in range(x.shape[2])], dim=2)
-        return recon, mu, log_var
+        return recon, mu, log_var, mu_shifted
+
+
+def latent_shift_loss(mu: torch.Tensor, mu_shifted: torch.Tensor) -> torch.Tensor:
+    """How much a chunk's latent depends on where it falls in the clip (0: not at all).
+
+    mu [B, z, k+1, h, w] encodes a clip; mu_shifted [B, z, k, h, w] the same clip from its frame 4 on. For
+    j >= 1, mu[:, :, j+1] and mu_shifted[:, :, j] both encode frames 4j+1..4j+4, one after a longer past
+    than the other. Their squared difference relative to their variance: scale-free, so shrinking the
+    latents cannot lower it.
+    """
+    a, b = mu[:, :, 2:], mu_shifted[:, :, 1:]
+    if a.shape[2] == 0 or a.shape != b.shape:
+        raise ValueError(f"latent_shift_loss needs a clip of at least 9 frames and its shift by 4 "
+                         f"(latent frames k+1 and k); got {tuple(mu.shape)} and {tuple(mu_shifted.shape)}")
+    return ((a - b) ** 2).mean() / (0.5 * (a.var() + b.var())).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def latent_stationarity(vae: WanVAE, shots: torch.Tensor, batch: int = 4) -> list[float]:
+    """Correlation of adjacent latent frames of whole shots [S, F, H, W, 3] uint8, mean over shots: entry j
+    compares latent frames j and j+1. On near-static shots a start-up transient shows as low early entries."""
+    corr = []
+    for i in range(0, len(shots), batch):
+        video = shots[i:i + batch].permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+        z = vae.encode(video.to(vae.device, vae.dtype)).float()  # [B, z, f, h, w]
+        a, b = z[:, :, :-1], z[:, :, 1:]
+        a, b = a - a.mean(dim=(1, 3, 4), keepdim=True), b - b.mean(dim=(1, 3, 4), keepdim=True)
+        num = (a * b).sum(dim=(1, 3, 4))
+        den = (a.pow(2).sum(dim=(1, 3, 4)) * b.pow(2).sum(dim=(1, 3, 4))).sqrt().clamp_min(1e-12)
+        corr.append(num / den)  # [B, f-1]
+    return torch.cat(corr).mean(0).tolist()
 
 
 def frame_weighted_mean(err: torch.Tensor, first_frame_weight: float,
@@ -285,6 +333,10 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         raise ValueError("train_part=decoder needs init_from: the frozen encoder must come from a trained VAE")
     if cfg.crop and cfg.crop % 8:
         raise ValueError(f"crop must be a multiple of 8 (VAE stride), got {cfg.crop}")
+    if cfg.latent_shift_weight and (frozen_encoder or cfg.clip_frames < 9):
+        raise ValueError(f"latent_shift_weight needs the encoder to train (train_part all, not "
+                         f"{cfg.train_part!r}) and clips of at least 9 frames (clip_frames {cfg.clip_frames}): "
+                         f"it compares each chunk's latent with the same frames' latent one chunk earlier")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
@@ -316,16 +368,21 @@ def train(cfg: VAEStageConfig, dist) -> dict:
                           lat, clips.shape[-1] // 8, generator=g).to(dist.device)
         set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_horizon))
         with autocast(cfg, dist.device):
-            recon, mu, log_var = model(clips, eps)
+            recon, mu, log_var, mu_shifted = model(clips, eps, shifted=cfg.latent_shift_weight > 0)
         recon, mu, log_var = recon.float(), mu.float(), log_var.float()
         pixel_w = detail_pixel_weights(clips, cfg.detail_weight, cfg.detail_radius)
         l1 = frame_weighted_mean((recon - clips).abs(), cfg.first_frame_weight, pixel_w)
         l2 = frame_weighted_mean((recon - clips) ** 2, cfg.first_frame_weight, pixel_w)
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
+        logs = {}
+        if mu_shifted is not None:
+            shift = latent_shift_loss(mu, mu_shifted.float())
+            loss = loss + cfg.latent_shift_weight * shift
+            logs["shift"] = float(shift.detach())
         gn = optimizer_step(loss, opt, trained, cfg.grad_clip)
         return {"loss": float(dist.all_mean(loss.detach())), "l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(kl.detach()),
-                "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
+                **logs, "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
 
     summary = train_loop(cfg, dist, {"vae": vae}, {"vae": opt}, step_fn, desc="vae")
     if dist.is_main:
@@ -347,7 +404,8 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         dependence = input_dependence(probe.to(dist.device), recon)
         if cfg.export:
             save_vae(vae, cfg.export)
-        summary.update(psnr_db=psnr, input_dependence=dependence, latent_mean=mean.tolist(), latent_std=std.tolist())
+        summary.update(psnr_db=psnr, input_dependence=dependence, latent_mean=mean.tolist(), latent_std=std.tolist(),
+                       latent_adjacent_corr=latent_stationarity(reloaded, held[:8]))
         mark_done(out, **summary)
     dist.barrier()
     return summary
