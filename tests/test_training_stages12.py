@@ -205,6 +205,11 @@ def test_diagnose_reads_flow_error_and_text_gain(store):
 
     oracle_scores = diagnose(Oracle(), ds, PRESET, num_targets=4, sigmas=sigmas)
     assert oracle_scores["flow_mse@0.5"] < 1e-6 and oracle_scores["char_mse@0.9"] < 1e-6
+    # by block: the blocks' errors make up the whole (equal-sized blocks), and each can be told apart
+    scores = diagnose(model, ds, PRESET, num_targets=4, sigmas=sigmas, by_block=True)
+    blocks = [scores[f"flow_mse@0.5:block{b}"] for b in range(GEO.latent_frames // SAMPLER.block_frames)]
+    assert len(blocks) > 1 and sum(blocks) / len(blocks) == pytest.approx(scores["flow_mse@0.5"], rel=1e-4)
+    assert len(set(blocks)) == len(blocks)
 
 
 def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path):

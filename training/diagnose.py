@@ -56,8 +56,11 @@ def fixed_targets(ds: LatentStoryDataset, num_targets: int) -> list[tuple[int, i
 
 @torch.no_grad()
 def diagnose(model, ds: LatentStoryDataset, preset: Preset, num_targets: int = 48, sigmas=SIGMAS,
-             seed: int = 123) -> dict[str, float]:
-    """model(seq, t, text, flags, prompt_ids, shot_phase=...) -> flow; returns {metric@sigma: value}."""
+             seed: int = 123, by_block: bool = False) -> dict[str, float]:
+    """model(seq, t, text, flags, prompt_ids, shot_phase=...) -> flow; returns {metric@sigma: value}.
+
+    by_block: also flow_mse@sigma:block<b> over each block of the shot's latent frames (the first block
+    holds the single-frame latent and the encoder's start-up chunks)."""
     targets = fixed_targets(ds, num_targets)
     batch = make_batch(ds, targets, preset.sampler.context_frames, preset.dit.text_len)
     if batch.detail is None:
@@ -74,15 +77,19 @@ def diagnose(model, ds: LatentStoryDataset, preset: Preset, num_targets: int = 4
         seq = torch.cat([batch.context, x_t], dim=2)
         flow = model(seq, t, text, batch.flags, batch.prompt_ids, shot_phase=preset.sampler.rope_shot_phase)
         err = ((flow[:, :, fc:].float() - target) ** 2).mean(dim=1)  # [B, F, h, w]
-        return err.mean().item(), ((err * char).sum() / char.sum().clamp_min(1)).item()
+        return err.mean().item(), ((err * char).sum() / char.sum().clamp_min(1)).item(), err.mean(dim=(0, 2, 3))
 
     out = {}
+    bf = preset.sampler.block_frames
     for sigma in sigmas:
         t = torch.full((len(targets),), sigma * preset.sampler.num_train_timesteps)
         x_t = schedule.add_noise(batch.x0, noise, t)
-        out[f"flow_mse@{sigma}"], out[f"char_mse@{sigma}"] = errors(t, x_t, batch.text)
+        out[f"flow_mse@{sigma}"], out[f"char_mse@{sigma}"], per_frame = errors(t, x_t, batch.text)
+        if by_block:
+            for b, f0 in enumerate(range(0, len(per_frame), bf)):
+                out[f"flow_mse@{sigma}:block{b}"] = per_frame[f0:f0 + bf].mean().item()
         if sigma >= TEXT_GAIN_FROM:
-            _, uncond_char = errors(t, x_t, negative)
+            _, uncond_char, _ = errors(t, x_t, negative)
             out[f"text_gain@{sigma}"] = 1.0 - out[f"char_mse@{sigma}"] / max(uncond_char, 1e-12)
     return {k: round(v, 4) for k, v in out.items()}
 
@@ -129,6 +136,7 @@ def main(argv=None) -> dict:
     p.add_argument("weights", nargs="*", help="teacher (or student) .safetensors files to compare")
     p.add_argument("--vaes", nargs="+", default=[], help="VAE .safetensors files to read instead (see above)")
     p.add_argument("--shots", type=int, default=24, help="held-out shots for --vaes")
+    p.add_argument("--by-block", action="store_true", help="also the flow error of each block of the shot")
     p.add_argument("--latent-dir", default="runs/tiny/latents", help="pre-encoded latents (training.preencode)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--targets", type=int, default=48, help="target shots in the fixed batch")
@@ -157,7 +165,7 @@ def main(argv=None) -> dict:
     vae = load_vae(a.vae) if a.sample_shots else None
     for path in a.weights:
         teacher = load_dit(path, WanDiT, "teacher", "cpu", frozen=True)
-        results[path] = diagnose(teacher, ds, preset, a.targets)
+        results[path] = diagnose(teacher, ds, preset, a.targets, by_block=a.by_block)
         if vae is not None:
             scores = check_guidance(teacher, ds, preset, [a.guidance], a.sample_shots, vae, "cpu", a.steps, seed=0)
             results[path]["sample_adherence"] = round(scores[a.guidance], 4)
