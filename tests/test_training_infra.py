@@ -525,7 +525,7 @@ def test_latent_shift_loss_compares_the_same_frames_one_chunk_apart():
     """mu[j+1] of a clip and mu_shifted[j] of the clip from frame 4 on must be the same four frames: with an
     encoder that has no past the loss is 0, and the same latents one chunk off are not."""
     from shotstream_core.vae import WanVAE
-    from training.vae_stage import VAEAutoencoder, latent_shift_loss
+    from training.vae_stage import VAEAutoencoder, latent_shift_loss, still_frame_loss
 
     torch.manual_seed(0)
     vae = WanVAE("micro")
@@ -537,8 +537,12 @@ def test_latent_shift_loss_compares_the_same_frames_one_chunk_apart():
         vae.conv1.weight[:, :, 0, 0, 0] = torch.eye(z2)
     clip = torch.rand(2, 3, 17, 16, 16) * 2 - 1  # every frame different
     with torch.no_grad():
-        _, mu, _, mu_shifted = VAEAutoencoder(vae, sample_latent=False)(clip, None, shifted=True)
-    assert mu.shape[2] == 5 and mu_shifted.shape[2] == 4
+        _, mu, _, extra = VAEAutoencoder(vae, sample_latent=False)(clip, None, shifted=True, still=True)
+    mu_shifted = extra["shifted"]
+    assert mu.shape[2] == 5 and mu_shifted.shape[2] == 4 and extra["still"].shape[2] == 2
+    # a history-free encoder codes a frame alone as it codes a still chunk of it
+    assert float(still_frame_loss(extra["still"])) < 1e-10
+    assert float(still_frame_loss(mu[:, :, :2])) > 0.5  # frame 0 against frames 1-4 of the moving clip
     assert float(latent_shift_loss(mu, mu_shifted)) < 1e-10
     off_by_one = latent_shift_loss(mu[:, :, :-1], mu_shifted[:, :, 1:])  # mu[j] against mu_shifted[j]
     assert float(off_by_one) > 0.5
@@ -547,6 +551,8 @@ def test_latent_shift_loss_compares_the_same_frames_one_chunk_apart():
     assert float(latent_shift_loss(0.01 * a, 0.01 * b)) == pytest.approx(float(latent_shift_loss(a, b)), rel=1e-4)
     with pytest.raises(ValueError, match="at least 9 frames"):
         latent_shift_loss(a[:, :, :2], b[:, :, :1])
+    with pytest.raises(ValueError, match="5-frame still clip"):
+        still_frame_loss(a)
 
 
 def test_latent_shift_weight_makes_latents_stationary_on_a_fixed_batch(tmp_path):
@@ -566,8 +572,8 @@ def test_latent_shift_weight_makes_latents_stationary_on_a_fixed_batch(tmp_path)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
-        _, mu, _, mu_shifted = model(clips, None, shifted=True)
-        loss = vae_stage.latent_shift_loss(mu, mu_shifted)
+        _, mu, _, extra = model(clips, None, shifted=True)
+        loss = vae_stage.latent_shift_loss(mu, extra["shifted"])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -583,6 +589,42 @@ def test_latent_shift_weight_makes_latents_stationary_on_a_fixed_batch(tmp_path)
     assert all("shift" in rec for rec in logged if "loss" in rec)
     with pytest.raises(ValueError, match="clip_frames 5"):
         vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'short'}", "--set", "clip_frames=5"])
+
+
+def test_still_frame_weight_ties_the_single_frame_code_to_a_still_chunk(tmp_path):
+    """A fresh micro encoder codes a frame alone unlike a still chunk of it; trained on the still-frame loss
+    the two codes meet (the loss over a fixed batch falls clearly). The stage logs it, and refuses it where
+    the encoder is frozen, naming the fix."""
+    from shotstream_core.config import get_preset
+    from shotstream_core.vae import WanVAE
+    from training import vae_stage
+    from training.storyworld.render import render_story
+    from training.storyworld.world import make_split
+
+    frames, _ = render_story(make_split("train", 1, num_shots=1)[0], get_preset("micro").geometry)
+    clips = vae_stage.sample_clips(torch.from_numpy(frames[None]), [0, 0], 5, 16, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = vae_stage.VAEAutoencoder(WanVAE("micro"), sample_latent=False)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        _, _, _, extra = model(clips, None, still=True)
+        loss = vae_stage.still_frame_loss(extra["still"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[0] > 0.1 and losses[-1] < 0.3 * losses[0], losses[::6]
+
+    write_training_set(tmp_path / "data", 2, get_preset("micro").geometry, 1, 2)
+    base = ["--config", str(REPO / "training/configs/micro-vae.yaml"), "--set", f"data_dir={tmp_path / 'data'}",
+            "--set", "num_stories=2", "--set", "max_steps=2", "--set", "phases=[]", "--set", "still_frame_weight=1.0"]
+    vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'ok'}"])
+    logged = [json.loads(line) for line in (tmp_path / "ok" / "log.jsonl").read_text().splitlines()]
+    assert all("still" in rec for rec in logged if "loss" in rec)
+    with pytest.raises(ValueError, match="train_part all"):
+        vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'frozen'}", "--set", "train_part=decoder",
+                               "--set", f"init_from={tmp_path / 'ok' / 'vae.safetensors'}"])
 
 
 def _frame_with_small_square(h: int = 32, w: int = 32) -> torch.Tensor:

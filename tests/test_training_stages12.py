@@ -221,7 +221,8 @@ def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path)
     argv = [*paths, "--latent-dir", str(store / "latents"), "--preset", "micro", "--targets", "4"]
     results = main(argv + ["--sample-shots", "2", "--vae", str(store / "vae.safetensors"), "--steps", "2"])
     assert list(results) == paths and results[paths[0]] != results[paths[1]]
-    assert all(0.0 <= r["sample_adherence"] <= 1.0 for r in results.values())
+    assert all(0.0 <= r["sample_adherence"] <= 1.0 and 0.0 <= r["sample_spurious_openings"] <= 1.0
+               and r["sample_opening_jump"] >= 0.0 for r in results.values())
     with pytest.raises(SystemExit):  # sampling without the VAE to decode with is refused up front
         main(argv + ["--sample-shots", "2"])
     vae_path = str(store / "vae.safetensors")
@@ -270,6 +271,19 @@ def test_diagnose_vae_reads_the_single_frame_path_and_the_encoder_transient():
 
     transient = diagnose_vae(_FakeVAE(transient=3), shots)["latent_adjacent_corr"]
     assert max(transient[:3]) < 0.3 and min(transient[3:]) > 0.8
+
+
+def test_opening_jump_ratio_reads_a_first_frame_unlike_the_rest():
+    """The sample check's measure: a slowly panning shot has no opening jump and no cut at frame 1; the
+    same shot with frame 0 recoloured has a large jump that the analyser reads as a cut at frame 1."""
+    from training.diagnose import held_out_shots, opening_jump_ratio
+    from training.storyworld.analyse import detect_cuts
+
+    shot = held_out_shots(PRESET, 1)[0].numpy()  # [F, H, W, 3] uint8
+    assert opening_jump_ratio(shot) < 3 and 1 not in detect_cuts(shot)
+    tinted = shot.copy()
+    tinted[0] = (tinted[0].astype(int) + 60).clip(0, 255).astype("uint8")
+    assert opening_jump_ratio(tinted) > 5 and 1 in detect_cuts(tinted)
 
 
 def test_teacher_loss_is_zero_weight_at_pure_noise():

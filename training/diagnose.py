@@ -15,7 +15,9 @@ two checkpoints compare number for number. Per noise level sigma:
   prompt. It is the share of the character error the captions remove where the captions are all a model
   has to go on: about 0 means the characters' words are ignored.
 With --sample-shots N it also samples the last N training-split shots with CFG and scores them with the
-analyser (adherence), as the ODE stage's guidance check does: slower (minutes), but what counts.
+analyser (adherence), as the ODE stage's guidance check does: slower (minutes), but what counts. It also
+reads the samples' openings: sample_opening_jump (mean of opening_jump_ratio over the decoded samples) and
+sample_spurious_openings, the share of samples where the analyser sees a cut at frame 1.
 
     python -m training.diagnose --vaes A/vae.safetensors [B/vae.safetensors ...]
 
@@ -39,7 +41,7 @@ from shotstream_core.vae import load_vae
 
 from .common import load_dit
 from .data import LatentStoryDataset
-from .ode_pairs import check_guidance
+from .ode_pairs import sample_targets, shot_adherence
 from .stage1_teacher import make_batch
 from .vae_stage import latent_stationarity
 
@@ -106,12 +108,42 @@ def held_out_shots(preset: Preset, num_shots: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([render_shot(s, 0, preset.geometry) for s in stories]))
 
 
+def opening_jump_ratio(frames) -> float:
+    """uint8 [F, H, W, 3]: the change from frame 0 to frame 1 over the median change between later frames
+    (the analyser's frame_changes). A ratio well above 1 is a jump the analyser can read as a cut."""
+    import numpy as np
+
+    from .storyworld.analyse import frame_changes
+
+    d = frame_changes(frames)
+    return float(d[1] / max(float(np.median(d[2:])), 1e-3))
+
+
+def _to_uint8_frames(video: torch.Tensor):
+    """[S, 3, F, H, W] in [-1, 1] -> uint8 numpy [S, F, H, W, 3]."""
+    return ((video.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+
+
+@torch.no_grad()
+def sample_check(teacher, ds: LatentStoryDataset, preset: Preset, num_shots: int, vae, guidance: float,
+                 steps: int, seed: int = 0) -> dict:
+    """Sample the last num_shots training-split targets with CFG; analyser adherence and the openings."""
+    import numpy as np
+
+    from .storyworld.analyse import detect_cuts
+
+    targets = ds.targets[-num_shots:]
+    x0, _, _ = sample_targets(teacher, ds, targets, preset, guidance, steps, seed, "cpu")
+    frames = _to_uint8_frames(vae.decode(x0.to(vae.device)).float().cpu())
+    return {"sample_adherence": round(float(np.mean(shot_adherence(ds, targets, x0, vae))), 4),
+            "sample_opening_jump": round(float(np.mean([opening_jump_ratio(f) for f in frames])), 2),
+            "sample_spurious_openings": round(float(np.mean([1 in detect_cuts(f) for f in frames])), 4)}
+
+
 @torch.no_grad()
 def diagnose_vae(vae, shots: torch.Tensor) -> dict:
     """Reconstruction of whole shots [S, F, H, W, 3] uint8 through vae (encode, decode): see the docstring."""
     import numpy as np
-
-    from .storyworld.analyse import frame_changes
 
     video = shots.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # [S, 3, F, H, W]
     recon = torch.cat([vae.decode(vae.encode(video[i:i + 4])) for i in range(0, len(video), 4)])
@@ -119,11 +151,7 @@ def diagnose_vae(vae, shots: torch.Tensor) -> dict:
     psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
     def opening_jump(frames: torch.Tensor) -> float:  # [S, 3, F, H, W] in [-1, 1]
-        ratios = []
-        for f in ((frames.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy():
-            d = frame_changes(f)
-            ratios.append(d[1] / max(float(np.median(d[2:])), 1e-3))
-        return float(np.mean(ratios))
+        return float(np.mean([opening_jump_ratio(f) for f in _to_uint8_frames(frames)]))
 
     corr = latent_stationarity(vae, shots)
     return {"psnr_first_db": round(float(psnr[0]), 2), "psnr_rest_db": round(float(psnr[1:].mean()), 2),
@@ -143,7 +171,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--sample-shots", type=int, default=0,
                    help="also sample this many training-split shots (the last targets of the store, as the ODE "
-                        "stage's guidance check) and score them with the analyser: adherence (needs --vae)")
+                        "stage's guidance check) and score them with the analyser: adherence and the openings "
+                        "(needs --vae)")
     p.add_argument("--vae", default="", help="the VAE the latents were encoded with (for --sample-shots)")
     p.add_argument("--guidance", type=float, default=3.0, help="CFG scale for --sample-shots")
     p.add_argument("--steps", type=int, default=50, help="Euler steps for --sample-shots")
@@ -167,8 +196,7 @@ def main(argv=None) -> dict:
         teacher = load_dit(path, WanDiT, "teacher", "cpu", frozen=True)
         results[path] = diagnose(teacher, ds, preset, a.targets, by_block=a.by_block)
         if vae is not None:
-            scores = check_guidance(teacher, ds, preset, [a.guidance], a.sample_shots, vae, "cpu", a.steps, seed=0)
-            results[path]["sample_adherence"] = round(scores[a.guidance], 4)
+            results[path].update(sample_check(teacher, ds, preset, a.sample_shots, vae, a.guidance, a.steps))
         print(path, json.dumps(results[path]), flush=True)
     return results
 

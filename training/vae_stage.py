@@ -64,6 +64,11 @@ class VAEStageConfig(StageConfig):
     # first three, ~1.0 after), which the DiT then has to learn as separate codes. Needs clip_frames >= 9
     # and the encoder training (train_part all).
     latent_shift_weight: float = 0.0
+    # Weight of the still-frame loss: a frame alone (the single-frame path every shot starts with) and a
+    # still chunk of that frame should encode alike. Without it a shot's first latent frame is a code of
+    # its own (static content: correlation ~0.2 with the next latent frame), and a DiT that gets the two
+    # codes slightly out of step draws frame 0 unlike frame 1. Needs the encoder training.
+    still_frame_weight: float = 0.0
     sample_latent: bool = True  # reparameterised sample (VAE); false: z = mu (plain autoencoder)
     init_from: str = ""  # start from these VAE weights (a refine phase); statistics are re-fitted (train_part all)
     # "all" trains encoder and decoder; "decoder" freezes the encoder (init_from required) and keeps its
@@ -107,21 +112,33 @@ class VAEAutoencoder(nn.Module):
             h = torch.cat([vae.encoder(c, cache) for c in chunks], dim=2)
             return vae.conv1(h).chunk(2, dim=1)
 
-    def forward(self, clip: torch.Tensor, eps: torch.Tensor, shifted: bool = False):
-        """clip [B, 3, T, H, W] in [-1, 1]; eps [B, z, (T-1)/4+1, H/8, W/8] -> (recon, mu, log_var, mu_shifted).
+    def forward(self, clip: torch.Tensor, eps: torch.Tensor, shifted: bool = False, still: bool = False):
+        """clip [B, 3, T, H, W] in [-1, 1]; eps [B, z, (T-1)/4+1, H/8, W/8] -> (recon, mu, log_var, extra).
 
-        shifted: also encode the clip from its frame 4 on (mu_shifted [B, z, (T-1)/4, H/8, W/8], else None),
-        for latent_shift_loss. It runs inside forward so that DDP sees every parameter's use.
+        extra holds the raw mu of two further encodings, each only when asked (they run inside forward so
+        that DDP sees every parameter's use):
+          "shifted" (shifted=True): the clip from its frame 4 on, [B, z, (T-1)/4, H/8, W/8], for latent_shift_loss;
+          "still" (still=True): the clip's first frame held for 5 frames, [B, z, 2, H/8, W/8], for still_frame_loss.
         """
-        vae = self.vae
+        vae, stride = self.vae, VAE_TEMPORAL_STRIDE
         mu, log_var = self._encode(clip)
-        mu_shifted = self._encode(clip[:, :, VAE_TEMPORAL_STRIDE:])[0] if shifted else None
+        extra = {}
+        if shifted:
+            extra["shifted"] = self._encode(clip[:, :, stride:])[0]
+        if still:
+            extra["still"] = self._encode(clip[:, :, :1].expand(-1, -1, 1 + stride, -1, -1))[0]
         log_var = log_var.clamp(-30.0, 20.0)
         z = mu + torch.exp(0.5 * log_var) * eps if self.sample_latent else mu
         x = vae.conv2(z)
         cache = {}
         recon = torch.cat([vae.decoder(x[:, :, i:i + 1], cache) for i in range(x.shape[2])], dim=2)
-        return recon, mu, log_var, mu_shifted
+        return recon, mu, log_var, extra
+
+
+def relative_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared difference of two latents relative to their variance: scale-free, so shrinking the latents
+    cannot lower it."""
+    return ((a - b) ** 2).mean() / (0.5 * (a.var() + b.var())).clamp_min(1e-12)
 
 
 def latent_shift_loss(mu: torch.Tensor, mu_shifted: torch.Tensor) -> torch.Tensor:
@@ -129,14 +146,24 @@ def latent_shift_loss(mu: torch.Tensor, mu_shifted: torch.Tensor) -> torch.Tenso
 
     mu [B, z, k+1, h, w] encodes a clip; mu_shifted [B, z, k, h, w] the same clip from its frame 4 on. For
     j >= 1, mu[:, :, j+1] and mu_shifted[:, :, j] both encode frames 4j+1..4j+4, one after a longer past
-    than the other. Their squared difference relative to their variance: scale-free, so shrinking the
-    latents cannot lower it.
+    than the other; the loss is their relative_mse.
     """
     a, b = mu[:, :, 2:], mu_shifted[:, :, 1:]
     if a.shape[2] == 0 or a.shape != b.shape:
         raise ValueError(f"latent_shift_loss needs a clip of at least 9 frames and its shift by 4 "
                          f"(latent frames k+1 and k); got {tuple(mu.shape)} and {tuple(mu_shifted.shape)}")
-    return ((a - b) ** 2).mean() / (0.5 * (a.var() + b.var())).clamp_min(1e-12)
+    return relative_mse(a, b)
+
+
+def still_frame_loss(mu_still: torch.Tensor) -> torch.Tensor:
+    """How differently a frame encodes alone and as a still chunk (0: alike).
+
+    mu_still [B, z, 2, h, w] encodes a frame held for 5 frames: latent 0 is the frame through the
+    single-frame path, latent 1 the same frame as a chunk of 4; the loss is their relative_mse."""
+    if mu_still.shape[2] != 2:
+        raise ValueError(f"still_frame_loss needs the latents of a 5-frame still clip (2 latent frames); "
+                         f"got {tuple(mu_still.shape)}")
+    return relative_mse(mu_still[:, :, 0], mu_still[:, :, 1])
 
 
 @torch.no_grad()
@@ -333,6 +360,9 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         raise ValueError("train_part=decoder needs init_from: the frozen encoder must come from a trained VAE")
     if cfg.crop and cfg.crop % 8:
         raise ValueError(f"crop must be a multiple of 8 (VAE stride), got {cfg.crop}")
+    if cfg.still_frame_weight and frozen_encoder:
+        raise ValueError("still_frame_weight needs the encoder to train (train_part all, not 'decoder'): it "
+                         "ties the encoder's single-frame code to its code for a still chunk of the same frame")
     if cfg.latent_shift_weight and (frozen_encoder or cfg.clip_frames < 9):
         raise ValueError(f"latent_shift_weight needs the encoder to train (train_part all, not "
                          f"{cfg.train_part!r}) and clips of at least 9 frames (clip_frames {cfg.clip_frames}): "
@@ -368,7 +398,8 @@ def train(cfg: VAEStageConfig, dist) -> dict:
                           lat, clips.shape[-1] // 8, generator=g).to(dist.device)
         set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_horizon))
         with autocast(cfg, dist.device):
-            recon, mu, log_var, mu_shifted = model(clips, eps, shifted=cfg.latent_shift_weight > 0)
+            recon, mu, log_var, extra = model(clips, eps, shifted=cfg.latent_shift_weight > 0,
+                                              still=cfg.still_frame_weight > 0)
         recon, mu, log_var = recon.float(), mu.float(), log_var.float()
         pixel_w = detail_pixel_weights(clips, cfg.detail_weight, cfg.detail_radius)
         l1 = frame_weighted_mean((recon - clips).abs(), cfg.first_frame_weight, pixel_w)
@@ -376,10 +407,14 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
         logs = {}
-        if mu_shifted is not None:
-            shift = latent_shift_loss(mu, mu_shifted.float())
+        if "shifted" in extra:
+            shift = latent_shift_loss(mu, extra["shifted"].float())
             loss = loss + cfg.latent_shift_weight * shift
             logs["shift"] = float(shift.detach())
+        if "still" in extra:
+            still = still_frame_loss(extra["still"].float())
+            loss = loss + cfg.still_frame_weight * still
+            logs["still"] = float(still.detach())
         gn = optimizer_step(loss, opt, trained, cfg.grad_clip)
         return {"loss": float(dist.all_mean(loss.detach())), "l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(kl.detach()),
                 **logs, "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
