@@ -555,10 +555,9 @@ def test_latent_shift_loss_compares_the_same_frames_one_chunk_apart():
         still_frame_loss(a)
 
 
-def test_latent_shift_weight_makes_latents_stationary_on_a_fixed_batch(tmp_path):
-    """Trained on the shift loss, a micro encoder's latent of the same frames stops depending on where they
-    fall in the clip (the loss over a fixed batch falls clearly), and the stage refuses the loss where the
-    encoder is frozen or the clips too short, naming the fix."""
+def _fit_micro_encoder(clip_frames: int, loss_of, steps: int = 30, **wanted) -> list[float]:
+    """Train a fresh micro VAEAutoencoder on one fixed batch of Story World clips with loss_of(mu, extra)
+    (extra: the encodings forward was asked for, **wanted); the loss at each step."""
     from shotstream_core.config import get_preset
     from shotstream_core.vae import WanVAE
     from training import vae_stage
@@ -566,18 +565,30 @@ def test_latent_shift_weight_makes_latents_stationary_on_a_fixed_batch(tmp_path)
     from training.storyworld.world import make_split
 
     frames, _ = render_story(make_split("train", 1, num_shots=1)[0], get_preset("micro").geometry)
-    clips = vae_stage.sample_clips(torch.from_numpy(frames[None]), [0, 0], 13, 16, torch.Generator().manual_seed(0))
+    clips = vae_stage.sample_clips(torch.from_numpy(frames[None]), [0, 0], clip_frames, 16,
+                                   torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = vae_stage.VAEAutoencoder(WanVAE("micro"), sample_latent=False)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(30):
-        _, mu, _, extra = model(clips, None, shifted=True)
-        loss = vae_stage.latent_shift_loss(mu, extra["shifted"])
+    for _ in range(steps):
+        _, mu, _, extra = model(clips, None, **wanted)
+        loss = loss_of(mu, extra)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+    return losses
+
+
+def test_latent_shift_weight_makes_latents_stationary_on_a_fixed_batch(tmp_path):
+    """Trained on the shift loss, a micro encoder's latent of the same frames stops depending on where they
+    fall in the clip (the loss over a fixed batch falls clearly), and the stage refuses the loss where the
+    encoder is frozen or the clips too short, naming the fix."""
+    from shotstream_core.config import get_preset
+    from training import vae_stage
+
+    losses = _fit_micro_encoder(13, lambda mu, extra: vae_stage.latent_shift_loss(mu, extra["shifted"]), shifted=True)
     assert losses[-1] < 0.3 * losses[0], losses[::6]
 
     write_training_set(tmp_path / "data", 2, get_preset("micro").geometry, 1, 2)
@@ -596,24 +607,9 @@ def test_still_frame_weight_ties_the_single_frame_code_to_a_still_chunk(tmp_path
     the two codes meet (the loss over a fixed batch falls clearly). The stage logs it, and refuses it where
     the encoder is frozen, naming the fix."""
     from shotstream_core.config import get_preset
-    from shotstream_core.vae import WanVAE
     from training import vae_stage
-    from training.storyworld.render import render_story
-    from training.storyworld.world import make_split
 
-    frames, _ = render_story(make_split("train", 1, num_shots=1)[0], get_preset("micro").geometry)
-    clips = vae_stage.sample_clips(torch.from_numpy(frames[None]), [0, 0], 5, 16, torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    model = vae_stage.VAEAutoencoder(WanVAE("micro"), sample_latent=False)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        _, _, _, extra = model(clips, None, still=True)
-        loss = vae_stage.still_frame_loss(extra["still"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = _fit_micro_encoder(5, lambda mu, extra: vae_stage.still_frame_loss(extra["still"]), still=True)
     assert losses[0] > 0.1 and losses[-1] < 0.3 * losses[0], losses[::6]
 
     write_training_set(tmp_path / "data", 2, get_preset("micro").geometry, 1, 2)
