@@ -41,7 +41,7 @@ from shotstream_core.vae import load_vae
 
 from .common import load_dit
 from .data import LatentStoryDataset
-from .ode_pairs import sample_targets, shot_adherence
+from .ode_pairs import to_uint8, decode_shots, sample_targets, shot_adherence
 from .stage1_teacher import make_batch
 from .vae_stage import latent_stationarity
 
@@ -119,11 +119,6 @@ def opening_jump_ratio(frames) -> float:
     return float(d[1] / max(float(np.median(d[2:])), 1e-3))
 
 
-def _to_uint8_frames(video: torch.Tensor):
-    """[S, 3, F, H, W] in [-1, 1] -> uint8 numpy [S, F, H, W, 3]."""
-    return ((video.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-
-
 @torch.no_grad()
 def sample_check(teacher, ds: LatentStoryDataset, preset: Preset, num_shots: int, vae, guidance: float,
                  steps: int, seed: int = 0) -> dict:
@@ -134,10 +129,10 @@ def sample_check(teacher, ds: LatentStoryDataset, preset: Preset, num_shots: int
 
     targets = ds.targets[-num_shots:]
     x0, _, _ = sample_targets(teacher, ds, targets, preset, guidance, steps, seed, "cpu")
-    frames = _to_uint8_frames(vae.decode(x0.to(vae.device)).float().cpu())
-    return {"sample_adherence": round(float(np.mean(shot_adherence(ds, targets, x0, vae))), 4),
-            "sample_opening_jump": round(float(np.mean([opening_jump_ratio(f) for f in frames])), 2),
-            "sample_spurious_openings": round(float(np.mean([1 in detect_cuts(f) for f in frames])), 4)}
+    shots = decode_shots(x0, vae)  # decoded once: adherence and the openings read the same frames
+    return {"sample_adherence": round(float(np.mean(shot_adherence(ds, targets, shots))), 4),
+            "sample_opening_jump": round(float(np.mean([opening_jump_ratio(f) for f in shots])), 2),
+            "sample_spurious_openings": round(float(np.mean([1 in detect_cuts(f) for f in shots])), 4)}
 
 
 @torch.no_grad()
@@ -151,7 +146,7 @@ def diagnose_vae(vae, shots: torch.Tensor) -> dict:
     psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
     def opening_jump(frames: torch.Tensor) -> float:  # [S, 3, F, H, W] in [-1, 1]
-        return float(np.mean([opening_jump_ratio(f) for f in _to_uint8_frames(frames)]))
+        return float(np.mean([opening_jump_ratio(to_uint8(v)) for v in frames]))
 
     corr = latent_stationarity(vae, shots)
     return {"psnr_first_db": round(float(psnr[0]), 2), "psnr_rest_db": round(float(psnr[1:].mean()), 2),

@@ -70,27 +70,31 @@ def sample_targets(teacher, ds, targets, preset, guidance: float, steps: int, se
     return x0.cpu(), {t: v.cpu() for t, v in saved.items()}, batch
 
 
-def _to_uint8(video: torch.Tensor) -> np.ndarray:
+def to_uint8(video: torch.Tensor) -> np.ndarray:
     """[3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8."""
     return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
 
 
 @torch.no_grad()
-def shot_adherence(ds, targets, x0, vae) -> list[float]:
-    """Analyser adherence of each generated shot k, scored inside its story after the ground-truth
-    pixels of shots 0..k-1 (read back from the training video)."""
+def decode_shots(x0: torch.Tensor, vae) -> list[np.ndarray]:
+    """Latent shots [B, C, F, h, w] -> B decoded shots, each [F', H, W, 3] uint8."""
+    return [to_uint8(v) for v in vae.decode(x0.to(vae.device)).float().cpu()]
+
+
+def shot_adherence(ds, targets, shots: list[np.ndarray]) -> list[float]:
+    """Analyser adherence of each generated shot k (decoded, uint8 [F, H, W, 3]), scored inside its story
+    after the ground-truth pixels of shots 0..k-1 (read back from the training video)."""
     import dataclasses
 
     from .storyworld.analyse import score_story
     from .storyworld.storage import read_story_clip, read_truth
 
-    video = vae.decode(x0.to(vae.device)).cpu()
     out = []
-    for (i, k), v in zip(targets, video):
+    for (i, k), shot in zip(targets, shots):
         meta = ds.stories[i]
         story, _, _ = read_truth(str(meta["json_path"])[: -len(".json")] + ".truth.json")
         clip = read_story_clip(meta["video_path"], meta["json_path"], meta["ranges"])
-        frames = [clip.shot(j)[: meta["frames_per_shot"][j]] for j in range(k)] + [_to_uint8(v)]
+        frames = [clip.shot(j)[: meta["frames_per_shot"][j]] for j in range(k)] + [shot]
         ranges, pos = [], 0
         for f in frames:
             ranges.append((pos, pos + len(f)))
@@ -106,7 +110,7 @@ def check_guidance(teacher, ds, preset, scales, n_targets: int, vae, device, ste
     result = {}
     for s in scales:
         x0, _, _ = sample_targets(teacher, ds, targets, preset, s, steps, seed, device)
-        result[float(s)] = float(np.mean(shot_adherence(ds, targets, x0, vae)))
+        result[float(s)] = float(np.mean(shot_adherence(ds, targets, decode_shots(x0, vae))))
         print(f"guidance {s}: adherence {result[float(s)]:.3f}", flush=True)
     return result
 
@@ -127,8 +131,8 @@ def teacher_sheet(teacher, ds, vae_path, path, n: int, guidance: float, steps: i
     idx = np.linspace(0, gen.shape[2] - 1, 5).round().astype(int)
     rows = []
     for a, b in zip(gt, gen):
-        rows.append(np.concatenate([_to_uint8(a)[i] for i in idx], axis=1))
-        rows.append(np.concatenate([_to_uint8(b)[i] for i in idx], axis=1))
+        rows.append(np.concatenate([to_uint8(a)[i] for i in idx], axis=1))
+        rows.append(np.concatenate([to_uint8(b)[i] for i in idx], axis=1))
     sheet = np.concatenate(rows, axis=0)
     Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(path)
     return path
