@@ -41,7 +41,7 @@ from shotstream_core.vae import load_vae
 
 from .common import load_dit
 from .data import LatentStoryDataset
-from .ode_pairs import to_uint8, decode_shots, sample_targets, shot_adherence
+from .ode_pairs import decode_shots, sample_targets, shot_adherence, to_uint8
 from .stage1_teacher import make_batch
 from .vae_stage import latent_stationarity
 

@@ -40,6 +40,7 @@ from shotstream_core.state import ShotRecord, StoryState
 from shotstream_core.teacher import sample_teacher
 from shotstream_core.vae import StreamingDecoder
 from training.dmd import uncond_like
+from training.ode_pairs import to_uint8
 from training.storyworld.analyse import aggregate, score_story
 from training.storyworld.render import render_story
 from training.storyworld.storage import read_mp4, write_mp4
@@ -348,7 +349,7 @@ def vae_roundtrip(vae, frames, ranges):
     for a, b in ranges:
         clip = torch.from_numpy(frames[a:b]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # [1, 3, F, H, W]
         video = vae.decode(vae.encode(clip.to(vae.device, vae.dtype)))[0].float()
-        out.append(((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy())
+        out.append(to_uint8(video.cpu()))
     return np.concatenate(out)
 
 

@@ -131,8 +131,8 @@ def teacher_sheet(teacher, ds, vae_path, path, n: int, guidance: float, steps: i
     idx = np.linspace(0, gen.shape[2] - 1, 5).round().astype(int)
     rows = []
     for a, b in zip(gt, gen):
-        rows.append(np.concatenate([to_uint8(a)[i] for i in idx], axis=1))
-        rows.append(np.concatenate([to_uint8(b)[i] for i in idx], axis=1))
+        rows.append(np.concatenate(list(to_uint8(a)[idx]), axis=1))  # each video converted once
+        rows.append(np.concatenate(list(to_uint8(b)[idx]), axis=1))
     sheet = np.concatenate(rows, axis=0)
     Image.fromarray(sheet).resize((sheet.shape[1] * 2, sheet.shape[0] * 2), Image.NEAREST).save(path)
     return path
