@@ -286,11 +286,9 @@ def write_report(metrics: dict, out_dir, samples: dict | None = None) -> Path:
         "",
         cut_table(metrics),
         "",
-        "A spurious cut at the opening frames is the video's first frame jumping against the next. The VAE "
-        "codes a shot's first frame alone and the next ones in chunks of four, through causal caches that start "
-        "from zeros, so the first latent frames are coded differently from the rest; a model that gets them out "
-        "of step draws frame 0 unlike frame 1 (training/README.md). Later shots have the same jump, but it falls "
-        "on their true cut.",
+        "A spurious cut at the opening frames is the video's first frame jumping against the next: the model "
+        "draws its first block out of step with the rest. Coding the VAE's first latent frames like the others "
+        "does not remove it (training/README.md). Later shots have the same jump, but it falls on their true cut.",
         "",
         "## Plots",
         "",
