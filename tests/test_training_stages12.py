@@ -206,10 +206,14 @@ def test_diagnose_reads_flow_error_and_text_gain(store):
     oracle_scores = diagnose(Oracle(), ds, PRESET, num_targets=4, sigmas=sigmas)
     assert oracle_scores["flow_mse@0.5"] < 1e-6 and oracle_scores["char_mse@0.9"] < 1e-6
     # by block: the blocks' errors make up the whole (equal-sized blocks), and each can be told apart
-    scores = diagnose(model, ds, PRESET, num_targets=4, sigmas=sigmas, by_block=True)
+    scores = diagnose(model, ds, PRESET, num_targets=4, sigmas=sigmas, by_block=True, by_frame=True)
     blocks = [scores[f"flow_mse@0.5:block{b}"] for b in range(GEO.latent_frames // SAMPLER.block_frames)]
     assert len(blocks) > 1 and sum(blocks) / len(blocks) == pytest.approx(scores["flow_mse@0.5"], rel=1e-4)
     assert len(set(blocks)) == len(blocks)
+    # by frame: each block's frames make up the block
+    frames = [scores[f"flow_mse@0.5:frame{f}"] for f in range(GEO.latent_frames)]
+    first_block = frames[:SAMPLER.block_frames]
+    assert sum(first_block) / len(first_block) == pytest.approx(blocks[0], rel=1e-3, abs=1e-4)
 
 
 def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path):
@@ -353,6 +357,32 @@ def test_detail_weight_makes_errors_on_small_things_cost_more():
     with pytest.raises(ValueError, match="re-run training.preencode"):
         teacher_loss(lambda *a, **k: None, schedule, _batch_with_detail_at((0, 0, 0), detail=False),
                      torch.Generator().manual_seed(0), "cpu", SAMPLER.rope_shot_phase, "uniform", 2.0)
+
+
+def test_first_frame_weight_makes_errors_on_the_first_latent_frame_cost_more():
+    """The same error on the shot's first latent frame or on its second: equal unweighted, the first
+    costing first_frame_weight times more (per unit of weight) with the weight on."""
+    from training.stage1_teacher import teacher_loss
+
+    schedule = FlowSchedule(SAMPLER.num_train_timesteps, SAMPLER.shift)
+    batch = _batch_with_detail_at((1, 2, 3), detail=False)
+    seed = 3
+
+    def target():
+        g = torch.Generator().manual_seed(seed)
+        schedule.sample_training_t((1,), generator=g)
+        return schedule.flow_target(batch.x0, torch.randn(batch.x0.shape, generator=g))
+
+    def loss(frame, first_frame_weight):
+        error = torch.zeros_like(batch.x0)
+        error[:, :, frame] = 1.0
+        pred = lambda *a, **k: torch.cat([torch.zeros_like(batch.context), target() + error], dim=2)
+        return float(teacher_loss(pred, schedule, batch, torch.Generator().manual_seed(seed), "cpu",
+                                  SAMPLER.rope_shot_phase, "uniform", 0.0, first_frame_weight))
+
+    assert loss(0, 1.0) == pytest.approx(loss(1, 1.0), rel=1e-5)
+    assert loss(0, 4.0) == pytest.approx(4 * loss(1, 4.0), rel=1e-5)
+    assert loss(0, 4.0) > loss(0, 1.0)  # a weighted mean: the first frame's share of the loss grows
 
 
 # --- ODE pairs and stage 2 --------------------------------------------------------------------------

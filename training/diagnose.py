@@ -14,6 +14,9 @@ two checkpoints compare number for number. Per noise level sigma:
 - text_gain (sigma >= 0.8 only): 1 - char_mse / char_mse with every caption replaced by the negative
   prompt. It is the share of the character error the captions remove where the captions are all a model
   has to go on: about 0 means the characters' words are ignored.
+--by-block and --by-frame split flow_mse over the shot's blocks or its latent frames (the first latent
+frame is the VAE's single-frame code, and where a teacher flows it worse than the rest, its samples open
+on a frame unlike the next).
 With --sample-shots N it also samples the last N training-split shots with CFG and scores them with the
 analyser (adherence), as the ODE stage's guidance check does: slower (minutes), but what counts. It also
 reads the samples' openings: sample_opening_jump (mean of opening_jump_ratio over the decoded samples) and
@@ -58,11 +61,12 @@ def fixed_targets(ds: LatentStoryDataset, num_targets: int) -> list[tuple[int, i
 
 @torch.no_grad()
 def diagnose(model, ds: LatentStoryDataset, preset: Preset, num_targets: int = 48, sigmas=SIGMAS,
-             seed: int = 123, by_block: bool = False) -> dict[str, float]:
+             seed: int = 123, by_block: bool = False, by_frame: bool = False) -> dict[str, float]:
     """model(seq, t, text, flags, prompt_ids, shot_phase=...) -> flow; returns {metric@sigma: value}.
 
     by_block: also flow_mse@sigma:block<b> over each block of the shot's latent frames (the first block
-    holds the single-frame latent and the encoder's start-up chunks)."""
+    holds the single-frame latent and the encoder's start-up chunks); by_frame: flow_mse@sigma:frame<f> over
+    each latent frame."""
     targets = fixed_targets(ds, num_targets)
     batch = make_batch(ds, targets, preset.sampler.context_frames, preset.dit.text_len)
     if batch.detail is None:
@@ -90,6 +94,9 @@ def diagnose(model, ds: LatentStoryDataset, preset: Preset, num_targets: int = 4
         if by_block:
             for b, f0 in enumerate(range(0, len(per_frame), bf)):
                 out[f"flow_mse@{sigma}:block{b}"] = per_frame[f0:f0 + bf].mean().item()
+        if by_frame:
+            for f, e in enumerate(per_frame.tolist()):
+                out[f"flow_mse@{sigma}:frame{f}"] = e
         if sigma >= TEXT_GAIN_FROM:
             _, uncond_char, _ = errors(t, x_t, negative)
             out[f"text_gain@{sigma}"] = 1.0 - out[f"char_mse@{sigma}"] / max(uncond_char, 1e-12)
@@ -160,6 +167,7 @@ def main(argv=None) -> dict:
     p.add_argument("--vaes", nargs="+", default=[], help="VAE .safetensors files to read instead (see above)")
     p.add_argument("--shots", type=int, default=24, help="held-out shots for --vaes")
     p.add_argument("--by-block", action="store_true", help="also the flow error of each block of the shot")
+    p.add_argument("--by-frame", action="store_true", help="also the flow error of each latent frame of the shot")
     p.add_argument("--latent-dir", default="runs/tiny/latents", help="pre-encoded latents (training.preencode)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--targets", type=int, default=48, help="target shots in the fixed batch")
@@ -189,7 +197,7 @@ def main(argv=None) -> dict:
     vae = load_vae(a.vae) if a.sample_shots else None
     for path in a.weights:
         teacher = load_dit(path, WanDiT, "teacher", "cpu", frozen=True)
-        results[path] = diagnose(teacher, ds, preset, a.targets, by_block=a.by_block)
+        results[path] = diagnose(teacher, ds, preset, a.targets, by_block=a.by_block, by_frame=a.by_frame)
         if vae is not None:
             results[path].update(sample_check(teacher, ds, preset, a.sample_shots, vae, a.guidance, a.steps))
         print(path, json.dumps(results[path]), flush=True)

@@ -66,6 +66,10 @@ class TeacherConfig(StageConfig):
     # is ~5% of a frame, so the plain mean is almost all sky and ground, which the model learns first and
     # best while the characters stay mush.
     detail_weight: float = 0.0
+    # Loss weight of each target shot's first latent frame against the others (1 = uniform). That frame is
+    # the VAE's single-frame code, and a teacher flows it 2-3x worse than the rest (training.diagnose
+    # --by-frame): its samples then open on a frame unlike the next, which the analyser reads as a cut.
+    first_frame_weight: float = 1.0
     # Changes to the preset's DiT shape, e.g. {patch_size: [1, 1, 1]} (tiny: 8x8 tokens a frame, not 4x4).
     # Only the teacher chooses the architecture: ODE pairs and stages 2-4 read it from its weights.
     dit: dict = field(default_factory=dict)
@@ -119,10 +123,12 @@ def make_batch(ds: LatentStoryDataset, targets: list[tuple[int, int]], context_f
 
 
 def teacher_loss(model, schedule: FlowSchedule, batch: TeacherBatch, g: torch.Generator, device,
-                 shot_phase: float, weighting: str = "bell", detail_weight: float = 0.0) -> torch.Tensor:
+                 shot_phase: float, weighting: str = "bell", detail_weight: float = 0.0,
+                 first_frame_weight: float = 1.0) -> torch.Tensor:
     """w(t) * mean over target frames of (v_hat - (noise - x0))^2, averaged over the batch
     (w = the schedule's bell for weighting "bell", 1 for "uniform"). With detail_weight > 0 the mean over
-    latent cells is weighted by training.detail.detail_weights of the batch's detail maps."""
+    latent cells is weighted by training.detail.detail_weights of the batch's detail maps; the shot's
+    first latent frame counts first_frame_weight times."""
     if detail_weight > 0 and batch.detail is None:
         raise ValueError("detail_weight > 0 needs the latents' detail maps, which this latent set lacks: "
                          "re-run training.preencode (it stores them), or set detail_weight: 0")
@@ -136,6 +142,8 @@ def teacher_loss(model, schedule: FlowSchedule, batch: TeacherBatch, g: torch.Ge
     target = schedule.flow_target(batch.x0, noise).to(device)
     err = ((v.float() - target) ** 2).mean(dim=1)  # [B, F, h, w]
     w = detail_weights(batch.detail.to(err.device), detail_weight) if detail_weight > 0 else torch.ones_like(err)
+    if first_frame_weight != 1.0:
+        w = torch.cat([w[:, :1] * first_frame_weight, w[:, 1:]], dim=1)
     per_sample = (err * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
     if weighting == "uniform":
         return per_sample.mean()
@@ -166,6 +174,8 @@ def train(cfg: TeacherConfig, dist) -> dict:
     """Train the bidirectional next-shot teacher from scratch on pre-encoded stories."""
     if cfg.loss_weighting not in ("bell", "uniform"):
         raise ValueError(f"loss_weighting must be 'bell' or 'uniform', got {cfg.loss_weighting!r}")
+    if cfg.first_frame_weight <= 0:
+        raise ValueError(f"first_frame_weight must be > 0 (1 = uniform), got {cfg.first_frame_weight}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
@@ -194,7 +204,7 @@ def train(cfg: TeacherConfig, dist) -> dict:
         set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_horizon))
         with autocast(cfg, dist.device):
             loss = teacher_loss(model, schedule, batch, g, dist.device, sampler.rope_shot_phase, cfg.loss_weighting,
-                                cfg.detail_weight)
+                                cfg.detail_weight, cfg.first_frame_weight)
         gn = optimizer_step(loss, opt, teacher.parameters(), cfg.grad_clip)
         if ema is not None:
             update_ema(ema, teacher, min(cfg.ema_decay, (1 + step) / (10 + step)))
