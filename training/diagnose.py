@@ -15,8 +15,8 @@ two checkpoints compare number for number. Per noise level sigma:
   prompt. It is the share of the character error the captions remove where the captions are all a model
   has to go on: about 0 means the characters' words are ignored.
 --by-block and --by-frame split flow_mse over the shot's blocks or its latent frames (the first latent
-frame is the VAE's single-frame code, and where a teacher flows it worse than the rest, its samples open
-on a frame unlike the next).
+frame is the VAE's single-frame code, and where a teacher's error there is above the rest's, its samples
+open on a frame unlike the next).
 With --sample-shots N it also samples the last N training-split shots with CFG and scores them with the
 analyser (adherence), as the ODE stage's guidance check does: slower (minutes), but what counts. It also
 reads the samples' openings: sample_opening_jump (mean of opening_jump_ratio over the decoded samples) and

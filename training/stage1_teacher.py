@@ -67,7 +67,7 @@ class TeacherConfig(StageConfig):
     # best while the characters stay mush.
     detail_weight: float = 0.0
     # Loss weight of each target shot's first latent frame against the others (1 = uniform). That frame is
-    # the VAE's single-frame code, and a teacher flows it 2-3x worse than the rest (training.diagnose
+    # the VAE's single-frame code, and a teacher's flow error there is 2-3x the rest's (training.diagnose
     # --by-frame): its samples then open on a frame unlike the next, which the analyser reads as a cut.
     first_frame_weight: float = 1.0
     # Changes to the preset's DiT shape, e.g. {patch_size: [1, 1, 1]} (tiny: 8x8 tokens a frame, not 4x4).
