@@ -214,6 +214,8 @@ def test_diagnose_reads_flow_error_and_text_gain(store):
     frames = [scores[f"flow_mse@0.5:frame{f}"] for f in range(GEO.latent_frames)]
     first_block = frames[:SAMPLER.block_frames]
     assert sum(first_block) / len(first_block) == pytest.approx(blocks[0], rel=1e-3, abs=1e-4)
+    x0 = make_batch(ds, fixed_targets(ds, 4), FC, DIT.text_len).x0
+    assert scores["latent_std:frame0"] == pytest.approx(x0[:, :, 0].std().item(), abs=1e-4)
 
 
 def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path):

@@ -66,7 +66,8 @@ def diagnose(model, ds: LatentStoryDataset, preset: Preset, num_targets: int = 4
 
     by_block: also flow_mse@sigma:block<b> over each block of the shot's latent frames (the first block
     holds the single-frame latent and the encoder's start-up chunks); by_frame: flow_mse@sigma:frame<f> over
-    each latent frame."""
+    each latent frame, and latent_std:frame<f>, the spread of the targets' clean latents there (a frame that
+    spreads wider stays less hidden at one noise level)."""
     targets = fixed_targets(ds, num_targets)
     batch = make_batch(ds, targets, preset.sampler.context_frames, preset.dit.text_len)
     if batch.detail is None:
@@ -86,6 +87,8 @@ def diagnose(model, ds: LatentStoryDataset, preset: Preset, num_targets: int = 4
         return err.mean().item(), ((err * char).sum() / char.sum().clamp_min(1)).item(), err.mean(dim=(0, 2, 3))
 
     out = {}
+    if by_frame:
+        out.update({f"latent_std:frame{f}": batch.x0[:, :, f].std().item() for f in range(batch.x0.shape[2])})
     bf = preset.sampler.block_frames
     for sigma in sigmas:
         t = torch.full((len(targets),), sigma * preset.sampler.num_train_timesteps)
@@ -167,7 +170,8 @@ def main(argv=None) -> dict:
     p.add_argument("--vaes", nargs="+", default=[], help="VAE .safetensors files to read instead (see above)")
     p.add_argument("--shots", type=int, default=24, help="held-out shots for --vaes")
     p.add_argument("--by-block", action="store_true", help="also the flow error of each block of the shot")
-    p.add_argument("--by-frame", action="store_true", help="also the flow error of each latent frame of the shot")
+    p.add_argument("--by-frame", action="store_true",
+                   help="also the flow error and the latent spread of each latent frame of the shot")
     p.add_argument("--latent-dir", default="runs/tiny/latents", help="pre-encoded latents (training.preencode)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--targets", type=int, default=48, help="target shots in the fixed batch")

@@ -142,8 +142,7 @@ def teacher_loss(model, schedule: FlowSchedule, batch: TeacherBatch, g: torch.Ge
     target = schedule.flow_target(batch.x0, noise).to(device)
     err = ((v.float() - target) ** 2).mean(dim=1)  # [B, F, h, w]
     w = detail_weights(batch.detail.to(err.device), detail_weight) if detail_weight > 0 else torch.ones_like(err)
-    if first_frame_weight != 1.0:
-        w = torch.cat([w[:, :1] * first_frame_weight, w[:, 1:]], dim=1)
+    w = torch.cat([w[:, :1] * first_frame_weight, w[:, 1:]], dim=1)
     per_sample = (err * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
     if weighting == "uniform":
         return per_sample.mean()
