@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from shotstream_core.config import get_preset
 from shotstream_core.context import plan_context, select_frame_indices
@@ -225,8 +226,12 @@ def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path)
     torch.manual_seed(0)
     paths = [str(save_dit(WanDiT(DIT), tmp_path / f"t{i}.safetensors")) for i in range(2)]
     argv = [*paths, "--latent-dir", str(store / "latents"), "--preset", "micro", "--targets", "4"]
-    results = main(argv + ["--sample-shots", "2", "--vae", str(store / "vae.safetensors"), "--steps", "2"])
+    results = main(argv + ["--sample-shots", "2", "--vae", str(store / "vae.safetensors"), "--steps", "2",
+                           "--sample-sheet", str(tmp_path / "sheets")])
     assert list(results) == paths and results[paths[0]] != results[paths[1]]
+    sheets = sorted((tmp_path / "sheets").glob("*.png"))  # one per teacher: 2 samples, each above its truth
+    assert [p.stem.split("_")[-1] for p in sheets] == ["t0", "t1"]
+    assert Image.open(sheets[0]).height > 4 * GEO.height
     assert all(0.0 <= r["sample_adherence"] <= 1.0 and 0.0 <= r["sample_spurious_openings"] <= 1.0
                and r["sample_opening_jump"] >= 0.0 for r in results.values())
     with pytest.raises(SystemExit):  # sampling without the VAE to decode with is refused up front

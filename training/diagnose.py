@@ -20,7 +20,8 @@ open on a frame unlike the next).
 With --sample-shots N it also samples the last N training-split shots with CFG and scores them with the
 analyser (adherence), as the ODE stage's guidance check does: slower (minutes), but what counts. It also
 reads the samples' openings: sample_opening_jump (mean of opening_jump_ratio over the decoded samples) and
-sample_spurious_openings, the share of samples where the analyser sees a cut at frame 1.
+sample_spurious_openings, the share of samples where the analyser sees a cut at frame 1. --sample-sheet DIR
+saves each teacher's samples as a contact sheet, every sample above the same shot through the VAE.
 
     python -m training.diagnose --vaes A/vae.safetensors [B/vae.safetensors ...]
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -131,18 +133,39 @@ def opening_jump_ratio(frames) -> float:
 
 @torch.no_grad()
 def sample_check(teacher, ds: LatentStoryDataset, preset: Preset, num_shots: int, vae, guidance: float,
-                 steps: int, seed: int = 0) -> dict:
-    """Sample the last num_shots training-split targets with CFG; analyser adherence and the openings."""
+                 steps: int, seed: int = 0, sheet_path=None) -> dict:
+    """Sample the last num_shots training-split targets with CFG; analyser adherence and the openings.
+    sheet_path: also save a contact sheet, each sample above the same shot's truth through the VAE."""
     import numpy as np
 
     from .storyworld.analyse import detect_cuts
 
     targets = ds.targets[-num_shots:]
-    x0, _, _ = sample_targets(teacher, ds, targets, preset, guidance, steps, seed, "cpu")
+    x0, _, batch = sample_targets(teacher, ds, targets, preset, guidance, steps, seed, "cpu")
     shots = decode_shots(x0, vae)  # decoded once: adherence and the openings read the same frames
+    if sheet_path is not None:
+        save_sample_sheet(sheet_path, ds, targets, shots, decode_shots(batch.x0, vae))
     return {"sample_adherence": round(float(np.mean(shot_adherence(ds, targets, shots))), 4),
             "sample_opening_jump": round(float(np.mean([opening_jump_ratio(f) for f in shots])), 2),
             "sample_spurious_openings": round(float(np.mean([1 in detect_cuts(f) for f in shots])), 4)}
+
+
+def save_sample_sheet(path, ds: LatentStoryDataset, targets, samples: list, truths: list) -> None:
+    """One contact sheet: per target, its sample above its truth through the VAE, each with its caption."""
+    import numpy as np
+
+    from .storyworld.sheet import contact_sheet
+
+    frames, ranges, captions = [], [], []
+    for (story, shot), sample, truth in zip(targets, samples, truths):
+        caption = ds.stories[story]["shot_captions"][shot]
+        for label, clip in (("sample", sample), ("truth through the VAE", truth)):
+            start = sum(len(f) for f in frames)
+            frames.append(clip)
+            ranges.append((start, start + len(clip)))
+            captions.append(f"story {story} shot {shot + 1}, {label}: {caption}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(np.concatenate(frames), ranges, captions, per_shot=3).save(path)
 
 
 @torch.no_grad()
@@ -183,6 +206,8 @@ def main(argv=None) -> dict:
     p.add_argument("--vae", default="", help="the VAE the latents were encoded with (for --sample-shots)")
     p.add_argument("--guidance", type=float, default=3.0, help="CFG scale for --sample-shots")
     p.add_argument("--steps", type=int, default=50, help="Euler steps for --sample-shots")
+    p.add_argument("--sample-sheet", default="",
+                   help="folder for a contact sheet of each teacher's samples (<weights stem>.png), with --sample-shots")
     a = p.parse_args(argv)
     if bool(a.weights) == bool(a.vaes):
         p.error("give DiT weights to compare, or --vaes VAE files, not both")
@@ -203,7 +228,9 @@ def main(argv=None) -> dict:
         teacher = load_dit(path, WanDiT, "teacher", "cpu", frozen=True)
         results[path] = diagnose(teacher, ds, preset, a.targets, by_block=a.by_block, by_frame=a.by_frame)
         if vae is not None:
-            results[path].update(sample_check(teacher, ds, preset, a.sample_shots, vae, a.guidance, a.steps))
+            sheet = Path(a.sample_sheet) / f"{Path(path).parent.name}_{Path(path).stem}.png" if a.sample_sheet else None
+            results[path].update(sample_check(teacher, ds, preset, a.sample_shots, vae, a.guidance, a.steps,
+                                              sheet_path=sheet))
         print(path, json.dumps(results[path]), flush=True)
     return results
 
