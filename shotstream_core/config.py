@@ -29,6 +29,10 @@ class DiTConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     rope_theta: float = 10000.0
+    # A fixed 2-D sin-cos position added to the patch tokens (DiT's). Wan has none: RoPE is relative, so a
+    # model finds where a token sits only from the grid's edges, through attention. Off in every preset
+    # (training/README.md has what it did for the tiny teacher). Not a weight: kept in file metadata.
+    absolute_position: bool = False
 
     def __post_init__(self):
         if self.dim % self.num_heads:

@@ -35,6 +35,19 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def grid_position_embedding(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position of each token of a frame -> [grid_h*grid_w, dim], row-major; the first
+    half of the channels encodes the row, the second half the column (DiT's layout)."""
+    quarter = dim // 4
+    freqs = torch.pow(10000.0, -torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows = torch.arange(grid_h, dtype=torch.float64)[:, None] * freqs  # [gh, dim/4]
+    cols = torch.arange(grid_w, dtype=torch.float64)[:, None] * freqs  # [gw, dim/4]
+    row_emb = torch.cat([rows.sin(), rows.cos()], -1)[:, None].expand(grid_h, grid_w, 2 * quarter)
+    col_emb = torch.cat([cols.sin(), cols.cos()], -1)[None, :].expand(grid_h, grid_w, 2 * quarter)
+    emb = torch.cat([row_emb, col_emb], -1).reshape(grid_h * grid_w, 4 * quarter)
+    return F.pad(emb, (0, dim - 4 * quarter)).float()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -218,6 +231,9 @@ class WanDiT(nn.Module):
         b = x.shape[0]
         tokens, grid = self.patchify(x)
         num_frames, gh, gw = grid
+        if self.config.absolute_position:  # the same grid position in every frame
+            pos = grid_position_embedding(gh, gw, self.config.dim).to(tokens.device, tokens.dtype)
+            tokens = tokens + pos.repeat(num_frames, 1)
         if prompt_ids is None:
             prompt_ids = torch.zeros(b, num_frames, dtype=torch.long, device=x.device)
         flags = flags.to(torch.long).expand(b, num_frames) if flags.dim() == 1 else flags

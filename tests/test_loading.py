@@ -1,4 +1,5 @@
 """Checkpoint formats, config inference, LoRA merge and wrong-file errors (issue 2, acceptance 6)."""
+import dataclasses
 import json
 import os
 
@@ -53,10 +54,12 @@ def test_all_formats_load_to_identical_outputs(weights, tmp_path):
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
 
 
-def test_own_save_keeps_config_in_metadata(weights, tmp_path):
-    model = build_dit(weights, CFG, attention="sdpa")
+@pytest.mark.parametrize("absolute_position", [False, True])
+def test_own_save_keeps_config_in_metadata(weights, tmp_path, absolute_position):
+    want = dataclasses.replace(CFG, absolute_position=absolute_position)  # a flag no tensor shape shows
+    model = build_dit(weights, want, attention="sdpa")
     sd, cfg = load_dit_state(save_dit(model, tmp_path / "dit.safetensors"))
-    assert cfg == CFG
+    assert cfg == want
     torch.testing.assert_close(run(build_dit(sd, cfg, attention="sdpa")), run(model), rtol=0, atol=0)
 
 

@@ -1,4 +1,5 @@
 """DiT, RoPE, schedule and context rules (issue 2, acceptance 1-5)."""
+import dataclasses
 import math
 
 import pytest
@@ -7,17 +8,19 @@ import torch
 from shotstream_core.cache import KVCache
 from shotstream_core.config import get_preset
 from shotstream_core.context import context_budget, plan_context, select_frame_indices
-from shotstream_core.model import CausalWanDiT, WanDiT, block_causal_mask, prompt_ids_from_flags
+from shotstream_core.model import (CausalWanDiT, WanDiT, block_causal_mask, grid_position_embedding,
+                                   prompt_ids_from_flags)
 from shotstream_core.rope import RotaryTable, rope_angles, rope_pair_split
 from shotstream_core.schedule import FlowSchedule
 
 CFG = get_preset("micro").dit
+CFG_ABS = dataclasses.replace(CFG, absolute_position=True)
 
 
-def make_models(seed=0):
+def make_models(seed=0, cfg=CFG):
     torch.manual_seed(seed)
-    student = CausalWanDiT(CFG).eval()
-    teacher = WanDiT(CFG).eval()
+    student = CausalWanDiT(cfg).eval()
+    teacher = WanDiT(cfg).eval()
     teacher.load_state_dict(student.state_dict())
     return teacher, student
 
@@ -60,14 +63,15 @@ def streaming_vs_masked(student, ctx, noise, text, flags, block_frames, timestep
     return worst
 
 
+@pytest.mark.parametrize("cfg", [CFG, CFG_ABS], ids=["wan", "absolute_position"])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
-def test_streaming_equals_block_causal_masked_forward_over_two_shots(grad):
+def test_streaming_equals_block_causal_masked_forward_over_two_shots(grad, cfg):
     with torch.set_grad_enabled(grad):
-        check_two_shots()
+        check_two_shots(cfg)
 
 
-def check_two_shots():
-    _, student = make_models()
+def check_two_shots(cfg):
+    _, student = make_models(cfg=cfg)
     sch = FlowSchedule()
     steps = sch.warp((1000, 750, 500, 250))
     geo = get_preset("micro").geometry
@@ -107,6 +111,25 @@ def test_teacher_and_student_share_weights_and_agree_without_mask():
     out_s = student(x, t[:, None].expand(2, 9), text, flags)
     torch.testing.assert_close(out_t, out_s, rtol=1e-5, atol=1e-6)
     assert set(teacher.state_dict()) == set(student.state_dict())
+
+
+def test_grid_position_embedding_tells_every_cell_apart_and_splits_rows_from_columns():
+    gh, gw, dim = 3, 5, 64
+    emb = grid_position_embedding(gh, gw, dim).view(gh, gw, dim)
+    flat = emb.reshape(gh * gw, dim)
+    assert torch.cdist(flat, flat).add(torch.eye(gh * gw)).min() > 0.1  # no two cells alike
+    torch.testing.assert_close(emb[:, :, : dim // 2], emb[:, :1, : dim // 2].expand(gh, gw, dim // 2))  # rows
+    torch.testing.assert_close(emb[:, :, dim // 2:], emb[:1, :, dim // 2:].expand(gh, gw, dim // 2))  # columns
+
+
+def test_absolute_position_changes_the_output_and_only_with_the_flag():
+    torch.manual_seed(0)
+    plain = WanDiT(CFG).eval()
+    located = WanDiT(CFG_ABS).eval()
+    located.load_state_dict(plain.state_dict())  # the flag adds no weights
+    x = torch.randn(1, 16, 3, 4, 4)
+    args = (torch.tensor([500.0]), rand_text(), torch.zeros(1, 3, dtype=torch.long))
+    assert (plain(x, *args) - located(x, *args)).abs().max() > 1e-3
 
 
 def test_per_frame_timesteps_change_only_their_frames_modulation():
