@@ -236,6 +236,8 @@ def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path)
                and r["sample_opening_jump"] >= 0.0 for r in results.values())
     with pytest.raises(SystemExit):  # sampling without the VAE to decode with is refused up front
         main(argv + ["--sample-shots", "2"])
+    with pytest.raises(SystemExit):  # a sheet of samples that are not drawn: refused
+        main(argv + ["--sample-sheet", str(tmp_path / "none")])
     vae_path = str(store / "vae.safetensors")
     read = main(["--vaes", vae_path, "--shots", "2", "--preset", "micro"])
     assert list(read) == [vae_path] and len(read[vae_path]["latent_adjacent_corr"]) == GEO.latent_frames - 1

@@ -207,12 +207,15 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance", type=float, default=3.0, help="CFG scale for --sample-shots")
     p.add_argument("--steps", type=int, default=50, help="Euler steps for --sample-shots")
     p.add_argument("--sample-sheet", default="",
-                   help="folder for a contact sheet of each teacher's samples (<weights stem>.png), with --sample-shots")
+                   help="folder for a contact sheet of each teacher's samples (<its folder>_<its stem>.png); "
+                        "needs --sample-shots")
     a = p.parse_args(argv)
     if bool(a.weights) == bool(a.vaes):
         p.error("give DiT weights to compare, or --vaes VAE files, not both")
     if a.sample_shots and not a.vae:
         p.error("--sample-shots decodes its samples: give --vae (the VAE the latents were encoded with)")
+    if a.sample_sheet and not a.sample_shots:
+        p.error("--sample-sheet shows samples: give --sample-shots N as well")
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     preset, results = get_preset(a.preset), {}
