@@ -156,14 +156,14 @@ def save_sample_sheet(path, ds: LatentStoryDataset, targets, samples: list, trut
 
     from .storyworld.sheet import contact_sheet
 
-    frames, ranges, captions = [], [], []
+    frames, ranges, captions, start = [], [], [], 0
     for (story, shot), sample, truth in zip(targets, samples, truths):
         caption = ds.stories[story]["shot_captions"][shot]
         for label, clip in (("sample", sample), ("truth through the VAE", truth)):
-            start = sum(len(f) for f in frames)
             frames.append(clip)
             ranges.append((start, start + len(clip)))
             captions.append(f"story {story} shot {shot + 1}, {label}: {caption}")
+            start += len(clip)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(np.concatenate(frames), ranges, captions, per_shot=3).save(path)
 
