@@ -454,7 +454,7 @@ def vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> VAEConfig:
     base = VAEConfig(dim=dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=len(levels[0]),
                      temporal_downsample=tuple(temporal), latent_mean=None, latent_std=None)
     wan = VAE_PRESETS["wan2.1"]
-    if base.replace(latent_mean=wan.latent_mean, latent_std=wan.latent_std) == wan:
+    if z_dim == wan.z_dim and base.replace(latent_mean=wan.latent_mean, latent_std=wan.latent_std) == wan:
         return wan  # the real Wan2.1 VAE: its published latent statistics
     return base
 

@@ -316,6 +316,44 @@ def test_vae_decoder_phase_keeps_encoder_and_statistics(tmp_path):
         vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'bad'}", "--set", "train_part=decoder"])
 
 
+def test_widen_latent_keeps_the_reconstruction_and_the_stage_trains_the_new_channels(tmp_path):
+    """vae: {z_dim: N} from a narrower init_from: the widened VAE reconstructs exactly as the narrow one
+    (its first channels are the old latents), and training then uses the new channels."""
+    import dataclasses
+
+    from shotstream_core.config import get_preset
+    from shotstream_core.vae import WanVAE, get_vae_config, load_vae
+    from training import vae_stage
+
+    torch.manual_seed(0)
+    narrow = WanVAE("micro").eval()
+    wide = WanVAE(dataclasses.replace(get_vae_config("micro"), z_dim=24)).eval()
+    vae_stage.widen_latent(narrow, wide)
+    clips = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mu_n, _ = narrow.encode_moments(clips)
+        mu_w, _ = wide.encode_moments(clips)
+        assert torch.allclose(mu_w[:, :16], mu_n, atol=1e-5)
+        assert mu_w[:, 16:].abs().mean() > 1e-3  # the new channels carry something for training to use
+        assert torch.allclose(wide.decode(mu_w), narrow.decode(mu_n), atol=1e-5)
+    with pytest.raises(ValueError, match="at least as many latent channels"):
+        vae_stage.widen_latent(wide, narrow)
+
+    write_training_set(tmp_path / "data", 2, get_preset("micro").geometry, 1, 2)
+    vae_stage.save_vae(narrow, tmp_path / "init.safetensors")
+    base = ["--config", str(REPO / "training/configs/micro-vae.yaml"), "--set", f"data_dir={tmp_path / 'data'}",
+            "--set", "num_stories=2", "--set", "max_steps=3", "--set", "crop=0", "--set", "phases=[]",
+            "--set", f"init_from={tmp_path / 'init.safetensors'}", "--set", "vae={z_dim: 24}"]
+    vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'wide'}", "--set", "sample_latent=false"])
+    trained = load_vae(tmp_path / "wide" / "vae.safetensors")
+    assert trained.config.z_dim == 24 and trained.latent_std.shape == (24,)
+    assert trained.decoder.conv1.weight[:, 16:].abs().max() > 0  # the decoder has started to read them
+    with pytest.raises(ValueError, match="encoder to train"):
+        vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'bad'}", "--set", "train_part=decoder"])
+    with pytest.raises(ValueError, match="z_dim"):  # a typo in the shape is refused by name
+        vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'bad2'}", "--set", "vae={zdim: 24}"])
+
+
 def test_vae_curriculum_runs_its_phases_in_order_and_resumes(tmp_path):
     """micro-vae.yaml's two phases: the second starts from the first; a cut phase resumes; the stage's
     vae.safetensors is the last phase's; a phase with an unknown key is refused by name."""

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from shotstream_core.config import VAE_TEMPORAL_STRIDE, get_preset, validate_frames
 from shotstream_core.files import copy_file, save_tensors
-from shotstream_core.vae import WanVAE, load_vae
+from shotstream_core.vae import VAEConfig, WanVAE, get_vae_config, load_vae
 
 from .common import (StageConfig, autocast, optimizer_step, StepBatches, is_done, mark_done, replace_config, run_stage, save_config,
                      set_lr, lr_at, step_generator, train_loop)
@@ -71,6 +71,9 @@ class VAEStageConfig(StageConfig):
     still_frame_weight: float = 0.0
     sample_latent: bool = True  # reparameterised sample (VAE); false: z = mu (plain autoencoder)
     init_from: str = ""  # start from these VAE weights (a refine phase); statistics are re-fitted (train_part all)
+    # Changes to the preset's VAE shape, e.g. {z_dim: 64}. From init_from weights with fewer latent
+    # channels the VAE is widened without changing what it computes (widen_latent), then trained on.
+    vae: dict = dataclasses.field(default_factory=dict)
     # "all" trains encoder and decoder; "decoder" freezes the encoder (init_from required) and keeps its
     # latent statistics, so latents already pre-encoded, and every DiT trained on them, stay valid.
     train_part: str = "all"
@@ -265,6 +268,54 @@ def input_dependence(clips: torch.Tensor, recon: torch.Tensor) -> float:
     return float(recon.std(dim=0).mean() / clips.std(dim=0).mean().clamp_min(1e-8))
 
 
+def stage_vae_config(base: VAEConfig | str, changes: dict) -> VAEConfig:
+    """The preset's VAE shape with the config's `vae:` changes; latent statistics are left to training."""
+    base = get_vae_config(base) if isinstance(base, str) else base
+    if not changes:
+        return base
+    changed = replace_config(base, dict(changes), fixed=("latent_mean", "latent_std"),
+                             what="vae (changes to the preset's VAE)")
+    return dataclasses.replace(changed, latent_mean=None, latent_std=None)
+
+
+@torch.no_grad()
+def widen_latent(narrow: WanVAE, wide: WanVAE) -> None:
+    """Copy `narrow` into `wide`, which has more latent channels, so that `wide` computes the same
+    reconstruction: its first z_dim latent channels are narrow's, the new ones start as the encoder
+    head's fresh random rows (passed through unchanged by conv1/conv2) and are read by the decoder through
+    zero weights. Training then finds a use for them from the narrow VAE's quality, not from scratch."""
+    z0, z = narrow.config.z_dim, wide.config.z_dim
+    if dataclasses.replace(narrow.config, z_dim=z, latent_mean=None, latent_std=None) != \
+            dataclasses.replace(wide.config, latent_mean=None, latent_std=None) or z0 > z:
+        raise ValueError(f"widen_latent needs the same VAE with at least as many latent channels: "
+                         f"{narrow.config} -> {wide.config}")
+    # moments rows: mu channels 0..z0-1 stay, log_var channels move from z0.. to z..
+    moments = torch.cat([torch.arange(z0), z + torch.arange(z0)])
+    fresh = torch.tensor([c for c in range(2 * z) if c not in set(moments.tolist())], dtype=torch.long)
+    src = narrow.state_dict()
+    head = "encoder.head.2."
+    for name, param in wide.state_dict().items():
+        old = src[name]
+        if name.startswith(head):  # [2z, C, ...]: copy the old rows, keep the fresh ones random
+            param[moments] = old
+        elif name in ("conv1.weight", "conv2.weight", "conv1.bias", "conv2.bias"):
+            # 1x1 channel mixes: the old block, and identity on the new channels
+            kept, extra = (moments, fresh) if name.startswith("conv1") else (torch.arange(z0), torch.arange(z0, z))
+            param.zero_()
+            if name.endswith("bias"):
+                param[kept] = old
+            else:
+                param[kept[:, None], kept[None, :]] = old
+                param[extra, extra] = 1.0
+        elif name == "decoder.conv1.weight":  # [C, z, ...]: the decoder ignores the new channels at first
+            param.zero_()
+            param[:, :z0] = old
+        elif name in ("latent_mean", "latent_std"):
+            param.copy_(torch.cat([old, param[z0:]]))
+        else:
+            param.copy_(old)
+
+
 def phase_configs(cfg: VAEStageConfig) -> list[VAEStageConfig]:
     """The phases of cfg as complete configs: OUT/<name>/, each initialised from the one before."""
     out, prev, names = [], cfg.init_from, set()
@@ -377,10 +428,20 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         raise ValueError(f"shots have {shots.shape[1]} frames, fewer than clip_frames={cfg.clip_frames}")
 
     torch.manual_seed(cfg.seed)
-    vae = WanVAE(preset.vae)
+    vae = WanVAE(stage_vae_config(preset.vae, cfg.vae))
     if cfg.init_from:
         init = load_vae(cfg.init_from)
-        vae.load_state_dict(init.state_dict())
+        if init.config.z_dim < vae.config.z_dim and frozen_encoder:
+            raise ValueError(f"init_from has {init.config.z_dim} latent channels and the config asks for "
+                             f"{vae.config.z_dim}: the new channels need the encoder to train (train_part all)")
+        if init.config.z_dim < vae.config.z_dim:
+            widen_latent(init, vae)
+        else:
+            try:
+                vae.load_state_dict(init.state_dict())
+            except RuntimeError as e:
+                raise ValueError(f"init_from {cfg.init_from} is a VAE of {init.config}, not the {vae.config} this "
+                                 f"config builds: set the config's vae: to match it") from e
         init_stats = init.latent_mean.clone(), init.latent_std.clone()
         vae.latent_mean.zero_()  # training works on raw mu; statistics are fitted again at the end
         vae.latent_std.fill_(1.0)
