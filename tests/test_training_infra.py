@@ -241,6 +241,26 @@ def _teacher_argv(latents, out, *extra):
     return argv
 
 
+def test_stages_refuse_latents_of_another_latent_width(micro_latents, tmp_path):
+    """A store pre-encoded with a wider VAE (vae: {z_dim: 24}) is refused by name before training, with
+    the fix, instead of failing inside the DiT's first layer."""
+    import dataclasses
+
+    from shotstream_core.vae import WanVAE, get_vae_config
+    from training import stage1_teacher
+    from training.preencode import PreencodeConfig, preencode
+    from training.vae_stage import save_vae
+
+    torch.manual_seed(0)
+    save_vae(WanVAE(dataclasses.replace(get_vae_config("micro"), z_dim=24)), tmp_path / "wide.safetensors")
+    preencode(PreencodeConfig(out_dir=str(tmp_path / "wide"), data_dir=str(micro_latents.parent / "data"),
+                              preset="micro", vae_path=str(tmp_path / "wide.safetensors"), num_stories=3,
+                              shard_size=2), Dist())
+    with pytest.raises(ValueError, match=r"\[24, .*pre-encode again with a VAE of 16 latent channels"):
+        stage1_teacher.main(_teacher_argv(tmp_path / "wide", tmp_path / "t", "max_steps=1"))
+    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "ok", "max_steps=1"))  # the matching store trains
+
+
 def test_resume_is_bit_identical(micro_latents, tmp_path):
     """Stopping after 3 steps and resuming to 5 gives the weights (and Adam state) of 5 uninterrupted steps."""
     from training import stage1_teacher

@@ -151,6 +151,21 @@ class LatentStoryDataset:
     def __len__(self) -> int:
         return len(self.stories)
 
+    def check_fits(self, preset, what: str) -> None:
+        """Refuse, naming the fix, latents that `preset`'s DiT (in_channels) and geometry cannot take, e.g. a
+        store pre-encoded with a VAE of another latent width: the DiT's first layer would fail on them."""
+        shape = self.info.get("latent_shape")
+        if shape is None:  # stores written before index.json recorded it
+            return
+        geo = preset.geometry
+        want = [preset.dit.in_channels, geo.latent_frames, geo.latent_height, geo.latent_width]
+        if list(shape) != want:
+            raise ValueError(
+                f"the latents in {self.dir} are [channels, frames, h, w] = {list(shape)} (pre-encoded with "
+                f"{self.info.get('vae_path', 'an unrecorded VAE')}), but {what} takes {want} ({preset.name} "
+                f"preset): pre-encode again with a VAE of {want[0]} latent channels at the preset's size "
+                f"(python -m training.preencode --set vae_path=... --set out_dir=...), or point latent_dir at such a store")
+
     def __getitem__(self, i: int) -> LatentStory:
         s, t = self.stories[i], self._tensors
         name = s["name"]

@@ -150,6 +150,7 @@ def generate(cfg: ODEConfig, dist) -> dict:
     ds = LatentStoryDataset(cfg.latent_dir)
     teacher = load_dit(cfg.teacher_path, WanDiT, "teacher (stage 1)", dist.device, frozen=True)
     preset = preset_for_weights(preset, teacher.config, cfg.teacher_path)
+    ds.check_fits(preset, f"the teacher {cfg.teacher_path}")
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
 

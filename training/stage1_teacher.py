@@ -182,6 +182,7 @@ def train(cfg: TeacherConfig, dist) -> dict:
     preset = preset_with_dit(get_preset(cfg.preset), cfg.dit)
     sampler = preset.sampler
     ds = LatentStoryDataset(cfg.latent_dir)
+    ds.check_fits(preset, "the teacher")
     schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
     teacher = build_teacher(preset, dist.device, cfg.seed, cfg.init_from)
     # copied before gradient checkpointing patches the blocks' forward

@@ -88,6 +88,7 @@ def train(cfg: Stage2Config, dist) -> dict:
     ds = LatentStoryDataset(cfg.latent_dir)
     student = load_dit(cfg.teacher_path, CausalWanDiT, "teacher (stage 1)", dist.device)
     preset = preset_for_weights(preset, student.config, cfg.teacher_path)
+    ds.check_fits(preset, f"the student from {cfg.teacher_path}")
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(student)
     model = dist.wrap(student)

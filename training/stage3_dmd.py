@@ -94,6 +94,7 @@ class DMDSetup:
         self.trainer = DMDTrainer(self.student, teacher, self.fake, self.rollout, cfg.hyper(), dist,
                                   autocast=lambda: autocast(cfg, dev))
         self.data = LatentStoryDataset(cfg.latent_dir)
+        self.data.check_fits(self.preset, f"the teacher {cfg.teacher_path}")
         self._stories = {}
         geo = self.preset.geometry
         self.shot_shape = (self.preset.dit.in_channels, geo.latent_frames, geo.latent_height, geo.latent_width)
