@@ -273,9 +273,9 @@ def stage_vae_config(base: VAEConfig | str, changes: dict) -> VAEConfig:
     base = get_vae_config(base) if isinstance(base, str) else base
     if not changes:
         return base
-    changed = replace_config(base, dict(changes), fixed=("latent_mean", "latent_std"),
+    changed = replace_config(base, changes, fixed=("latent_mean", "latent_std"),
                              what="vae (changes to the preset's VAE)")
-    return dataclasses.replace(changed, latent_mean=None, latent_std=None)
+    return changed.replace(latent_mean=None, latent_std=None)
 
 
 @torch.no_grad()
@@ -285,13 +285,13 @@ def widen_latent(narrow: WanVAE, wide: WanVAE) -> None:
     head's fresh random rows (passed through unchanged by conv1/conv2) and are read by the decoder through
     zero weights. Training then finds a use for them from the narrow VAE's quality, not from scratch."""
     z0, z = narrow.config.z_dim, wide.config.z_dim
-    if dataclasses.replace(narrow.config, z_dim=z, latent_mean=None, latent_std=None) != \
-            dataclasses.replace(wide.config, latent_mean=None, latent_std=None) or z0 > z:
+    if z0 > z or narrow.config.replace(z_dim=z, latent_mean=None, latent_std=None) != \
+            wide.config.replace(latent_mean=None, latent_std=None):
         raise ValueError(f"widen_latent needs the same VAE with at least as many latent channels: "
                          f"{narrow.config} -> {wide.config}")
-    # moments rows: mu channels 0..z0-1 stay, log_var channels move from z0.. to z..
+    # moments rows (mu then log_var): the old channels are 0..z0-1 of each half, the new ones z0..z-1
     moments = torch.cat([torch.arange(z0), z + torch.arange(z0)])
-    fresh = torch.tensor([c for c in range(2 * z) if c not in set(moments.tolist())], dtype=torch.long)
+    fresh = torch.cat([torch.arange(z0, z), z + torch.arange(z0, z)])
     src = narrow.state_dict()
     head = "encoder.head.2."
     for name, param in wide.state_dict().items():
@@ -431,10 +431,10 @@ def train(cfg: VAEStageConfig, dist) -> dict:
     vae = WanVAE(stage_vae_config(preset.vae, cfg.vae))
     if cfg.init_from:
         init = load_vae(cfg.init_from)
-        if init.config.z_dim < vae.config.z_dim and frozen_encoder:
-            raise ValueError(f"init_from has {init.config.z_dim} latent channels and the config asks for "
-                             f"{vae.config.z_dim}: the new channels need the encoder to train (train_part all)")
         if init.config.z_dim < vae.config.z_dim:
+            if frozen_encoder:
+                raise ValueError(f"init_from has {init.config.z_dim} latent channels and the config asks for "
+                                 f"{vae.config.z_dim}: the new channels need the encoder to train (train_part all)")
             widen_latent(init, vae)
         else:
             try:
