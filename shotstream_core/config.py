@@ -33,6 +33,11 @@ class DiTConfig:
     # model finds where a token sits only from the grid's edges, through attention. Off in every preset
     # (training/README.md has what it did for the tiny teacher). Not a weight: kept in file metadata.
     absolute_position: bool = False
+    # The prompt's mean token feature, embedded and added to the timestep embedding, so that it modulates
+    # every token (the pooled text vector of SD3 and PixArt's adaLN). Wan has only cross-attention. Off in
+    # every preset (training/README.md has what it did for the tiny teacher). Its weights (text_pool.*) show
+    # it in a file.
+    pooled_text: bool = False
 
     def __post_init__(self):
         if self.dim % self.num_heads:

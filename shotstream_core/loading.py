@@ -85,7 +85,8 @@ def infer_dit_config(sd: dict[str, torch.Tensor], meta: dict | None = None) -> D
         heads = dim // 128
     text_len = meta.get("text_len") or (preset.text_len if preset else 512)
     return DiTConfig(num_heads=heads, text_len=text_len, eps=meta.get("eps", 1e-6),
-                     absolute_position=bool(meta.get("absolute_position", False)), **shape)
+                     absolute_position=bool(meta.get("absolute_position", False)),
+                     pooled_text="text_pool.0.weight" in sd, **shape)
 
 
 def dit_misfit(cfg: DiTConfig, preset: Preset) -> str | None:

@@ -16,6 +16,7 @@ P prompts, S text tokens, D model dim):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,13 @@ from .attention import attention
 from .cache import KVCache
 from .config import DiTConfig
 from .rope import RotaryTable, rope_angles
+
+
+class EncodedText(NamedTuple):
+    """A shot's prompts as the blocks read them: computed once per shot, reused by every step."""
+
+    kv: list  # per layer: (k, v) [B, P, S, H, Dh]
+    pooled: torch.Tensor | None  # [B, P, D] float32 (pooled_text models), else None
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -143,7 +151,7 @@ class WanBlock(nn.Module):
         h = modulate(self.norm1(x), shift_sa, scale_sa, tpf).to(x.dtype)
         y = self.self_attn(h, ctx["rope"], ctx["backend"], ctx["mask"], ctx["cache"], layer, ctx["start"])
         x = x + gated(y, gate_sa, tpf).to(x.dtype)
-        x = x + self.cross_attn(self.norm3(x), ctx["text_kv"][layer], ctx["prompt_ids"], tpf, ctx["backend"])
+        x = x + self.cross_attn(self.norm3(x), ctx["text"].kv[layer], ctx["prompt_ids"], tpf, ctx["backend"])
         h = modulate(self.norm2(x), shift_ff, scale_ff, tpf).to(x.dtype)
         return x + gated(self.ffn(h), gate_ff, tpf).to(x.dtype)
 
@@ -172,6 +180,8 @@ class WanDiT(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        if cfg.pooled_text:
+            self.text_pool = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self._init_weights()
@@ -186,23 +196,34 @@ class WanDiT(nn.Module):
             for m in seq:
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
+        if self.config.pooled_text:  # starts as a no-op, so it can be added to a trained model exactly
+            nn.init.zeros_(self.text_pool[-1].weight)
 
     # --- pieces shared by the full and the cached forward ------------------------------------------
 
-    def encode_text(self, text: torch.Tensor) -> list:
-        """text [B, P, S<=text_len, text_dim] -> per-layer cross-attention (k, v). Zero-pads to text_len."""
+    def encode_text(self, text: torch.Tensor) -> EncodedText:
+        """text [B, P, S<=text_len, text_dim] -> per-layer cross-attention (k, v) and, with pooled_text, each
+        prompt's pooled embedding [B, P, D]. Zero-pads to text_len; all-zero token rows are padding."""
         cfg = self.config
         if text.shape[2] > cfg.text_len:
             raise ValueError(f"text has {text.shape[2]} tokens; this model takes at most {cfg.text_len}")
-        text = F.pad(text, (0, 0, 0, cfg.text_len - text.shape[2]))
-        emb = self.text_embedding(text.to(self.patch_embedding.weight.dtype))
-        return [blk.cross_attn.text_kv(emb) for blk in self.blocks]
+        text = F.pad(text, (0, 0, 0, cfg.text_len - text.shape[2])).to(self.patch_embedding.weight.dtype)
+        emb = self.text_embedding(text)
+        pooled = None
+        if cfg.pooled_text:
+            real = (text != 0).any(dim=-1, keepdim=True).to(text.dtype)  # [B, P, S, 1]
+            mean = (text * real).sum(2) / real.sum(2).clamp(min=1)  # [B, P, text_dim]
+            pooled = self.text_pool(mean).float()
+        return EncodedText([blk.cross_attn.text_kv(emb) for blk in self.blocks], pooled)
 
-    def time_embed(self, t: torch.Tensor, num_frames: int):
-        """t [B] or [B, F] -> e [B, F, D] (head) and e0 [B, F, 6, D] (blocks), both float32."""
+    def time_embed(self, t: torch.Tensor, num_frames: int, pooled: torch.Tensor | None = None):
+        """t [B] or [B, F] -> e [B, F, D] (head) and e0 [B, F, 6, D] (blocks), both float32. pooled [B, F, D]:
+        each frame's prompt embedding, added to its timestep embedding (pooled_text models)."""
         if t.dim() == 1:
             t = t[:, None].expand(-1, num_frames)
         e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).float())
+        if pooled is not None:
+            e = e + pooled
         e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
         return e, e0
 
@@ -227,7 +248,7 @@ class WanDiT(nn.Module):
         x = tokens.view(tokens.shape[0], f, gh, gw, pt, ph, pw, c)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[0], c, f * pt, gh * ph, gw * pw)
 
-    def _run(self, x, t, text_kv, flags, prompt_ids, positions, mask, cache, start, shot_phase):
+    def _run(self, x, t, text: EncodedText, flags, prompt_ids, positions, mask, cache, start, shot_phase):
         b = x.shape[0]
         tokens, grid = self.patchify(x)
         num_frames, gh, gw = grid
@@ -237,7 +258,10 @@ class WanDiT(nn.Module):
         if prompt_ids is None:
             prompt_ids = torch.zeros(b, num_frames, dtype=torch.long, device=x.device)
         flags = flags.to(torch.long).expand(b, num_frames) if flags.dim() == 1 else flags
-        e, e0 = self.time_embed(t.to(x.device), num_frames)
+        pooled = None
+        if text.pooled is not None:  # each frame takes its own shot's prompt
+            pooled = text.pooled[torch.arange(b, device=x.device)[:, None], prompt_ids.to(x.device)]
+        e, e0 = self.time_embed(t.to(x.device), num_frames, pooled)
         ctx = dict(
             tokens_per_frame=gh * gw,
             rope=self.rope(positions, flags, gh, gw, x.device, shot_phase),
@@ -245,7 +269,7 @@ class WanDiT(nn.Module):
             mask=mask,
             cache=cache,
             start=start,
-            text_kv=text_kv,
+            text=text,
             prompt_ids=prompt_ids.to(x.device),
         )
         for i, block in enumerate(self.blocks):

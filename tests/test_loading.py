@@ -63,6 +63,21 @@ def test_own_save_keeps_config_in_metadata(weights, tmp_path, absolute_position)
     torch.testing.assert_close(run(build_dit(sd, cfg, attention="sdpa")), run(model), rtol=0, atol=0)
 
 
+def test_pooled_text_is_read_from_the_weights_even_without_metadata(weights, tmp_path):
+    want = dataclasses.replace(CFG, pooled_text=True)
+    g = torch.Generator().manual_seed(3)
+    extra = {k: torch.randn(v.shape, generator=g) * 0.1
+             for k, v in WanDiT(want).state_dict().items() if k.startswith("text_pool.")}
+    save_file({**weights, **extra}, str(tmp_path / "bare.safetensors"))  # no metadata: keys alone
+    sd, cfg = load_dit_state(tmp_path / "bare.safetensors")
+    assert cfg == want
+    model = build_dit(sd, cfg, attention="sdpa")
+    assert (run(model) - run(build_dit(weights, CFG, attention="sdpa"))).abs().max() > 1e-4  # the branch is used
+    sd, cfg = load_dit_state(save_dit(model, tmp_path / "dit.safetensors"))
+    assert cfg == want
+    torch.testing.assert_close(run(build_dit(sd, cfg, attention="sdpa")), run(model), rtol=1e-5, atol=1e-6)
+
+
 def test_lora_merge_peft_and_kohya_agree_and_change_output(weights, tmp_path):
     g = torch.Generator().manual_seed(1)
     rank = 4

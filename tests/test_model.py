@@ -132,6 +132,50 @@ def test_absolute_position_changes_the_output_and_only_with_the_flag():
     assert (plain(x, *args) - located(x, *args)).abs().max() > 1e-3
 
 
+def pooled_model(seed=0):
+    """A pooled_text micro DiT whose pooled branch is live (its zero-initialised output layer randomised)."""
+    torch.manual_seed(seed)
+    model = WanDiT(dataclasses.replace(CFG, pooled_text=True)).eval()
+    torch.nn.init.normal_(model.text_pool[-1].weight, std=0.5)
+    return model
+
+
+def test_pooled_text_starts_as_a_no_op_so_a_trained_model_warm_starts_exactly():
+    torch.manual_seed(0)
+    plain = WanDiT(CFG).eval()
+    pooled = WanDiT(dataclasses.replace(CFG, pooled_text=True)).eval()
+    missing, unexpected = pooled.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(k.startswith("text_pool.") for k in missing) and not unexpected
+    x = torch.randn(1, 16, 3, 4, 4)
+    args = (torch.tensor([500.0]), rand_text(), torch.zeros(1, 3, dtype=torch.long))
+    torch.testing.assert_close(pooled(x, *args), plain(x, *args), rtol=0, atol=0)
+
+
+def test_pooled_text_follows_the_prompt_and_ignores_padding():
+    model = pooled_model()
+    x = torch.randn(1, 16, 3, 4, 4)
+    t, flags = torch.tensor([500.0]), torch.zeros(1, 3, dtype=torch.long)
+    text = rand_text(tokens=5)
+    padded = torch.nn.functional.pad(text, (0, 0, 0, 4))  # 4 zero tokens more: the same prompt
+    torch.testing.assert_close(model(x, t, padded, flags), model(x, t, text, flags), rtol=1e-5, atol=1e-6)
+    # Only the pooled vector differs: the same tokens in another order leave cross-attention as it was.
+    shuffled = text[:, :, torch.tensor([4, 3, 2, 1, 0])]
+    torch.testing.assert_close(model(x, t, shuffled, flags), model(x, t, text, flags), rtol=1e-5, atol=1e-6)
+    scaled = text.clone()
+    scaled[..., 0, :] *= 3  # one token changed: the mean moves
+    assert (model(x, t, scaled, flags) - model(x, t, text, flags)).abs().max() > 1e-3
+    # Each frame is modulated by its own shot's prompt: frames of prompt 0 see no change to prompt 1's
+    # pooled vector except through attention, which a frame-causal mask with frame 0 first rules out.
+    two = rand_text(prompts=2, tokens=5)
+    other = two.clone()
+    other[:, 1] *= 2
+    ids = torch.tensor([[0, 1, 1]])
+    mask = block_causal_mask(0, 3, 1, CFG.tokens_per_frame(4, 4))
+    a, b = model(x, t, two, flags, ids, mask=mask), model(x, t, other, flags, ids, mask=mask)
+    torch.testing.assert_close(a[:, :, :1], b[:, :, :1])
+    assert (a[:, :, 1:] - b[:, :, 1:]).abs().max() > 1e-3
+
+
 def test_per_frame_timesteps_change_only_their_frames_modulation():
     _, student = make_models()
     x = torch.randn(1, 16, 3, 4, 4)

@@ -16,6 +16,7 @@ from scratch, so every parameter trains, with AdamW, warmup and a from-scratch l
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,11 +162,14 @@ def build_teacher(preset, device, seed: int, init_from: str = "") -> WanDiT:
     teacher = WanDiT(preset.dit)
     if init_from:
         sd, found = load_dit_state(init_from)
-        if found != preset.dit:
+        # pooled_text adds a branch that starts as a no-op: a trained model without it warm-starts exactly
+        adds_pooled = preset.dit.pooled_text and found == dataclasses.replace(preset.dit, pooled_text=False)
+        if found != preset.dit and not adds_pooled:
             raise ValueError(f"init_from {init_from} is a {describe_dit(found)} DiT; this run builds a "
                              f"{describe_dit(preset.dit)} one (the {preset.name} preset with the config's dit: "
                              f"changes): start from scratch, or set dit: to match the weights")
-        teacher.load_state_dict(sd)
+        missing, _ = teacher.load_state_dict(sd, strict=not adds_pooled)
+        assert all(k.startswith("text_pool.") for k in missing), missing
     return teacher.to(device)
 
 
