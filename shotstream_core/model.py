@@ -259,8 +259,9 @@ class WanDiT(nn.Module):
             prompt_ids = torch.zeros(b, num_frames, dtype=torch.long, device=x.device)
         flags = flags.to(torch.long).expand(b, num_frames) if flags.dim() == 1 else flags
         pooled = None
-        if text.pooled is not None:  # each frame takes its own shot's prompt
-            pooled = text.pooled[torch.arange(b, device=x.device)[:, None], prompt_ids.to(x.device)]
+        if text.pooled is not None:  # each frame takes its own shot's prompt; one prompt serves every frame
+            ids = prompt_ids.to(x.device) if text.pooled.shape[1] > 1 else torch.zeros_like(prompt_ids, device=x.device)
+            pooled = text.pooled[torch.arange(b, device=x.device)[:, None], ids]
         e, e0 = self.time_embed(t.to(x.device), num_frames, pooled)
         ctx = dict(
             tokens_per_frame=gh * gw,

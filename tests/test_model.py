@@ -174,6 +174,9 @@ def test_pooled_text_follows_the_prompt_and_ignores_padding():
     a, b = model(x, t, two, flags, ids, mask=mask), model(x, t, other, flags, ids, mask=mask)
     torch.testing.assert_close(a[:, :, :1], b[:, :, :1])
     assert (a[:, :, 1:] - b[:, :, 1:]).abs().max() > 1e-3
+    # One prompt (CFG's negative) serves every frame, whatever their prompt ids.
+    one = two[:, :1]
+    torch.testing.assert_close(model(x, t, one, flags, ids), model(x, t, one, flags), rtol=0, atol=0)
 
 
 def test_per_frame_timesteps_change_only_their_frames_modulation():
