@@ -34,6 +34,7 @@ from shotstream_core.vae import VAEConfig, WanVAE, get_vae_config, load_vae
 from .common import (StageConfig, autocast, optimizer_step, StepBatches, is_done, mark_done, replace_config, run_stage, save_config,
                      set_lr, lr_at, step_generator, train_loop)
 from .data import load_shot_frames
+from .adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from .detail import detail_pixel_weights
 
 
@@ -69,6 +70,14 @@ class VAEStageConfig(StageConfig):
     # its own (static content: correlation ~0.2 with the next latent frame), and a DiT that gets the two
     # codes slightly out of step draws frame 0 unlike frame 1. Needs the encoder training.
     still_frame_weight: float = 0.0
+    # Adversarial loss on the decoded frames (training.adversarial; 0 = off), as Wan's VAE is trained: its
+    # weight against reconstruction, adaptive (1 pulls the decoder's last layer as hard as L1 + L2 do). The
+    # discriminator learns from step 0; the VAE feels it from adv_start_step on, once the discriminator
+    # tells frames apart.
+    adv_weight: float = 0.0
+    adv_start_step: int = 0
+    disc_lr: float = 1e-4
+    disc_width: int = 32
     sample_latent: bool = True  # reparameterised sample (VAE); false: z = mu (plain autoencoder)
     init_from: str = ""  # start from these VAE weights (a refine phase); statistics are re-fitted (train_part all)
     # Changes to the preset's VAE shape, e.g. {z_dim: 64}. From init_from weights with fewer latent
@@ -409,6 +418,9 @@ def train(cfg: VAEStageConfig, dist) -> dict:
     frozen_encoder = cfg.train_part == "decoder"
     if frozen_encoder and not cfg.init_from:
         raise ValueError("train_part=decoder needs init_from: the frozen encoder must come from a trained VAE")
+    if cfg.adv_weight < 0 or (cfg.adv_weight > 0 and (cfg.disc_width <= 0 or cfg.disc_width % 8)):
+        raise ValueError(f"adv_weight must be >= 0 (0 = off) and disc_width a positive multiple of 8 (the "
+                         f"discriminator's group norms); got adv_weight {cfg.adv_weight}, disc_width {cfg.disc_width}")
     if cfg.crop and cfg.crop % 8:
         raise ValueError(f"crop must be a multiple of 8 (VAE stride), got {cfg.crop}")
     if cfg.still_frame_weight and frozen_encoder:
@@ -449,6 +461,14 @@ def train(cfg: VAEStageConfig, dist) -> dict:
     model = dist.wrap(VAEAutoencoder(vae, cfg.sample_latent, frozen_encoder))
     trained = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    modules, optimizers = {"vae": vae}, {"vae": opt}
+    disc = None
+    if cfg.adv_weight > 0:
+        disc = PatchDiscriminator(cfg.disc_width).to(dist.device)
+        disc_model = dist.wrap(disc)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, weight_decay=0.0, betas=(0.5, 0.9))
+        modules["disc"], optimizers["disc"] = disc, disc_opt
+        last_layer = vae.decoder.head[-1].weight  # where the adaptive weight compares the two terms
     batches = StepBatches(len(shots), cfg.batch_size, dist, cfg.seed)
     lat = cfg.crop // 8 if cfg.crop else preset.geometry.latent_height
 
@@ -476,11 +496,20 @@ def train(cfg: VAEStageConfig, dist) -> dict:
             still = still_frame_loss(extra["still"].float())
             loss = loss + cfg.still_frame_weight * still
             logs["still"] = float(still.detach())
+        if disc is not None and step >= cfg.adv_start_step:
+            adv = generator_loss(disc, recon)  # the bare module: only the discriminator's own step syncs it
+            weight = cfg.adv_weight * adaptive_weight(cfg.l1_weight * l1 + cfg.l2_weight * l2, adv, last_layer)
+            loss = loss + weight * adv
+            logs.update(adv=float(adv.detach()), adv_w=float(weight))
         gn = optimizer_step(loss, opt, trained, cfg.grad_clip)
+        if disc is not None:
+            d_loss = discriminator_loss(disc_model, clips, recon.detach())
+            optimizer_step(d_loss, disc_opt, list(disc.parameters()), cfg.grad_clip)
+            logs["disc"] = float(d_loss.detach())
         return {"loss": float(dist.all_mean(loss.detach())), "l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(kl.detach()),
                 **logs, "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
 
-    summary = train_loop(cfg, dist, {"vae": vae}, {"vae": opt}, step_fn, desc="vae")
+    summary = train_loop(cfg, dist, modules, optimizers, step_fn, desc="vae")
     if dist.is_main:
         vae.eval()
         held = shots[-cfg.stats_shots:] if len(shots) > cfg.stats_shots else shots
