@@ -31,10 +31,10 @@ from shotstream_core.config import VAE_TEMPORAL_STRIDE, get_preset, validate_fra
 from shotstream_core.files import copy_file, save_tensors
 from shotstream_core.vae import VAEConfig, WanVAE, get_vae_config, load_vae
 
+from .adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from .common import (StageConfig, autocast, optimizer_step, StepBatches, is_done, mark_done, replace_config, run_stage, save_config,
                      set_lr, lr_at, step_generator, train_loop)
 from .data import load_shot_frames
-from .adversarial import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from .detail import detail_pixel_weights
 
 
