@@ -257,10 +257,11 @@ class WanDiT(nn.Module):
             tokens = tokens + pos.repeat(num_frames, 1)
         if prompt_ids is None:
             prompt_ids = torch.zeros(b, num_frames, dtype=torch.long, device=x.device)
+        prompt_ids = prompt_ids.to(x.device)
         flags = flags.to(torch.long).expand(b, num_frames) if flags.dim() == 1 else flags
         pooled = None
         if text.pooled is not None:  # each frame takes its own shot's prompt; one prompt serves every frame
-            ids = prompt_ids.to(x.device) if text.pooled.shape[1] > 1 else torch.zeros_like(prompt_ids, device=x.device)
+            ids = prompt_ids if text.pooled.shape[1] > 1 else torch.zeros_like(prompt_ids)
             pooled = text.pooled[torch.arange(b, device=x.device)[:, None], ids]
         e, e0 = self.time_embed(t.to(x.device), num_frames, pooled)
         ctx = dict(
@@ -271,7 +272,7 @@ class WanDiT(nn.Module):
             cache=cache,
             start=start,
             text=text,
-            prompt_ids=prompt_ids.to(x.device),
+            prompt_ids=prompt_ids,
         )
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, e0, ctx, i)

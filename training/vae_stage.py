@@ -486,7 +486,8 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         l1 = frame_weighted_mean((recon - clips).abs(), cfg.first_frame_weight, pixel_w)
         l2 = frame_weighted_mean((recon - clips) ** 2, cfg.first_frame_weight, pixel_w)
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).mean()
-        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
+        reconstruction = cfg.l1_weight * l1 + cfg.l2_weight * l2
+        loss = reconstruction + cfg.kl_weight * kl
         logs = {}
         if "shifted" in extra:
             shift = latent_shift_loss(mu, extra["shifted"].float())
@@ -498,12 +499,12 @@ def train(cfg: VAEStageConfig, dist) -> dict:
             logs["still"] = float(still.detach())
         if disc is not None and step >= cfg.adv_start_step:
             adv = generator_loss(disc, recon)  # the bare module: only the discriminator's own step syncs it
-            weight = cfg.adv_weight * adaptive_weight(cfg.l1_weight * l1 + cfg.l2_weight * l2, adv, last_layer)
+            weight = cfg.adv_weight * adaptive_weight(reconstruction, adv, last_layer)
             loss = loss + weight * adv
             logs.update(adv=float(adv.detach()), adv_w=float(weight))
         gn = optimizer_step(loss, opt, trained, cfg.grad_clip)
         if disc is not None:
-            d_loss = discriminator_loss(disc_model, clips, recon.detach())
+            d_loss = discriminator_loss(disc_model, clips, recon)  # detaches recon itself
             optimizer_step(d_loss, disc_opt, list(disc.parameters()), cfg.grad_clip)
             logs["disc"] = float(d_loss.detach())
         return {"loss": float(dist.all_mean(loss.detach())), "l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(kl.detach()),
