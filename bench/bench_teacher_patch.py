@@ -1,7 +1,7 @@
 """Teacher training step with the preset's DiT patch against a finer one, side by side.
 
 Why: the tiny preset's 64x64 frames go through the 8x VAE and a 2x2 patch to a 4x4 token grid a frame
-(16x16 pixels a token), and its teachers draw places but not characters (training/README.md). A 1x1 patch
+(16x16 pixels a token), and its teachers draw places but not characters (docs/EXPERIMENTS.md). A 1x1 patch
 gives 8x8 tokens; this prints what a training step costs at each, so the choice rests on a measurement.
 The patch sizes alternate within every repeat, so machine noise hits both alike.
 

@@ -31,11 +31,11 @@ class DiTConfig:
     rope_theta: float = 10000.0
     # A fixed 2-D sin-cos position added to the patch tokens (DiT's). Wan has none: RoPE is relative, so a
     # model finds where a token sits only from the grid's edges, through attention. Off in every preset
-    # (training/README.md has what it did for the tiny teacher). Not a weight: kept in file metadata.
+    # (docs/EXPERIMENTS.md has what it did for the tiny teacher). Not a weight: kept in file metadata.
     absolute_position: bool = False
     # The prompt's mean token feature, embedded and added to the timestep embedding, so that it modulates
     # every token (the pooled text vector of SD3 and PixArt's adaLN). Wan has only cross-attention. Off in
-    # every preset (training/README.md has what it did for the tiny teacher). Its weights (text_pool.*) show
+    # every preset (docs/EXPERIMENTS.md has what it did for the tiny teacher). Its weights (text_pool.*) show
     # it in a file.
     pooled_text: bool = False
 
