@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-# Wan2.1 VAE compression: 4x in time (first frame alone), 8x8 in space.
+# Wan2.1 VAE compression: 4x in time (first frame alone), 8x8 in space. Time is fixed; space is the default
+# of ShotGeometry.spatial_stride, which follows the VAE a model runs with.
 VAE_TEMPORAL_STRIDE = 4
 VAE_SPATIAL_STRIDE = 8
 
@@ -58,15 +59,16 @@ class DiTConfig:
 
 @dataclass(frozen=True)
 class ShotGeometry:
-    """Pixel size and length of one shot."""
+    """Pixel size and length of one shot, and the VAE's spatial stride that sets its latent grid."""
 
     height: int = 480
     width: int = 832
     frames_per_shot: int = 81
     fps: int = 16
+    spatial_stride: int = VAE_SPATIAL_STRIDE  # pixels per latent cell a side: the engine sets it from its VAE
 
     def __post_init__(self):
-        validate_size(self.height, self.width)
+        validate_size(self.height, self.width, self.spatial_stride)
         validate_frames(self.frames_per_shot)
 
     @property
@@ -75,11 +77,11 @@ class ShotGeometry:
 
     @property
     def latent_height(self) -> int:
-        return self.height // VAE_SPATIAL_STRIDE
+        return self.height // self.spatial_stride
 
     @property
     def latent_width(self) -> int:
-        return self.width // VAE_SPATIAL_STRIDE
+        return self.width // self.spatial_stride
 
     def replace(self, **changes) -> "ShotGeometry":
         return dataclasses.replace(self, **changes)
@@ -128,7 +130,10 @@ def validate_frames(pixel_frames: int) -> None:
         )
 
 
-def validate_size(height: int, width: int, multiple: int = 2 * VAE_SPATIAL_STRIDE) -> None:
+def validate_size(height: int, width: int, spatial_stride: int = VAE_SPATIAL_STRIDE, patch: int = 2) -> None:
+    if spatial_stride < 1 or spatial_stride & (spatial_stride - 1):
+        raise ValueError(f"the VAE's spatial stride must be a power of 2, got {spatial_stride}")
+    multiple = spatial_stride * patch
     bad = [(n, v) for n, v in (("height", height), ("width", width)) if v < multiple or v % multiple]
     if bad:
         hints = ", ".join(
@@ -136,7 +141,8 @@ def validate_size(height: int, width: int, multiple: int = 2 * VAE_SPATIAL_STRID
             for n, v in bad
         )
         raise ValueError(
-            f"size must be divisible by {multiple} (VAE stride 8 x DiT patch 2); nearest valid: {hints}"
+            f"size must be divisible by {multiple} (VAE stride {spatial_stride} x DiT patch {patch}); "
+            f"nearest valid: {hints}"
         )
 
 

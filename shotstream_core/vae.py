@@ -8,6 +8,9 @@ turns the first latent frame into 1 pixel frame and every later latent frame int
 causal conv keeps the last frames of its input in a cache (a dict keyed by module), so decoding a shot
 block by block gives the same frames as decoding it in one call.
 
+Shapes below write s for the spatial stride, 2 ** (levels - 1): 8 for Wan2.1, another power of 2 for a
+small VAE with fewer or more levels.
+
 Latents are normalised per channel: z = (mu - latent_mean) / latent_std. The mean/std are buffers of the
 module, so a trained small VAE carries its own statistics in its state dict.
 """
@@ -24,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE, validate_frames, validate_size
+from .config import VAE_TEMPORAL_STRIDE, validate_frames, validate_size
 from .files import describe_checkpoint, read_tensors
 
 # Per-channel statistics of Wan2.1 latents (from Wan2.1's wan/modules/vae.py).
@@ -60,12 +63,11 @@ class VAEConfig:
                 f"temporal_downsample needs one flag per downsampling step ({len(self.dim_mult) - 1}), "
                 f"got {len(self.temporal_downsample)}"
             )
-        # The rest of the engine (geometry, validation) assumes Wan's 4x8x8 compression.
-        if self.spatial_stride != VAE_SPATIAL_STRIDE or self.temporal_stride != VAE_TEMPORAL_STRIDE:
+        # Time is 4x everywhere (4k+1 frames, blocks of latent frames). Space may differ from Wan2.1's 8x: the
+        # shot geometry carries the stride of the VAE it runs with (ShotGeometry.spatial_stride).
+        if self.temporal_stride != VAE_TEMPORAL_STRIDE:
             raise ValueError(
-                f"VAE compresses {self.temporal_stride}x{self.spatial_stride}x{self.spatial_stride} but the "
-                f"engine expects {VAE_TEMPORAL_STRIDE}x{VAE_SPATIAL_STRIDE}x{VAE_SPATIAL_STRIDE}: use "
-                f"{int(math.log2(VAE_SPATIAL_STRIDE)) + 1} levels in dim_mult and "
+                f"VAE compresses time {self.temporal_stride}x but the engine expects {VAE_TEMPORAL_STRIDE}x: use "
                 f"{int(math.log2(VAE_TEMPORAL_STRIDE))} temporal downsamples"
             )
         for name in ("latent_mean", "latent_std"):
@@ -245,7 +247,7 @@ class Encoder3d(nn.Module):
         self.head = nn.Sequential(RMS_norm(top, images=False), nn.SiLU(), CausalConv3d(top, cfg.z_dim * 2, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
-        # x: [B, 3, T, H, W] one chunk -> [B, 2*z, t, H/8, W/8]
+        # x: [B, 3, T, H, W] one chunk -> [B, 2*z, t, H/s, W/s]
         x = self.conv1(x, cache)
         return _run([*self.downsamples, *self.middle, *self.head], x, cache)
 
@@ -279,7 +281,7 @@ class Decoder3d(nn.Module):
 # --- the VAE ----------------------------------------------------------------------------------------
 
 class WanVAE(nn.Module):
-    """Wan2.1 VAE. Pixels [B, 3, F, H, W] in [-1, 1] <-> normalised latents [B, z, (F-1)/4+1, H/8, W/8]."""
+    """Wan2.1 VAE. Pixels [B, 3, F, H, W] in [-1, 1] <-> normalised latents [B, z, (F-1)/4+1, H/s, W/s]."""
 
     def __init__(self, config: VAEConfig | str = "wan2.1"):
         super().__init__()
@@ -315,11 +317,11 @@ class WanVAE(nn.Module):
 
     def encode_moments(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 3, F, H, W] in [-1, 1] -> raw (unnormalised) posterior (mu, log_var), each
-        [B, z, (F-1)//4+1, H/8, W/8], in the VAE's dtype. For training; inference uses `encode`."""
+        [B, z, (F-1)//4+1, H/s, W/s], in the VAE's dtype. For training; inference uses `encode`."""
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"encode expects video [B, 3, F, H, W], got shape {tuple(video.shape)}")
         _, _, frames, height, width = video.shape
-        validate_size(height, width)
+        validate_size(height, width, self.config.spatial_stride)
         validate_frames(frames)
         x = video.to(self.device, self.dtype)
         cache: Cache = {}
@@ -331,11 +333,11 @@ class WanVAE(nn.Module):
         return mu, log_var
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, 3, F, H, W] in [-1, 1] -> normalised latent mean [B, z, (F-1)//4+1, H/8, W/8] (float32)."""
+        """[B, 3, F, H, W] in [-1, 1] -> normalised latent mean [B, z, (F-1)//4+1, H/s, W/s] (float32)."""
         return self.normalize(self.encode_moments(video)[0].float())
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """Each frame encoded alone as a one-frame clip: [N, 3, H, W] -> [N, z, H/8, W/8]."""
+        """Each frame encoded alone as a one-frame clip: [N, 3, H, W] -> [N, z, H/s, W/s]."""
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"encode_frames expects frames [N, 3, H, W], got shape {tuple(frames.shape)}")
         return self.encode(frames.unsqueeze(2))[:, :, 0]
@@ -350,7 +352,7 @@ class WanVAE(nn.Module):
         h, w = z.shape[-2:]
         s = self.config.spatial_stride
         try:
-            validate_size(h * s, w * s)
+            validate_size(h * s, w * s, s)
         except ValueError as e:
             raise ValueError(f"latents of {h}x{w} decode to {h * s}x{w * s} pixels: {e}") from None
 

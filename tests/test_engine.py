@@ -130,3 +130,26 @@ def test_bad_requests_and_foreign_states(engine, story):
         engine.new_story(story.geometry.replace(frames_per_shot=20))
     with pytest.raises(ValueError, match="divisible by 16"):
         engine.new_story(story.geometry.replace(width=40))
+
+
+def test_engine_latent_grid_follows_a_vae_of_another_stride():
+    """A 4x VAE gives the engine a latent grid twice as fine; stories of the other grid are refused by name."""
+    from shotstream_core.vae import VAEConfig, WanVAE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = load_engine(preset="micro", device="cpu")
+    z_dim = base.vae.config.z_dim
+    vae4 = WanVAE(VAEConfig(dim=4, z_dim=z_dim, dim_mult=(1, 2, 2), num_res_blocks=1,
+                            temporal_downsample=(True, True), latent_mean=None, latent_std=None))
+    eng4 = type(base)(base.dit, vae4, base.prompts.encoder, base.preset, base.model_id)
+    geo8, geo4 = base.geometry, eng4.geometry
+    assert (geo4.latent_height, geo4.latent_width) == (2 * geo8.latent_height, 2 * geo8.latent_width)
+    assert base.geometry.spatial_stride == 8  # the base engine's preset is left as it was
+    state, frames = eng4.generate_shot(eng4.new_story(geo8), ShotRequest(G, CAPTIONS[0], seed=3))
+    assert state.geometry.spatial_stride == 4
+    assert frames.shape == (geo8.frames_per_shot, geo8.height, geo8.width, 3)
+    state, _ = eng4.generate_shot(state, ShotRequest(G, CAPTIONS[1], seed=4))  # history encoded on the 4x grid
+    assert state.num_shots == 2
+    with pytest.raises(ValueError, match="load the VAE it was made with"):
+        base.generate_shot(state, ShotRequest(G, CAPTIONS[2]))

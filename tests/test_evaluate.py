@@ -201,3 +201,19 @@ def test_report_says_where_cut_f1_loses():
     table = cut_table(metrics).splitlines()
     assert table[2] == "| `student` | 128 | 1 | 22 | 21 |" and len(table) == 3
     assert cut_table({"variants": {"student": {"available": True, "eval5": {"counts": {}}}}}) == ""
+
+
+def test_resolution_bound_reads_the_truth_and_loses_characters_on_a_coarse_grid(tmp_path):
+    """Pooled ground truth: unpooled it scores as the truth does; pooled to a 4x4 grid the characters go."""
+    from training.diagnose import pooled_frames, resolution_bound
+
+    frames = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    pooled = pooled_frames(frames, 4)
+    assert pooled.shape == frames.shape and pooled_frames(frames, 1) is frames
+    assert np.abs(pooled.astype(int).mean((1, 2)) - frames.astype(int).mean((1, 2))).max() < 3  # mean colour kept
+    rows = resolution_bound([1, 16], get_preset("tiny"), stories=3, stories10=0, workdir=tmp_path)
+    assert rows[1]["adherence"] == 1.0 and rows[1]["cut_f1"] == 1.0
+    assert rows[16]["latent_grid"] == [4, 4]
+    assert rows[16]["adherence"] < 0.6
+    with pytest.raises(ValueError, match="does not divide"):
+        resolution_bound([3], get_preset("tiny"), stories=1, stories10=0)

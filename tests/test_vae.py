@@ -234,6 +234,34 @@ def test_mismatched_file_is_reported(vae, tmp_path):
         load_vae(path)
 
 
-def test_config_rejects_other_strides():
-    with pytest.raises(ValueError, match="engine expects 4x8x8"):
-        VAEConfig(dim=8, dim_mult=(1, 2, 4), temporal_downsample=(True, True))
+def test_config_rejects_other_temporal_strides():
+    with pytest.raises(ValueError, match="engine expects 4x"):
+        VAEConfig(dim=8, dim_mult=(1, 2, 4), temporal_downsample=(True, False))
+
+
+def test_vae_of_another_spatial_stride_round_trips_and_loads(tmp_path):
+    """A 3-level VAE compresses space 4x: its latent grid, its file and its streaming decoder follow."""
+    cfg = VAEConfig(dim=4, z_dim=8, dim_mult=(1, 2, 2), num_res_blocks=1, temporal_downsample=(True, True),
+                    latent_mean=None, latent_std=None)
+    assert cfg.spatial_stride == 4 and cfg.temporal_stride == 4
+    torch.manual_seed(0)
+    vae = WanVAE(cfg).eval()
+    video = torch.rand(1, 3, 9, 32, 48) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(video)
+        assert z.shape == (1, 8, 3, 8, 12)
+        whole = vae.decode(z)
+        assert whole.shape == video.shape
+        decoder = StreamingDecoder(vae)
+        decoder.reset()
+        streamed = torch.cat([decoder.feed(z[:, :, :2]), decoder.feed(z[:, :, 2:])], dim=2)
+        decoder.finish()
+    torch.testing.assert_close(streamed, whole)
+    path = tmp_path / "vae_s4.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    loaded = load_vae(path)
+    assert loaded.config.spatial_stride == 4 and loaded.config.dim_mult == (1, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(video), z)
+    with pytest.raises(ValueError, match="divisible by 8 \\(VAE stride 4"):
+        vae.encode(torch.zeros(1, 3, 5, 32, 36))

@@ -151,13 +151,17 @@ class LatentStoryDataset:
     def __len__(self) -> int:
         return len(self.stories)
 
+    def geometry(self, preset):
+        """The preset's shot geometry on this store's latent grid (the stride of the VAE that encoded it)."""
+        return preset.geometry.replace(spatial_stride=self.info.get("spatial_stride", preset.geometry.spatial_stride))
+
     def check_fits(self, preset, what: str) -> None:
         """Refuse, naming the fix, latents that `preset`'s DiT (in_channels) and geometry cannot take, e.g. a
         store pre-encoded with a VAE of another latent width: the DiT's first layer would fail on them."""
         shape = self.info.get("latent_shape")
         if shape is None:  # stores written before index.json recorded it
             return
-        geo = preset.geometry
+        geo = self.geometry(preset)
         want = [preset.dit.in_channels, geo.latent_frames, geo.latent_height, geo.latent_width]
         if list(shape) != want:
             raise ValueError(

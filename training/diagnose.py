@@ -30,6 +30,14 @@ not the evaluation split): PSNR of the first frame (the single-frame path) and o
 jump, the change from frame 0 to frame 1 over the median change between later frames (the truth's own
 ratio beside it: a jump the analyser can read as a cut); and the correlation of adjacent latent frames
 (vae_stage.latent_stationarity), where a start-up transient of the causal encoder shows.
+
+    python -m training.diagnose --resolution-bound 1 2 4 8 [--stories 16 --stories10 4]
+
+asks how fine a latent grid the analyser needs: it scores ground truth of the evaluation split with every
+frame pooled to 1/k of its size and scaled back (area pooling, bilinear upsampling), through the same
+mp4 round trip as training.evaluate's rows. Pooling by the VAE's stride keeps exactly each latent cell's
+mean colour, so the row at that k is what a latent holding nothing but mean colours would score, to set
+beside truth through a real VAE (training.evaluate's truth_vae row on the same stories).
 """
 from __future__ import annotations
 
@@ -187,11 +195,62 @@ def diagnose_vae(vae, shots: torch.Tensor) -> dict:
             "latent_adjacent_corr": [round(c, 2) for c in corr]}
 
 
+def pooled_frames(frames, factor: int):
+    """uint8 [F, H, W, 3] -> the same size, area-pooled to 1/factor a side and bilinearly upsampled."""
+    import torch.nn.functional as F
+
+    if factor == 1:
+        return frames
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = F.interpolate(F.avg_pool2d(x, factor), scale_factor=factor, mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def resolution_bound(factors, preset: Preset, stories: int = 16, stories10: int = 4, crf: int | None = None,
+                     workdir=None) -> dict[int, dict]:
+    """{factor: the analyser's scores of pooled ground truth} on evaluation stories (see the docstring)."""
+    import tempfile
+
+    from .evaluate import EvalConfig, evaluation_split
+    from .storyworld.analyse import aggregate, score_story
+    from .storyworld.render import render_story
+    from .storyworld.storage import read_mp4, write_mp4
+
+    geo = preset.geometry
+    for k in factors:
+        if k < 1 or geo.height % k or geo.width % k:
+            raise ValueError(f"pooling factor {k} does not divide the {geo.width}x{geo.height} frames: "
+                             "use a divisor of both sides")
+    crf = EvalConfig().crf if crf is None else crf
+    items = evaluation_split(stories, stories10, geo.width / geo.height)
+    rendered = [(item.story, *render_story(item.story, geo)) for item in items]
+    out = {}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        path = Path(tmp) / "story.mp4"
+        for k in factors:
+            short, long = [], []
+            for story, frames, ranges in rendered:
+                write_mp4(path, pooled_frames(frames, k), geo.fps, crf=crf)
+                score = score_story(story, read_mp4(path)[0], ranges)
+                (long if story.num_shots >= 10 else short).append(score)
+            agg5, agg10 = (aggregate(short) if short else None), (aggregate(long) if long else None)
+            head = agg5 or agg10
+            out[k] = {"latent_grid": [geo.height // k, geo.width // k],
+                      "adherence": round(head["adherence"], 4), "memory": round(head["memory"], 4),
+                      "cut_f1": round(head["cut_f1"], 4),
+                      "drift": round(agg10["drift"], 4) if agg10 else None}
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m training.diagnose", description=__doc__.split("\n\n")[0])
     p.add_argument("weights", nargs="*", help="teacher (or student) .safetensors files to compare")
     p.add_argument("--vaes", nargs="+", default=[], help="VAE .safetensors files to read instead (see above)")
     p.add_argument("--shots", type=int, default=24, help="held-out shots for --vaes")
+    p.add_argument("--resolution-bound", nargs="+", type=int, default=[], metavar="K",
+                   help="score ground truth pooled by each factor K instead (see above)")
+    p.add_argument("--stories", type=int, default=16, help="5-shot evaluation stories for --resolution-bound")
+    p.add_argument("--stories10", type=int, default=4, help="10-shot evaluation stories for --resolution-bound")
     p.add_argument("--by-block", action="store_true", help="also the flow error of each block of the shot")
     p.add_argument("--by-frame", action="store_true",
                    help="also the flow error and the latent spread of each latent frame of the shot")
@@ -210,8 +269,8 @@ def main(argv=None) -> dict:
                    help="folder for a contact sheet of each teacher's samples (<its folder>_<its stem>.png); "
                         "needs --sample-shots")
     a = p.parse_args(argv)
-    if bool(a.weights) == bool(a.vaes):
-        p.error("give DiT weights to compare, or --vaes VAE files, not both")
+    if sum(map(bool, (a.weights, a.vaes, a.resolution_bound))) != 1:
+        p.error("give DiT weights to compare, --vaes VAE files or --resolution-bound factors: one of them")
     if a.sample_shots and not a.vae:
         p.error("--sample-shots decodes its samples: give --vae (the VAE the latents were encoded with)")
     if a.sample_sheet and not a.sample_shots:
@@ -219,6 +278,14 @@ def main(argv=None) -> dict:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     preset, results = get_preset(a.preset), {}
+    if a.resolution_bound:
+        try:
+            results = resolution_bound(a.resolution_bound, preset, a.stories, a.stories10)
+        except ValueError as e:
+            p.error(str(e))
+        for k, row in results.items():
+            print(f"pooled {k}x", json.dumps(row), flush=True)
+        return results
     if a.vaes:
         shots = held_out_shots(preset, a.shots)
         for path in a.vaes:

@@ -447,7 +447,7 @@ def _run(cfg: EvalConfig, progress: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     zoo = ModelZoo(cfg)
-    geometry = zoo.preset.geometry
+    geometry = zoo.base.geometry  # the preset's, on the latent grid of the VAE it loaded
     aspect = geometry.width / geometry.height
     items = evaluation_split(cfg.stories, cfg.stories10, aspect)
     teacher_items = [i for i in items if i.story.num_shots < 10][: cfg.teacher_stories] + \

@@ -151,7 +151,8 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
         if not stories:
             raise RuntimeError(f"no story to encode in {cfg.data_dir}: write the training set first")
         c, f, h, w = load_file(str(out / stories[0]["shard"]))[f"{stories[0]['name']}/shot0"].shape
-        info = {"preset": cfg.preset, "latent_shape": [c, f, h, w], "context_frames": preset.sampler.context_frames,
+        info = {"preset": cfg.preset, "latent_shape": [c, f, h, w],
+                "spatial_stride": vae.config.spatial_stride, "context_frames": preset.sampler.context_frames,
                 "all_frames": cfg.all_frames, "vae_path": str(vae_path), "stories": stories}
         (out / "index.json").write_text(json.dumps(info))
         wall = prev + time.perf_counter() - t0

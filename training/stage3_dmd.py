@@ -96,7 +96,7 @@ class DMDSetup:
         self.data = LatentStoryDataset(cfg.latent_dir)
         self.data.check_fits(self.preset, f"the teacher {cfg.teacher_path}")
         self._stories = {}
-        geo = self.preset.geometry
+        geo = self.data.geometry(self.preset)
         self.shot_shape = (self.preset.dit.in_channels, geo.latent_frames, geo.latent_height, geo.latent_width)
 
     def prepare(self, student, fake) -> None:

@@ -115,7 +115,7 @@ class VAEAutoencoder(nn.Module):
             vae.conv1.requires_grad_(False)
 
     def _encode(self, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """clip [B, 3, 4k+1, H, W] -> raw (mu, log_var) [B, z, k+1, H/8, W/8]: the first frame alone, then
+        """clip [B, 3, 4k+1, H, W] -> raw (mu, log_var) [B, z, k+1, H/s, W/s]: the first frame alone, then
         chunks of 4, through one causal cache."""
         vae, stride = self.vae, VAE_TEMPORAL_STRIDE
         cache: dict = {}
@@ -125,12 +125,12 @@ class VAEAutoencoder(nn.Module):
             return vae.conv1(h).chunk(2, dim=1)
 
     def forward(self, clip: torch.Tensor, eps: torch.Tensor, shifted: bool = False, still: bool = False):
-        """clip [B, 3, T, H, W] in [-1, 1]; eps [B, z, (T-1)/4+1, H/8, W/8] -> (recon, mu, log_var, extra).
+        """clip [B, 3, T, H, W] in [-1, 1]; eps [B, z, (T-1)/4+1, H/s, W/s] -> (recon, mu, log_var, extra).
 
         extra holds the raw mu of two further encodings, each only when asked (they run inside forward so
         that DDP sees every parameter's use):
-          "shifted" (shifted=True): the clip from its frame 4 on, [B, z, (T-1)/4, H/8, W/8], for latent_shift_loss;
-          "still" (still=True): the clip's first frame held for 5 frames, [B, z, 2, H/8, W/8], for still_frame_loss.
+          "shifted" (shifted=True): the clip from its frame 4 on, [B, z, (T-1)/4, H/s, W/s], for latent_shift_loss;
+          "still" (still=True): the clip's first frame held for 5 frames, [B, z, 2, H/s, W/s], for still_frame_loss.
         """
         vae, stride = self.vae, VAE_TEMPORAL_STRIDE
         mu, log_var = self._encode(clip)
@@ -470,13 +470,13 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         modules["disc"], optimizers["disc"] = disc, disc_opt
         last_layer = vae.decoder.head[-1].weight  # where the adaptive weight compares the two terms
     batches = StepBatches(len(shots), cfg.batch_size, dist, cfg.seed)
-    lat = cfg.crop // 8 if cfg.crop else preset.geometry.latent_height
+    s_stride, t_stride = vae.config.spatial_stride, vae.config.temporal_stride
 
     def step_fn(step: int) -> dict:
         g = step_generator(cfg.seed, step, dist.rank)
         clips = sample_clips(shots, batches.indices(step), cfg.clip_frames, cfg.crop, g).to(dist.device)
-        eps = torch.randn(clips.shape[0], vae.config.z_dim, (cfg.clip_frames - 1) // 4 + 1,
-                          lat, clips.shape[-1] // 8, generator=g).to(dist.device)
+        eps = torch.randn(clips.shape[0], vae.config.z_dim, (cfg.clip_frames - 1) // t_stride + 1,
+                          clips.shape[-2] // s_stride, clips.shape[-1] // s_stride, generator=g).to(dist.device)
         set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_horizon))
         with autocast(cfg, dist.device):
             recon, mu, log_var, extra = model(clips, eps, shifted=cfg.latent_shift_weight > 0,
