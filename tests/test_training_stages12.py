@@ -12,7 +12,7 @@ from shotstream_core.config import get_preset
 from shotstream_core.context import plan_context, select_frame_indices
 from shotstream_core.model import CausalWanDiT, WanDiT, block_causal_mask
 from shotstream_core.schedule import FlowSchedule
-from shotstream_core.vae import WanVAE, load_vae
+from shotstream_core.vae import WanVAE, get_vae_config, load_vae
 from training.common import Dist
 
 PRESET = get_preset("micro")
@@ -555,3 +555,52 @@ def test_a_stage_pointed_at_missing_teacher_weights_names_the_path_and_the_fix(t
     missing = tmp_path / "teacher.safetensors"
     with pytest.raises(FileNotFoundError, match=r"teacher \(stage 1\) weights not found at .*teacher.safetensors.*run"):
         load_dit(missing, CausalWanDiT, "teacher (stage 1)", "cpu")
+
+
+def test_a_vae_of_another_stride_carries_its_latent_grid_through_every_stage(tmp_path):
+    """A 4x VAE (16x16-pixel micro frames -> 8x8 latents, twice the preset's grid): the latent store records
+    its stride, the DiT stages train on that grid (here with 4x4 patches), and the engine runs it."""
+    import warnings
+
+    from shotstream_core.engine import ShotRequest
+    from shotstream_core.loading import load_dit_state, load_engine
+    from training import ode_pairs, stage1_teacher, stage2_ode, stage3_dmd
+    from training.data import LatentStoryDataset, write_training_set
+    from training.preencode import PreencodeConfig, preencode
+    from training.vae_stage import save_vae
+
+    write_training_set(tmp_path / "data", 3, GEO, 1, 3)
+    torch.manual_seed(0)
+    vae_cfg = dataclasses.replace(get_vae_config("micro"), dim_mult=(1, 2, 2), temporal_downsample=(True, True))
+    vae_path = save_vae(WanVAE(vae_cfg), tmp_path / "vae4.safetensors")
+    preencode(PreencodeConfig(out_dir=str(tmp_path / "latents"), data_dir=str(tmp_path / "data"), preset="micro",
+                              vae_path=str(vae_path), num_stories=3, shard_size=2), Dist())
+    ds = LatentStoryDataset(tmp_path / "latents")
+    geo4 = ds.geometry(get_preset("micro"))
+    assert ds.info["spatial_stride"] == 4 and geo4.latent_height == 2 * GEO.latent_height
+    assert ds.info["latent_shape"][2:] == [geo4.latent_height, geo4.latent_width]
+
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+
+    def run(module, stage, *extra):
+        argv = ["--config", str(configs / f"micro-{stage}.yaml"), "--set", f"out_dir={tmp_path / stage}",
+                "--set", f"latent_dir={tmp_path / 'latents'}"]
+        for item in extra:
+            argv += ["--set", item]
+        return module.main(argv)
+
+    run(stage1_teacher, "teacher", "max_steps=2", "sample_stories=0", "dit={patch_size: [1, 4, 4]}")
+    teacher = tmp_path / "teacher" / "teacher.safetensors"
+    run(ode_pairs, "ode", f"teacher_path={teacher}", "num_pairs=4", "steps=4", "guidance_check=[]")
+    run(stage2_ode, "stage2", f"teacher_path={teacher}", f"ode_dir={tmp_path / 'ode'}", "max_steps=2")
+    run(stage3_dmd, "stage3", f"teacher_path={teacher}", f"student_path={tmp_path / 'stage2' / 'student.safetensors'}",
+        "max_steps=2")
+    student = tmp_path / "stage3" / "student.safetensors"
+    assert load_dit_state(student)[1].patch_size == (1, 4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = load_engine(dit_path=student, vae_path=vae_path, preset="micro", device="cpu")
+    assert engine.geometry.spatial_stride == 4
+    state, frames = engine.generate_shot(engine.new_story(), ShotRequest("a red circle in a meadow",
+                                                                         "wide shot, the circle moves left"))
+    assert tuple(frames.shape) == (GEO.frames_per_shot, GEO.height, GEO.width, 3)
