@@ -78,10 +78,8 @@ class ShotStreamEngine:
         self.dit = dit.eval()
         self.vae = vae.eval()
         # The latent grid follows the VAE: a small VAE may compress space by other than Wan's 8x.
-        stride = getattr(getattr(vae, "config", None), "spatial_stride", preset.geometry.spatial_stride)
-        if stride != preset.geometry.spatial_stride:
-            preset = dataclasses.replace(preset, geometry=preset.geometry.replace(spatial_stride=stride))
-        self.preset = preset
+        geometry = preset.geometry.replace(spatial_stride=vae.config.spatial_stride)
+        self.preset = dataclasses.replace(preset, geometry=geometry)
         self.model_id = model_id
         self.sampler = preset.sampler
         self.schedule = FlowSchedule(self.sampler.num_train_timesteps, self.sampler.shift)

@@ -421,8 +421,9 @@ def train(cfg: VAEStageConfig, dist) -> dict:
     if cfg.adv_weight < 0 or (cfg.adv_weight > 0 and (cfg.disc_width <= 0 or cfg.disc_width % 8)):
         raise ValueError(f"adv_weight must be >= 0 (0 = off) and disc_width a positive multiple of 8 (the "
                          f"discriminator's group norms); got adv_weight {cfg.adv_weight}, disc_width {cfg.disc_width}")
-    if cfg.crop and cfg.crop % 8:
-        raise ValueError(f"crop must be a multiple of 8 (VAE stride), got {cfg.crop}")
+    stride = stage_vae_config(get_preset(cfg.preset).vae, cfg.vae).spatial_stride
+    if cfg.crop and cfg.crop % stride:
+        raise ValueError(f"crop must be a multiple of {stride} (the VAE's spatial stride), got {cfg.crop}")
     if cfg.still_frame_weight and frozen_encoder:
         raise ValueError("still_frame_weight needs the encoder to train (train_part all, not 'decoder'): it "
                          "ties the encoder's single-frame code to its code for a still chunk of the same frame")
