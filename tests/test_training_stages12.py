@@ -243,6 +243,11 @@ def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path)
     assert list(read) == [vae_path] and len(read[vae_path]["latent_adjacent_corr"]) == GEO.latent_frames - 1
     with pytest.raises(SystemExit):  # DiT weights and VAEs in one call: refused
         main([paths[0], "--vaes", vae_path, "--preset", "micro"])
+    probed = main(["--vaes", vae_path, "--shots", "2", "--preset", "micro", "--probe", "8", "--probe-steps", "2"])
+    assert set(probed[vae_path]["probe"]) == {"truth", "pooled", "latent", "decoded", "counts"}
+    assert all(0.0 <= probed[vae_path]["probe"][form]["shape"]["all"] <= 1.0 for form in ("truth", "latent"))
+    with pytest.raises(SystemExit):  # a probe reads VAEs: refused for DiT weights
+        main([*paths, "--latent-dir", str(store / "latents"), "--preset", "micro", "--probe", "8"])
 
 
 class _FakeVAE:

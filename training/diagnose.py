@@ -29,7 +29,9 @@ reads VAEs instead, on the first shots of training-split stories that no trainin
 not the evaluation split): PSNR of the first frame (the single-frame path) and of the rest; the opening
 jump, the change from frame 0 to frame 1 over the median change between later frames (the truth's own
 ratio beside it: a jump the analyser can read as a cut); and the correlation of adjacent latent frames
-(vae_stage.latent_stationarity), where a start-up transient of the causal encoder shows.
+(vae_stage.latent_stationarity), where a start-up transient of the causal encoder shows. With --probe
+STORIES it also asks where the VAE loses a character (training.probe): small classifiers read its shape
+and colour from the truth, the truth pooled to the latent grid, the latent and the decoded frame.
 
     python -m training.diagnose --resolution-bound 1 2 4 8 [--stories 16 --stories10 4]
 
@@ -55,6 +57,7 @@ from shotstream_core.vae import load_vae
 from .common import load_dit
 from .data import LatentStoryDataset
 from .ode_pairs import decode_shots, sample_targets, shot_adherence, to_uint8
+from .probe import build_probe_set, run_probe
 from .stage1_teacher import make_batch
 from .vae_stage import latent_stationarity
 
@@ -247,6 +250,11 @@ def main(argv=None) -> dict:
     p.add_argument("weights", nargs="*", help="teacher (or student) .safetensors files to compare")
     p.add_argument("--vaes", nargs="+", default=[], help="VAE .safetensors files to read instead (see above)")
     p.add_argument("--shots", type=int, default=24, help="held-out shots for --vaes")
+    p.add_argument("--probe", type=int, default=0, metavar="STORIES",
+                   help="with --vaes: also probe which of the character's shape and colour each VAE's latent and "
+                        "decoder keep, on the single-character shots of this many held-out stories "
+                        "(training.probe; minutes)")
+    p.add_argument("--probe-steps", type=int, default=800, help="training steps of each probe classifier")
     p.add_argument("--resolution-bound", nargs="+", type=int, default=[], metavar="K",
                    help="score ground truth pooled by each factor K instead (see above)")
     p.add_argument("--stories", type=int, default=16, help="5-shot evaluation stories for --resolution-bound")
@@ -273,6 +281,8 @@ def main(argv=None) -> dict:
         p.error("give DiT weights to compare, --vaes VAE files or --resolution-bound factors: one of them")
     if a.sample_shots and not a.vae:
         p.error("--sample-shots decodes its samples: give --vae (the VAE the latents were encoded with)")
+    if a.probe and not a.vaes:
+        p.error("--probe reads VAEs: give --vaes VAE files as well")
     if a.sample_sheet and not a.sample_shots:
         p.error("--sample-sheet shows samples: give --sample-shots N as well")
     if a.threads > 0:
@@ -289,7 +299,10 @@ def main(argv=None) -> dict:
     if a.vaes:
         shots = held_out_shots(preset, a.shots)
         for path in a.vaes:
-            results[path] = diagnose_vae(load_vae(path), shots)
+            vae = load_vae(path)
+            results[path] = diagnose_vae(vae, shots)
+            if a.probe:
+                results[path]["probe"] = run_probe(build_probe_set(vae, preset, a.probe), steps=a.probe_steps)
             print(path, json.dumps(results[path]), flush=True)
         return results
     ds = LatentStoryDataset(a.latent_dir)
