@@ -255,6 +255,7 @@ def main(argv=None) -> dict:
                         "decoder keep, on the single-character shots of this many held-out stories "
                         "(training.probe; minutes)")
     p.add_argument("--probe-steps", type=int, default=800, help="training steps of each probe classifier")
+    p.add_argument("--probe-seeds", type=int, default=2, help="probes per form and target (their mean is reported)")
     p.add_argument("--resolution-bound", nargs="+", type=int, default=[], metavar="K",
                    help="score ground truth pooled by each factor K instead (see above)")
     p.add_argument("--stories", type=int, default=16, help="5-shot evaluation stories for --resolution-bound")
@@ -302,7 +303,8 @@ def main(argv=None) -> dict:
             vae = load_vae(path)
             results[path] = diagnose_vae(vae, shots)
             if a.probe:
-                results[path]["probe"] = run_probe(build_probe_set(vae, preset, a.probe), steps=a.probe_steps)
+                results[path]["probe"] = run_probe(build_probe_set(vae, preset, a.probe), steps=a.probe_steps,
+                                                     seeds=range(a.probe_seeds))
             print(path, json.dumps(results[path]), flush=True)
         return results
     ds = LatentStoryDataset(a.latent_dir)

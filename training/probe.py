@@ -151,14 +151,16 @@ def accuracy(net: ProbeNet, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def run_probe(ps: ProbeSet, test_share: float = 0.25, steps: int = 800, forms=FORMS, targets=TARGETS,
-              seed: int = 0) -> dict:
-    """{form: {target: {"all": acc, framing: acc, ...}}}: test accuracy on the held-out stories (the last
-    test_share of them); chance is 1/4 for shape and 1/6 for colour."""
+              seeds=(0,)) -> dict:
+    """{form: {target: {"all": acc, framing: acc, ..., "all_by_seed": [...]}}}: test accuracy on the
+    held-out stories (the last test_share of them), the mean over one probe per seed (a probe's seed moves
+    its shape accuracy by up to 0.1, so compare forms over a few); chance is 1/4 for shape, 1/6 for colour."""
     cut = int(ps.story.max().item() * (1 - test_share))
     train, test = ps.story <= cut, ps.story > cut
     if not train.any() or not test.any():
         raise ValueError("too few stories to split into probe training and test stories: probe more stories")
     latent_side = ps.forms["latent"].shape[-1]
+    subsets = {"all": test, **{name: test & (ps.framing == f) for f, name in enumerate(FRAMINGS)}}
     out = {}
     for form in forms:
         x = standardise(ps.forms[form], train)
@@ -166,11 +168,12 @@ def run_probe(ps: ProbeSet, test_share: float = 0.25, steps: int = 800, forms=FO
         out[form] = {}
         for target in targets:
             y, n = {"shape": (ps.shape, len(SHAPES)), "colour": (ps.colour, len(COLOURS))}[target]
-            net = train_probe(x, y, train, downsample, n, steps=steps, seed=seed)
-            row = {"all": round(accuracy(net, x[test], y[test]), 3)}
-            for f, name in enumerate(FRAMINGS):
-                sel = test & (ps.framing == f)
-                row[name] = round(accuracy(net, x[sel], y[sel]), 3)
+            runs = []
+            for seed in seeds:
+                net = train_probe(x, y, train, downsample, n, steps=steps, seed=seed)
+                runs.append({name: accuracy(net, x[sel], y[sel]) for name, sel in subsets.items()})
+            row = {name: round(float(np.mean([r[name] for r in runs])), 3) for name in subsets}
+            row["all_by_seed"] = [round(r["all"], 3) for r in runs]
             out[form][target] = row
     out["counts"] = {"train_samples": int(train.sum()), "test_samples": int(test.sum())}
     return out
