@@ -1,6 +1,7 @@
 """Training infrastructure: configs, checkpoints, step batches, logs, exact resume, 2-process torchrun."""
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from shotstream_core.model import WanDiT
 
 from training.data import write_training_set
 from training.common import (Checkpointer, Dist, Logger, StageConfig, StepBatches, load_stage_config, lr_at,
-                             mark_done, read_log, step_generator)
+                             mark_done, optimizer_step, read_log, step_generator, train_loop)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -910,3 +911,39 @@ def test_a_collapsed_vae_phase_is_set_aside_and_trained_again_with_the_next_seed
     assert not (tmp_path / "bad" / "done.json").exists()
     vae_stage.main(argv + ["--set", f"out_dir={tmp_path / 'short'}", "--set", "collapse_check_steps=3"])
     assert not list((tmp_path / "short").glob("*.collapsed_seed*"))  # 2 steps: too short to judge
+
+
+def test_a_non_finite_step_is_skipped_and_a_run_of_them_stops_the_stage(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # An overflowing step: its gradients are NaN, and the update is skipped instead of poisoning the weights.
+    norm = optimizer_step(model(torch.full((2, 4), float("nan"))).sum(), opt, list(model.parameters()), 1.0)
+    assert not math.isfinite(norm)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # A finite step still trains, with or without clipping.
+    x = torch.randn(8, 4)
+    for clip in (1.0, 0.0):
+        norm = optimizer_step(model(x).pow(2).mean(), opt, list(model.parameters()), clip)
+        assert math.isfinite(norm) and norm > 0
+    assert not torch.equal(before["weight"], model.weight)
+
+    cfg = StageConfig(out_dir=str(tmp_path / "stage"), max_steps=40, ckpt_every=5, warmup_steps=0)
+    poisoned_from = 12  # every step from here on overflows
+
+    def step_fn(step: int) -> dict:
+        bad = step >= poisoned_from or step == 3  # one stray bad step early on is skipped and forgotten
+        inp = torch.full((2, 4), float("nan")) if bad else x
+        gn = optimizer_step(model(inp).pow(2).mean(), opt, list(model.parameters()), 1.0)
+        return {"loss": 0.0, "grad_norm": gn}
+
+    with pytest.raises(RuntimeError, match="non-finite gradients.*bf16: false"):
+        train_loop(cfg, Dist(), {"model": model}, {"opt": opt}, step_fn, desc="overflow")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # The checkpoints it left hold finite weights and resume from where the run was last healthy.
+    ckpt = Checkpointer(tmp_path / "stage", keep=2)
+    assert ckpt.latest_step() == 20
+    restored = nn.Linear(4, 1)
+    ckpt.load({"model": restored}, {"opt": torch.optim.AdamW(restored.parameters(), lr=1e-2)})
+    assert all(torch.isfinite(p).all() for p in restored.parameters())

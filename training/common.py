@@ -432,13 +432,32 @@ def lr_at(step: int, base: float, warmup: int, total: int, final_ratio: float = 
     return base * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def clip_and_step(optimizer: torch.optim.Optimizer, params, grad_clip: float) -> float:
+    """Clip the gradients (when grad_clip > 0) and step, unless they are not finite: then the update is
+    skipped, so one overflowing step (bf16, a bad batch) cannot turn every weight into NaN. Returns the
+    gradient norm before clipping (NaN or inf for a skipped step; train_loop stops a run of them)."""
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
+    if math.isfinite(norm):
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, grad_clip: float) -> float:
-    """zero_grad, backward, clip (when grad_clip > 0), step; returns the gradient norm (0 without clipping)."""
+    """zero_grad, backward, then clip_and_step; returns the gradient norm."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else torch.zeros(())
-    optimizer.step()
-    return float(norm)
+    return clip_and_step(optimizer, params, grad_clip)
+
+
+# Consecutive steps with non-finite gradients after which a stage stops instead of skipping on.
+MAX_NONFINITE_STEPS = 10
+
+
+def nonfinite_norms(scalars: dict) -> list[str]:
+    """The gradient norms a step reported as NaN or inf (clip_and_step skipped those updates)."""
+    return [k for k, v in scalars.items() if k.endswith("grad_norm") and not math.isfinite(float(v))]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -572,7 +591,7 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
     clear_pause(out, dist.is_main)
     logger = Logger(out, cfg.max_steps, enabled=dist.is_main, start=start, desc=desc)
     t0 = time.perf_counter()
-    step, last = start, {}
+    step, last, nonfinite = start, {}, 0
 
     def save(at: int):
         if dist.is_main:
@@ -594,6 +613,16 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
                                    f"(the model does not change, only the sittings it takes)",
                               dist.is_main, step=step, max_steps=cfg.max_steps)
         last = step_fn(step)
+        bad = nonfinite_norms(last)
+        nonfinite = nonfinite + 1 if bad else 0
+        if nonfinite >= MAX_NONFINITE_STEPS:
+            logger.close()
+            raise RuntimeError(
+                f"{desc or out.name}: {nonfinite} steps in a row (to step {step + 1}) had non-finite gradients "
+                f"({', '.join(bad)}); each update was skipped, so the weights are those before step "
+                f"{step + 2 - nonfinite} and the checkpoints in {out} are intact. Usual causes: bf16 overflow "
+                f"(set bf16: false for this stage or phase) or too high a learning rate (lower lr); then run "
+                f"the same command again to resume from the last checkpoint")
         step += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             logger.log(step, **last)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from shotstream_core.model import WanDiT
 from shotstream_core.schedule import FlowSchedule
 
+from .common import clip_and_step
 from .rollout import SelfForcingRollout, ShotConditioning
 
 
@@ -165,8 +166,7 @@ class DMDTrainer:
                 loss, stats = self.loss.generator_loss(x, cond, uncond_text, self.real, self.fake, generator)
             loss.backward()
             sync_gradients(_unwrap(self.student), self.dist)
-            norm = nn.utils.clip_grad_norm_(_unwrap(self.student).parameters(), self.hyper.grad_clip_generator)
-            self.opt_g.step()
+            norm = clip_and_step(self.opt_g, _unwrap(self.student).parameters(), self.hyper.grad_clip_generator)
             return {"generator_loss": loss.item(), "generator_grad_norm": float(norm), **stats}, x.detach().float()
         self.opt_c.zero_grad(set_to_none=True)
         with self.autocast():
@@ -174,6 +174,5 @@ class DMDTrainer:
                 x = self.generate(cond, noise, generator, grad=False).float()
             loss = self.loss.critic_loss(x, cond, self.fake, generator)
         loss.backward()
-        norm = nn.utils.clip_grad_norm_(_unwrap(self.fake).parameters(), self.hyper.grad_clip_critic)
-        self.opt_c.step()
+        norm = clip_and_step(self.opt_c, _unwrap(self.fake).parameters(), self.hyper.grad_clip_critic)
         return {"critic_loss": loss.item(), "critic_grad_norm": float(norm)}, x
