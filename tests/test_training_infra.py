@@ -947,3 +947,63 @@ def test_a_non_finite_step_is_skipped_and_a_run_of_them_stops_the_stage(tmp_path
     restored = nn.Linear(4, 1)
     ckpt.load({"model": restored}, {"opt": torch.optim.AdamW(restored.parameters(), lr=1e-2)})
     assert all(torch.isfinite(p).all() for p in restored.parameters())
+
+
+def test_opens_cleanly_reads_a_jump_at_frame_1():
+    """The ODE pairs' opening filter drops a shot whose first frame jumps against the rest (what the
+    evaluation counts as a spurious opening) and keeps one that opens like it goes on."""
+    from training.ode_pairs import opens_cleanly
+
+    rng = np.random.default_rng(0)
+    smooth = np.full((17, 32, 32, 3), 90, np.uint8)
+    for t in range(17):  # a square moving right over a flat ground
+        smooth[t, 10:18, t:t + 8] = (200, 40, 40)
+    smooth = np.clip(smooth.astype(int) + rng.integers(-2, 3, smooth.shape), 0, 255).astype(np.uint8)
+    jumped = smooth.copy()
+    jumped[0] = (20, 160, 220)  # frame 0 another picture
+    assert opens_cleanly([smooth, jumped]) == [True, False]
+
+
+def test_ode_pairs_opening_filter_keeps_only_clean_openings(micro_latents, tmp_path, monkeypatch):
+    """With opening_filter, the pairs stored are exactly the unfiltered run's pairs whose sample the
+    filter passes (latents, context, flags, prompt ids and target kept together), the dropped ones are
+    counted as sampled, and a set emptied by the filter is refused by name when stage 2 reads it."""
+    from safetensors.torch import load_file, save_file
+
+    from shotstream_core.loading import save_dit
+    from training import ode_pairs
+    from training.ode_pairs import ODEConfig, ODEPairs, generate
+
+    torch.manual_seed(0)
+    save_dit(WanDiT(get_preset("micro").dit), tmp_path / "teacher.safetensors")
+    cfg = ODEConfig(out_dir=str(tmp_path / "all"), latent_dir=str(micro_latents), preset="micro",
+                    teacher_path=str(tmp_path / "teacher.safetensors"),
+                    vae_path=str(micro_latents.parent / "vae.safetensors"), batch_size=3, shard_size=3, steps=4,
+                    guidance=2.0, num_pairs=6)
+    full = generate(cfg, Dist())
+    every = ODEPairs(tmp_path / "all")
+    # a random micro teacher's samples all open cleanly: judge them by a property of their pixels that
+    # splits them (the parity of frame 0's sum), so that the filter drops some and the bookkeeping is tested
+    judged = []
+
+    def even_sum(shots):
+        verdict = [int(s[0].astype(np.int64).sum()) % 2 == 0 for s in shots]
+        judged.extend(verdict)
+        return verdict
+
+    monkeypatch.setattr(ode_pairs, "opens_cleanly", even_sum)
+    summary = generate(dataclasses.replace(cfg, out_dir=str(tmp_path / "kept"), opening_filter=True), Dist())
+    assert full["pairs"] == 6 and "sampled" not in full
+    assert summary["sampled"] == 6 and summary["pairs"] == sum(judged) and 0 < sum(judged) < 6, judged
+    kept = ODEPairs(tmp_path / "kept")
+    mask = torch.tensor(judged)
+    for key in ("latents", "context", "flags", "prompt_ids", "target"):
+        assert torch.equal(getattr(kept, key), getattr(every, key)[mask]), key
+    # an emptied set: stage 2 would read nothing
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shard = load_file(str(next((tmp_path / "all").glob("pairs_*.safetensors"))))
+    save_file({k: (v[:0] if v.dim() and k != "timesteps" else v) for k, v in shard.items()},
+              str(empty / "pairs_0000.safetensors"))
+    with pytest.raises(ValueError, match="opening_filter dropped every sample"):
+        ODEPairs(empty)

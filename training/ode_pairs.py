@@ -11,6 +11,10 @@ referenced by (story index, shot).
 guidance_check: before generating, a few training-split targets (the last ones of the latent store; never
 the evaluation split) are sampled at each listed CFG scale, decoded and scored with the Story World
 analyser (adherence of the generated shot); the best scale is used and written to OUT/guidance.json.
+
+opening_filter (off in the recipe): each teacher sample is decoded and kept only if the analyser sees no
+cut at its frame 1, the jump that makes the student's spurious openings (docs/EXPERIMENTS.md, "The opening
+frame"). num_pairs then counts the targets sampled; the pairs stored are those kept.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ class ODEConfig(StageConfig):
     guidance: float = 6.0  # the reference's scale; replaced by the check's pick when guidance_check is set
     guidance_check: tuple[float, ...] = ()
     check_targets: int = 12  # (story, shot) targets of the check, taken from the END of the latent store
+    opening_filter: bool = False  # keep only samples that open without a cut (needs vae_path)
 
 
 def target_inputs(ds: LatentStoryDataset, targets, context_frames: int, text_len: int):
@@ -79,6 +84,14 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 def decode_shots(x0: torch.Tensor, vae) -> list[np.ndarray]:
     """Latent shots [B, C, F, h, w] -> B decoded shots, each [F', H, W, 3] uint8."""
     return [to_uint8(v) for v in vae.decode(x0.to(vae.device)).float().cpu()]
+
+
+def opens_cleanly(shots: list[np.ndarray]) -> list[bool]:
+    """Per decoded shot (uint8 [F, H, W, 3]): True when the analyser sees no cut at frame 1 (what the
+    evaluation counts as a spurious opening when it is a video's first shot)."""
+    from .storyworld.analyse import detect_cuts
+
+    return [1 not in detect_cuts(f) for f in shots]
 
 
 def shot_adherence(ds, targets, shots: list[np.ndarray]) -> list[float]:
@@ -167,6 +180,12 @@ def generate(cfg: ODEConfig, dist) -> dict:
         dist.barrier()
         guidance = json.loads(gpath.read_text())["guidance"]
 
+    opening_vae = None
+    if cfg.opening_filter:
+        from shotstream_core.vae import load_vae
+
+        opening_vae = load_vae(cfg.vae_path, device=dist.device)
+
     targets = ds.targets if cfg.num_pairs <= 0 else ds.targets[: cfg.num_pairs]
     shards = [targets[i:i + cfg.shard_size] for i in range(0, len(targets), cfg.shard_size)]
     prev_path = out / "progress.json"
@@ -181,6 +200,7 @@ def generate(cfg: ODEConfig, dist) -> dict:
         if path.is_file():
             continue
         parts = {k: [] for k in ("latents", "context", "flags", "prompt_ids", "target")}
+        sampled = 0
         for j in range(0, len(shard), cfg.batch_size):
             if time.perf_counter() - t0 > budget:  # this sitting's budget
                 stopped = True
@@ -189,15 +209,20 @@ def generate(cfg: ODEConfig, dist) -> dict:
             x0, saved, batch = sample_targets(teacher, ds, part, preset, guidance, cfg.steps,
                                               cfg.seed * 100003 + n * 1009 + j, dist.device, save_at=student_t)
             levels = [saved[t] for t in student_t] + [x0]
-            parts["latents"].append(torch.stack(levels, dim=1))  # [B, 5, C, F, h, w]
-            parts["context"].append(batch.context)
-            parts["flags"].append(batch.flags)
-            parts["prompt_ids"].append(batch.prompt_ids)
-            parts["target"].append(torch.tensor(part, dtype=torch.long))
+            keep = torch.ones(len(part), dtype=torch.bool)
+            if opening_vae is not None:
+                keep = torch.tensor(opens_cleanly(decode_shots(x0, opening_vae)))
+            sampled += len(part)
+            parts["latents"].append(torch.stack(levels, dim=1)[keep])  # [B, 5, C, F, h, w]
+            parts["context"].append(batch.context[keep])
+            parts["flags"].append(batch.flags[keep])
+            parts["prompt_ids"].append(batch.prompt_ids[keep])
+            parts["target"].append(torch.tensor(part, dtype=torch.long)[keep])
         if stopped:  # a shard is written whole or not at all: a partial one would be skipped on resume
             break
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         tensors["timesteps"] = torch.tensor(student_t + [0.0])
+        tensors["sampled"] = torch.tensor(sampled)  # targets sampled for this shard (more than kept when filtered)
         tmp = out / f".tmp_{path.name}"
         save_file(tensors, str(tmp), metadata={"guidance": str(guidance), "steps": str(cfg.steps)})
         os.replace(tmp, path)
@@ -213,9 +238,12 @@ def generate(cfg: ODEConfig, dist) -> dict:
     dist.barrier()
     summary = {}
     if dist.is_main:
-        count = sum(load_file(str(p))["target"].shape[0] for p in sorted(out.glob("pairs_*.safetensors")))
+        shard_files = [load_file(str(p)) for p in sorted(out.glob("pairs_*.safetensors"))]
+        count = sum(f["target"].shape[0] for f in shard_files)
         summary = {"pairs": count, "guidance": guidance, "student_timesteps": student_t,
                    "wall_s": prev + time.perf_counter() - t0, "stop_reason": "done"}
+        if cfg.opening_filter:
+            summary["sampled"] = sum(int(f["sampled"]) for f in shard_files)
         mark_done(out, **summary)
         print(json.dumps(summary), flush=True)
     dist.barrier()
@@ -234,6 +262,9 @@ class ODEPairs:
         for key in ("latents", "context", "flags", "prompt_ids", "target"):
             setattr(self, key, torch.cat([p[key] for p in parts]))
         self.timesteps = parts[0]["timesteps"]
+        if len(self.target) == 0:
+            raise ValueError(f"the ODE pairs in {ode_dir} are empty: opening_filter dropped every sample. Sample "
+                             f"more targets (num_pairs) or turn opening_filter off")
 
     def __len__(self) -> int:
         return self.latents.shape[0]
