@@ -56,7 +56,7 @@ from shotstream_core.vae import load_vae
 
 from .common import load_dit
 from .data import LatentStoryDataset
-from .ode_pairs import decode_shots, sample_targets, shot_adherence, to_uint8
+from .ode_pairs import decode_shots, opens_cleanly, sample_targets, shot_adherence, to_uint8
 from .probe import build_probe_set, run_probe
 from .stage1_teacher import make_batch
 from .vae_stage import latent_stationarity
@@ -149,8 +149,6 @@ def sample_check(teacher, ds: LatentStoryDataset, preset: Preset, num_shots: int
     sheet_path: also save a contact sheet, each sample above the same shot's truth through the VAE."""
     import numpy as np
 
-    from .storyworld.analyse import detect_cuts
-
     targets = ds.targets[-num_shots:]
     x0, _, batch = sample_targets(teacher, ds, targets, preset, guidance, steps, seed, "cpu")
     shots = decode_shots(x0, vae)  # decoded once: adherence and the openings read the same frames
@@ -158,7 +156,7 @@ def sample_check(teacher, ds: LatentStoryDataset, preset: Preset, num_shots: int
         save_sample_sheet(sheet_path, ds, targets, shots, decode_shots(batch.x0, vae))
     return {"sample_adherence": round(float(np.mean(shot_adherence(ds, targets, shots))), 4),
             "sample_opening_jump": round(float(np.mean([opening_jump_ratio(f) for f in shots])), 2),
-            "sample_spurious_openings": round(float(np.mean([1 in detect_cuts(f) for f in shots])), 4)}
+            "sample_spurious_openings": round(float(np.mean([not c for c in opens_cleanly(shots)])), 4)}
 
 
 def save_sample_sheet(path, ds: LatentStoryDataset, targets, samples: list, truths: list) -> None:
