@@ -811,6 +811,25 @@ def test_export_waits_for_a_student_and_never_half_replaces_the_shipped_model(tm
         pipeline.main(["--preset", "micro", "--only", "teachr", "--export-dir", str(shipped)])
 
 
+def test_pipeline_stages_leave_the_shipped_weights_to_the_export_step():
+    """The tiny configs name shipped paths in `export:` for running a stage by hand; under the pipeline
+    every stage's effective config exports nothing, so a run with --export-dir elsewhere (or one cut
+    half-way) never overwrites the committed weights: only the export step writes them."""
+    from training import pipeline
+    from training.common import load_stage_config
+
+    by_hand = 0
+    for stage in pipeline.STAGES:
+        cmd = pipeline.stage_command("tiny", stage, nproc=2)
+        cls = pipeline._config_class(stage.config_cls)
+        config_path = cmd[cmd.index("--config") + 1]
+        overrides = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"]
+        if getattr(load_stage_config(cls, config_path), "export", ""):
+            by_hand += 1
+        assert not getattr(load_stage_config(cls, config_path, overrides), "export", ""), stage.name
+    assert by_hand >= 4  # the teacher and the three student stages name shipped paths in their files
+
+
 def test_status_says_how_far_a_cut_run_got(tmp_path):
     """--status reads the run folders: not started, the phase and checkpoint step a cut curriculum stopped
     at, the output files a cut ODE run wrote, and done with its steps."""

@@ -86,14 +86,18 @@ def stage_out_dir(preset: str, stage: Stage) -> Path | None:
     return Path(load_stage_config(_config_class(stage.config_cls), path).out_dir)
 
 
-def stage_command(preset: str, stage: Stage, nproc: int, extra=()) -> list[str]:
+def stage_command(preset: str, stage: Stage, nproc: int) -> list[str]:
     cfg = str(stage_config_path(preset, stage))
     if nproc > 1 and stage.distributed:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                   "-m", stage.module]
     else:
         launch = [sys.executable, "-m", stage.module]
-    return launch + ["--config", cfg, *extra]
+    # The pipeline copies the finished files to its own export folder (--export-dir); a stage's `export:`
+    # is for running that stage by hand, and would otherwise overwrite the shipped weights mid-run.
+    fields = {f.name for f in dataclasses.fields(_config_class(stage.config_cls))}
+    no_export = ["--set", "export="] if "export" in fields else []
+    return launch + ["--config", cfg, *no_export]
 
 
 def make_data(preset: str, out_dir: Path) -> dict:
