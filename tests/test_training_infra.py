@@ -811,6 +811,32 @@ def test_export_waits_for_a_student_and_never_half_replaces_the_shipped_model(tm
         pipeline.main(["--preset", "micro", "--only", "teachr", "--export-dir", str(shipped)])
 
 
+def test_training_report_keeps_the_sizes_a_stage_finished_with(tmp_path, monkeypatch):
+    """done.json records the checkpoints' and outputs' sizes when a stage finishes, and the report reads
+    them: pruning the checkpoints, or moving a finished run without them, leaves its row right."""
+    import shutil
+
+    from training import pipeline
+    from training.common import mark_done
+
+    monkeypatch.setattr(pipeline, "stage_out_dir", lambda preset, stage: tmp_path / "runs" / stage.name)
+    out = tmp_path / "runs" / "teacher"
+    (out / "checkpoints" / "step_10").mkdir(parents=True)
+    (out / "checkpoints" / "step_10" / "state.safetensors").write_bytes(b"x" * 3 * 2**20)
+    (out / "teacher.safetensors").write_bytes(b"y" * 2**20)
+    (out / "log.jsonl").write_text(json.dumps({"step": 10, "loss": 0.5}) + "\n")
+    mark_done(out, steps=10, wall_s=60.0, stop_reason="max_steps")
+    done = json.loads((out / "done.json").read_text())
+    assert done["checkpoint_bytes"] == 3 * 2**20 and done["output_bytes"] == 2**20
+
+    shutil.rmtree(out / "checkpoints")
+    (tmp_path / "export").mkdir()
+    report = pipeline.write_training_report("micro", tmp_path / "export").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| teacher |"))
+    assert row.endswith("| 3.00 MiB | 1.00 MiB |"), row
+    assert "| stage2 | not run |" in report
+
+
 def test_pipeline_stages_leave_the_shipped_weights_to_the_export_step():
     """The tiny configs name shipped paths in `export:` for running a stage by hand; under the pipeline
     every stage's effective config exports nothing, so a run with --export-dir elsewhere (or one cut

@@ -528,10 +528,24 @@ def is_done(out_dir) -> bool:
     return (Path(out_dir) / "done.json").is_file()
 
 
+def folder_bytes(path) -> int:
+    """Size of a file, or of every file under a folder (0 when missing)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
 def mark_done(out_dir, **info) -> None:
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    clear_pause(out_dir)
-    (Path(out_dir) / "done.json").write_text(json.dumps(info, indent=2))
+    """Write done.json, the mark that a stage finished; it records the checkpoints' and outputs' sizes as
+    the stage left them, so the training report stays right after checkpoints are pruned or a finished
+    run is moved without them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_pause(out)
+    info.setdefault("checkpoint_bytes", folder_bytes(out / "checkpoints"))
+    info.setdefault("output_bytes", sum(folder_bytes(p) for p in out.glob("*.safetensors")))
+    (out / "done.json").write_text(json.dumps(info, indent=2))
 
 
 # Exit status of a stage that stopped unfinished on purpose (time budget, stop_after): re-run to resume.

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from shotstream_core.files import copy_file
 
-from .common import EXIT_PAUSED, Checkpointer, is_done, load_stage_config, mark_done, paused_message, read_log
+from .common import (EXIT_PAUSED, Checkpointer, folder_bytes, is_done, load_stage_config, mark_done, paused_message,
+                     read_log)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -111,12 +112,6 @@ def make_data(preset: str, out_dir: Path) -> dict:
     info = {"stories": n, "min_shots": lo, "max_shots": hi, "wall_s": time.perf_counter() - t0}
     mark_done(out_dir, **info)
     return info
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 def _mb(n: int) -> str:
@@ -214,23 +209,25 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
         d = json.loads((data_dir / "done.json").read_text())
         total += d.get("wall_s", 0.0)
         lines.append(f"| data | {d.get('wall_s', 0) / 60:.1f} min | {d.get('stories')} stories | - | - | - | "
-                     f"{_mb(_size(data_dir))} |")
+                     f"{_mb(folder_bytes(data_dir))} |")
     plots = []
 
-    def row(name: str, out: Path, d: dict, count_outputs: bool) -> str:
+    def row(name: str, out: Path, d: dict) -> str:
         rows = read_log(out / "log.jsonl")
         tail = rows[-max(1, len(rows) // 20):]  # the last 5% of steps: one step's loss is noisy
         keys = sorted({k for r in tail for k in r if "loss" in k})
         loss = ", ".join(f"{k} {sum(r[k] for r in tail if k in r) / sum(k in r for r in tail):.4g}"
                          for k in keys) or "-"
         steps = d.get("steps", d.get("pairs", d.get("stories", "-")))
-        outputs = [p for p in out.glob("*.safetensors")] if count_outputs else [out]
+        # sizes recorded when the stage finished (older runs: measured now)
+        checkpoints = d.get("checkpoint_bytes", folder_bytes(out / "checkpoints"))
+        outputs = d.get("output_bytes", sum(folder_bytes(p) for p in out.glob("*.safetensors")))
         if (out / "loss.png").is_file():
             plot = name.replace(" / ", "-")
             shutil.copy2(out / "loss.png", export_dir / f"loss_{plot}.png")
             plots.append(plot)
         return (f"| {name} | {float(d.get('wall_s', 0.0)) / 60:.1f} min | {steps} | {d.get('stop_reason', '-')} | "
-                f"{loss} | {_mb(_size(out / 'checkpoints'))} | {_mb(sum(_size(p) for p in outputs))} |")
+                f"{loss} | {_mb(checkpoints)} | {_mb(outputs)} |")
 
     for stage in STAGES:
         out = stage_out_dir(preset, stage)
@@ -241,10 +238,10 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
             continue
         d = json.loads((out / "done.json").read_text())
         total += float(d.get("wall_s", 0.0))
-        lines.append(row(stage.name, out, d, stage.name not in ("preencode", "ode")))
+        lines.append(row(stage.name, out, d))
         for phase in d.get("phases", []):  # a curriculum (the VAE): one row per phase
             sub = out / phase["name"]
-            lines.append(row(f"{stage.name} / {phase['name']}", sub, phase, True))
+            lines.append(row(f"{stage.name} / {phase['name']}", sub, phase))
     lines += ["", f"Total: {total / 60:.1f} min.", ""]
     shipped = sorted(export_dir.glob("*.safetensors"))
     if shipped:
