@@ -35,6 +35,12 @@ def _frame_durations_ms(count: int, fps: float) -> list[int]:
     return [round((i + 1) * 1000 / fps) - round(i * 1000 / fps) for i in range(count)]
 
 
+# x264's macroblock tree makes the same frames encode to different bytes now and then; with it off, one
+# video is one file (the evaluation scores videos as read back, and a data set rebuilt from its seed
+# must be the same files). Every mp4 writer passes this as x264-params.
+X264_REPRODUCIBLE = "no-mbtree=1"
+
+
 class VideoWriter:
     """Write frames incrementally: `with VideoWriter("out.mp4", fps=16) as w: w.write(block)`.
 
@@ -69,9 +75,7 @@ class VideoWriter:
         self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
-        # x264's macroblock tree makes the same frames encode to different bytes now and then, and the
-        # evaluation scores videos as read back from mp4, so it is off: one video, one file.
-        self._stream.options = {"crf": str(self.crf), "preset": "fast", "x264-params": "no-mbtree=1"}
+        self._stream.options = {"crf": str(self.crf), "preset": "fast", "x264-params": X264_REPRODUCIBLE}
 
     def write(self, frames) -> None:
         """Append frames [N, H, W, 3] (float 0..1 or uint8) or a single [H, W, 3] frame."""

@@ -536,6 +536,13 @@ def folder_bytes(path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
+def stage_sizes(out_dir) -> dict:
+    """A stage folder's checkpoint and output (*.safetensors) sizes in bytes, as done.json records them."""
+    out = Path(out_dir)
+    return {"checkpoint_bytes": folder_bytes(out / "checkpoints"),
+            "output_bytes": sum(folder_bytes(p) for p in out.glob("*.safetensors"))}
+
+
 def mark_done(out_dir, **info) -> None:
     """Write done.json, the mark that a stage finished; it records the checkpoints' and outputs' sizes as
     the stage left them, so the training report stays right after checkpoints are pruned or a finished
@@ -543,8 +550,7 @@ def mark_done(out_dir, **info) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clear_pause(out)
-    info.setdefault("checkpoint_bytes", folder_bytes(out / "checkpoints"))
-    info.setdefault("output_bytes", sum(folder_bytes(p) for p in out.glob("*.safetensors")))
+    info = {**stage_sizes(out), **info}
     (out / "done.json").write_text(json.dumps(info, indent=2))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from shotstream_core.files import copy_file
 
 from .common import (EXIT_PAUSED, Checkpointer, folder_bytes, is_done, load_stage_config, mark_done, paused_message,
-                     read_log)
+                     read_log, stage_sizes)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -219,15 +219,13 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
         loss = ", ".join(f"{k} {sum(r[k] for r in tail if k in r) / sum(k in r for r in tail):.4g}"
                          for k in keys) or "-"
         steps = d.get("steps", d.get("pairs", d.get("stories", "-")))
-        # sizes recorded when the stage finished (older runs: measured now)
-        checkpoints = d.get("checkpoint_bytes", folder_bytes(out / "checkpoints"))
-        outputs = d.get("output_bytes", sum(folder_bytes(p) for p in out.glob("*.safetensors")))
+        sizes = {**stage_sizes(out), **d}  # recorded when the stage finished (older runs: measured now)
         if (out / "loss.png").is_file():
             plot = name.replace(" / ", "-")
             shutil.copy2(out / "loss.png", export_dir / f"loss_{plot}.png")
             plots.append(plot)
         return (f"| {name} | {float(d.get('wall_s', 0.0)) / 60:.1f} min | {steps} | {d.get('stop_reason', '-')} | "
-                f"{loss} | {_mb(checkpoints)} | {_mb(outputs)} |")
+                f"{loss} | {_mb(sizes['checkpoint_bytes'])} | {_mb(sizes['output_bytes'])} |")
 
     for stage in STAGES:
         out = stage_out_dir(preset, stage)

@@ -25,6 +25,7 @@ import av
 import numpy as np
 
 from shotstream_core.config import ShotGeometry
+from shotstream_core.video import X264_REPRODUCIBLE
 
 from .render import default_geometry, render_story
 from .world import Story
@@ -47,10 +48,8 @@ def write_mp4(path, frames: np.ndarray, fps: float, crf: int = 12) -> None:
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        # x264's macroblock tree makes the same frames encode to different bytes now and then (61 of the
-        # 600 tiny-set videos differed on a rebuild), so a data set rebuilt from its seed would differ:
-        # it is off. One thread: tiny frames gain nothing from more.
-        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "x264-params": "no-mbtree=1"}
+        # one thread: tiny frames gain nothing from more
+        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "x264-params": X264_REPRODUCIBLE}
         for f in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         container.mux(stream.encode())
