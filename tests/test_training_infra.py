@@ -830,11 +830,34 @@ def test_training_report_keeps_the_sizes_a_stage_finished_with(tmp_path, monkeyp
     assert done["checkpoint_bytes"] == 3 * 2**20 and done["output_bytes"] == 2**20
 
     shutil.rmtree(out / "checkpoints")
+    ode = tmp_path / "runs" / "ode"  # a stage that keeps no checkpoints
+    (ode / "pairs.safetensors").parent.mkdir(parents=True)
+    (ode / "pairs.safetensors").write_bytes(b"z" * 2**20)
+    mark_done(ode, pairs=4, wall_s=6.0, stop_reason="done")
     (tmp_path / "export").mkdir()
     report = pipeline.write_training_report("micro", tmp_path / "export").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| teacher |"))
     assert row.endswith("| 3.00 MiB | 1.00 MiB |"), row
+    row = next(line for line in report.splitlines() if line.startswith("| ode |"))
+    assert row.endswith("| none | 1.00 MiB |"), row
     assert "| stage2 | not run |" in report
+
+
+def test_training_report_lists_only_departures_from_the_pipelines_recipe(tmp_path):
+    """A run's "run with" lists the fields its saved config.yaml changed from the stage's config file as
+    the pipeline runs it: not the export the pipeline always turns off, but a cut time budget."""
+    from training import pipeline
+    from training.common import load_stage_config, save_config
+
+    stage = next(s for s in pipeline.STAGES if s.name == "teacher")
+    cls = pipeline._config_class(stage.config_cls)
+    recipe = pipeline.stage_config_path("tiny", stage)
+    assert load_stage_config(cls, recipe).export  # the file names one; the pipeline's run does not
+    save_config(load_stage_config(cls, recipe, pipeline.pipeline_overrides(stage)), tmp_path / "config.yaml")
+    assert pipeline.run_overrides("tiny", stage, tmp_path) == {}
+    save_config(load_stage_config(cls, recipe, [*pipeline.pipeline_overrides(stage), "max_minutes=7"]),
+                tmp_path / "config.yaml")
+    assert pipeline.run_overrides("tiny", stage, tmp_path) == {"max_minutes": 7}
 
 
 def test_pipeline_stages_leave_the_shipped_weights_to_the_export_step():

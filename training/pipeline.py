@@ -87,6 +87,14 @@ def stage_out_dir(preset: str, stage: Stage) -> Path | None:
     return Path(load_stage_config(_config_class(stage.config_cls), path).out_dir)
 
 
+def pipeline_overrides(stage: Stage) -> list[str]:
+    """The --set overrides the pipeline runs a stage's config file with."""
+    # The pipeline copies the finished files to its own export folder (--export-dir); a stage's `export:`
+    # is for running that stage by hand, and would otherwise overwrite the shipped weights mid-run.
+    fields = {f.name for f in dataclasses.fields(_config_class(stage.config_cls))}
+    return ["export="] if "export" in fields else []
+
+
 def stage_command(preset: str, stage: Stage, nproc: int) -> list[str]:
     cfg = str(stage_config_path(preset, stage))
     if nproc > 1 and stage.distributed:
@@ -94,11 +102,8 @@ def stage_command(preset: str, stage: Stage, nproc: int) -> list[str]:
                   "-m", stage.module]
     else:
         launch = [sys.executable, "-m", stage.module]
-    # The pipeline copies the finished files to its own export folder (--export-dir); a stage's `export:`
-    # is for running that stage by hand, and would otherwise overwrite the shipped weights mid-run.
-    fields = {f.name for f in dataclasses.fields(_config_class(stage.config_cls))}
-    no_export = ["--set", "export="] if "export" in fields else []
-    return launch + ["--config", cfg, *no_export]
+    sets = [arg for override in pipeline_overrides(stage) for arg in ("--set", override)]
+    return launch + ["--config", cfg, *sets]
 
 
 def make_data(preset: str, out_dir: Path) -> dict:
@@ -115,7 +120,7 @@ def make_data(preset: str, out_dir: Path) -> dict:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.2f} MiB"
+    return f"{n / 2**20:.2f} MiB" if n else "none"
 
 
 def export(preset: str, export_dir: Path) -> list[str]:
@@ -185,14 +190,15 @@ def _where_it_stands(cfg, out: Path) -> str:
 
 
 def run_overrides(preset: str, stage: Stage, out: Path) -> dict:
-    """Fields of a run's saved config.yaml that differ from the stage's config file (time budgets cut to fit
-    a session, a warm start): how the run that produced the shipped files departed from the recipe."""
+    """Fields of a run's saved config.yaml that differ from the stage's config file as the pipeline runs it
+    (time budgets cut to fit a session, a warm start): how the run that produced the shipped files departed
+    from the recipe."""
     saved = out / "config.yaml"
     recipe_path = stage_config_path(preset, stage)
     if not saved.is_file() or not recipe_path.is_file():
         return {}
     cls = _config_class(stage.config_cls)
-    recipe = dataclasses.asdict(load_stage_config(cls, recipe_path))
+    recipe = dataclasses.asdict(load_stage_config(cls, recipe_path, pipeline_overrides(stage)))
     ran = dataclasses.asdict(load_stage_config(cls, saved))
     return {k: v for k, v in ran.items() if recipe.get(k) != v}
 
