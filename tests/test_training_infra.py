@@ -764,20 +764,26 @@ def test_bf16_autocast_follows_the_config_where_the_cpu_has_native_bf16(monkeypa
 
 
 def test_report_names_how_a_run_departed_from_its_config(tmp_path):
-    """The training report lists the fields a run overrode (from its saved config.yaml), and none for a run
-    of the config file as it is."""
+    """The training report lists the fields a run overrode (from its saved config.yaml) against its config
+    file as the pipeline runs it: none for a pipeline run of the recipe (not the export the pipeline
+    always turns off), the export for a run of the file by hand, and a cut budget or a warm start."""
     from training.common import save_config
-    from training.pipeline import STAGES, run_overrides, stage_config_path
+    from training.pipeline import STAGES, pipeline_overrides, run_overrides, stage_config_path
     from training.stage1_teacher import TeacherConfig
 
     stage = next(s for s in STAGES if s.name == "teacher")
-    recipe = stage_config_path("micro", stage)
-    save_config(load_stage_config(TeacherConfig, recipe), tmp_path / "config.yaml")
-    assert run_overrides("micro", stage, tmp_path) == {}
-    save_config(load_stage_config(TeacherConfig, recipe, ["max_steps=7", "init_from=prev.safetensors"]),
+    recipe = stage_config_path("tiny", stage)
+    as_pipeline = pipeline_overrides(stage)
+    save_config(load_stage_config(TeacherConfig, recipe, as_pipeline), tmp_path / "config.yaml")
+    assert run_overrides("tiny", stage, tmp_path) == {}
+    by_hand = load_stage_config(TeacherConfig, recipe)
+    assert by_hand.export  # the file names the shipped path
+    save_config(by_hand, tmp_path / "config.yaml")
+    assert run_overrides("tiny", stage, tmp_path) == {"export": by_hand.export}
+    save_config(load_stage_config(TeacherConfig, recipe, [*as_pipeline, "max_steps=7", "init_from=prev.safetensors"]),
                 tmp_path / "config.yaml")
-    assert run_overrides("micro", stage, tmp_path) == {"max_steps": 7, "init_from": "prev.safetensors"}
-    assert run_overrides("micro", stage, tmp_path / "never_ran") == {}
+    assert run_overrides("tiny", stage, tmp_path) == {"max_steps": 7, "init_from": "prev.safetensors"}
+    assert run_overrides("tiny", stage, tmp_path / "never_ran") == {}
 
 
 def test_export_waits_for_a_student_and_never_half_replaces_the_shipped_model(tmp_path, monkeypatch):
@@ -841,23 +847,6 @@ def test_training_report_keeps_the_sizes_a_stage_finished_with(tmp_path, monkeyp
     row = next(line for line in report.splitlines() if line.startswith("| ode |"))
     assert row.endswith("| none | 1.00 MiB |"), row
     assert "| stage2 | not run |" in report
-
-
-def test_training_report_lists_only_departures_from_the_pipelines_recipe(tmp_path):
-    """A run's "run with" lists the fields its saved config.yaml changed from the stage's config file as
-    the pipeline runs it: not the export the pipeline always turns off, but a cut time budget."""
-    from training import pipeline
-    from training.common import load_stage_config, save_config
-
-    stage = next(s for s in pipeline.STAGES if s.name == "teacher")
-    cls = pipeline._config_class(stage.config_cls)
-    recipe = pipeline.stage_config_path("tiny", stage)
-    assert load_stage_config(cls, recipe).export  # the file names one; the pipeline's run does not
-    save_config(load_stage_config(cls, recipe, pipeline.pipeline_overrides(stage)), tmp_path / "config.yaml")
-    assert pipeline.run_overrides("tiny", stage, tmp_path) == {}
-    save_config(load_stage_config(cls, recipe, [*pipeline.pipeline_overrides(stage), "max_minutes=7"]),
-                tmp_path / "config.yaml")
-    assert pipeline.run_overrides("tiny", stage, tmp_path) == {"max_minutes": 7}
 
 
 def test_pipeline_stages_leave_the_shipped_weights_to_the_export_step():
