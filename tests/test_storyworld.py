@@ -284,15 +284,11 @@ def test_a_video_encodes_to_the_same_mp4_every_time():
     differed on a rebuild; under pytest's own process it shows far less often)."""
     code = """
 import hashlib, sys, tempfile
-import numpy as np
+sys.path.insert(0, "tests")
+from test_video import clip
+from shotstream_core.video import to_uint8
 from training.storyworld.storage import write_mp4
-y, x = np.mgrid[0:64, 0:64] / 64.0
-frames = np.zeros((33, 64, 64, 3), np.uint8)
-for t in range(33):  # smooth gradients and a moving square
-    frames[t, ..., 0], frames[t, ..., 1] = x * 255, y * 255
-    frames[t, ..., 2] = (0.5 + 0.4 * np.sin(2 * np.pi * (x + y + t / 33))) * 255
-    frames[t, 16:32, 4 + t:20 + t] = (230, 50, 25)
-digests = set()
+frames, digests = to_uint8(clip(33, 64, 64)), set()
 with tempfile.TemporaryDirectory() as tmp:
     for k in range(12):
         write_mp4(f"{tmp}/v.mp4", frames, 16.0)

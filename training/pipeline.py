@@ -225,7 +225,7 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
         loss = ", ".join(f"{k} {sum(r[k] for r in tail if k in r) / sum(k in r for r in tail):.4g}"
                          for k in keys) or "-"
         steps = d.get("steps", d.get("pairs", d.get("stories", "-")))
-        sizes = {**stage_sizes(out), **d}  # recorded when the stage finished (older runs: measured now)
+        sizes = d if "checkpoint_bytes" in d else stage_sizes(out)  # recorded when it finished; older runs: now
         if (out / "loss.png").is_file():
             plot = name.replace(" / ", "-")
             shutil.copy2(out / "loss.png", export_dir / f"loss_{plot}.png")
