@@ -381,14 +381,34 @@ def test_stage4_lora_trains_adapters_and_exports_merged_weights(micro_run, tmp_p
         torch.testing.assert_close(via_loader[k], merged[k], rtol=1e-5, atol=1e-6)
 
 
-def test_stage3_under_two_process_torchrun(micro_run, tmp_path):
-    """2-process gloo run: both ranks finish and rank 0 writes the checkpoint and the student."""
+def torchrun(stage, argv):
     import subprocess
     import sys
 
-    out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.stage3_dmd", *stage_args(micro_run, 3, out, "max_steps=3", "batch_size=1")]
+           "-m", f"training.stage{stage}_dmd", *argv]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_stage3_under_two_process_torchrun_shares_the_exit_step(micro_run, tmp_path):
+    """2-process gloo run: both ranks finish, rank 0 writes the checkpoint and the student, and every
+    step's exit step (logged as its mean over ranks) is one both ranks used."""
+    from training.common import read_log
+
+    out = tmp_path / "ddp"
+    torchrun(3, stage_args(micro_run, 3, out, "max_steps=4", "batch_size=1", "log_every=1"))
     assert (out / "student.safetensors").is_file() and (out / "done.json").is_file()
+    exits = [row["exit_step"] for row in read_log(out / "log.jsonl")]
+    assert len(exits) == 4 and all(float(e).is_integer() for e in exits), exits
+
+
+def test_stage4_resume_under_two_process_torchrun_is_exact(micro_run, tmp_path):
+    """Each rank's clip in progress survives the stop: cut mid-clip and resumed equals uninterrupted."""
+    args = ("batch_size=1", "ckpt_every=100")
+    torchrun(4, stage_args(micro_run, 4, tmp_path / "whole", *args))
+    torchrun(4, stage_args(micro_run, 4, tmp_path / "cut", *args, "max_steps=4"))
+    torchrun(4, stage_args(micro_run, 4, tmp_path / "cut", *args))
+    for name in ("generator", "critic"):
+        a, b = read_weights(tmp_path / "whole", name), read_weights(tmp_path / "cut", name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name

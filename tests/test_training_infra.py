@@ -555,6 +555,25 @@ def test_teacher_warm_start_loads_the_given_weights(micro_latents, tmp_path):
                                           f"init_from={tmp_path / 'small.safetensors'}"))
 
 
+def test_teacher_can_train_self_attention_only(micro_latents, tmp_path):
+    """trainable=self_attn (the reference's fine-tune): after a few steps only self-attention moved."""
+    from shotstream_core.config import get_preset
+    from shotstream_core.loading import load_dit_state, save_dit
+    from shotstream_core.model import WanDiT
+    from training import stage1_teacher
+
+    torch.manual_seed(5)
+    save_dit(WanDiT(get_preset("micro").dit), tmp_path / "start.safetensors")
+    start, _ = load_dit_state(tmp_path / "start.safetensors")
+    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "sa", "max_steps=3", "trainable=self_attn",
+                                      f"init_from={tmp_path / 'start.safetensors'}", "lr=1.0e-2"))
+    tuned, _ = load_dit_state(tmp_path / "sa" / "teacher.safetensors")
+    moved = {k for k in start if not torch.equal(start[k], tuned[k])}
+    assert moved and all(".self_attn." in k for k in moved), sorted(moved)[:5]
+    with pytest.raises(ValueError, match="trainable must be"):
+        stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "bad", "max_steps=0", "trainable=attn"))
+
+
 def test_first_frame_weight_weighs_the_first_frame():
     from training.vae_stage import frame_weighted_mean
 

@@ -87,6 +87,26 @@ def test_vae_latent_statistics_normalise_to_unit_scale():
 
 # --- pre-encoding and the context rule --------------------------------------------------------------------
 
+def test_longer_shots_are_subsampled_over_their_whole_length_and_shorter_ones_refused():
+    """A real shot longer than the preset's frames per shot keeps its start, end and even spacing."""
+    from training.data import shot_frames
+
+    n = GEO.frames_per_shot
+
+    class Clip:  # frame t of shot k is a constant image of value t
+        def __init__(self, lengths):
+            self.lengths, self.num_shots = lengths, len(lengths)
+
+        def shot(self, k):
+            return np.arange(self.lengths[k], dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
+
+    exact, double = shot_frames(Clip([n, 2 * n - 1]), GEO)
+    assert exact[:, 0, 0, 0].tolist() == list(range(n))
+    assert double.shape == exact.shape and double[:, 0, 0, 0].tolist() == list(range(0, 2 * n - 1, 2))
+    with pytest.raises(ValueError, match=f"needs {n}"):
+        shot_frames(Clip([n - 1]), GEO)
+
+
 def test_preencoded_store_matches_the_vae_and_the_prompt_builder(store):
     from shotstream_core.loading import make_text_encoder
     from shotstream_core.text import build_shot_prompt

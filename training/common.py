@@ -191,16 +191,10 @@ class Dist:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def wrap(self, model: nn.Module, fsdp: bool = False) -> nn.Module:
-        """DDP over the process group (FSDP on CUDA if asked); the model itself when world is 1."""
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP over the process group; the model itself when world is 1 (training/README: why not FSDP)."""
         if not self.distributed:
             return model
-        if fsdp:
-            if self.device.type != "cuda":
-                raise ValueError("FSDP is for CUDA runs; on CPU use DDP (fsdp=false)")
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            return FullyShardedDataParallel(model, device_id=self.device)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -211,11 +205,28 @@ class Dist:
             torch_dist.barrier()
 
     def all_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks, on this process's device (NCCL reduces CUDA tensors only)."""
         if not self.distributed:
             return t
-        t = t.detach().clone()
+        t = t.detach().to(self.device, copy=True)
         torch_dist.all_reduce(t)
         return t / self.world_size
+
+    def from_main(self, value: int) -> int:
+        """Rank 0's value on every rank: a draw all ranks must share (e.g. the self-forcing exit step)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        torch_dist.broadcast(t, src=0)
+        return int(t.item())
+
+    def gather_to_main(self, obj) -> list | None:
+        """Every rank's obj, in rank order, on rank 0 (None elsewhere); obj on its own when not distributed."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        torch_dist.gather_object(obj, out, dst=0)
+        return out
 
     def close(self) -> None:
         if self.distributed and torch_dist.is_initialized():
@@ -606,23 +617,26 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
     if ckpt.latest_step() is not None:
         start, extra = ckpt.load(modules, optimizers)
         elapsed = float(extra.get("elapsed_s", 0.0))
-        if extra_state is not None:
-            extra_state.update(extra.get("user", {}))
+        if extra_state is not None:  # this rank's own entry; a run resumed on more ranks starts theirs afresh
+            by_rank = extra.get("user_by_rank", [])
+            extra_state.update(by_rank[dist.rank] if dist.rank < len(by_rank) else {})
     clear_pause(out, dist.is_main)
     logger = Logger(out, cfg.max_steps, enabled=dist.is_main, start=start, desc=desc)
     t0 = time.perf_counter()
     step, last, nonfinite = start, {}, 0
 
     def save(at: int):
+        # each rank's own state (stage 4's clip in progress differs per rank), kept by rank 0
+        by_rank = dist.gather_to_main(dict(extra_state or {}))
         if dist.is_main:
             ckpt.save(at, modules, optimizers,
-                      {"elapsed_s": elapsed + time.perf_counter() - t0, "user": dict(extra_state or {})})
+                      {"elapsed_s": elapsed + time.perf_counter() - t0, "user_by_rank": by_rank})
         dist.barrier()
 
     while step < cfg.max_steps:
         out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t0 > cfg.max_minutes * 60
         if cfg.max_minutes > 0 and dist.distributed:  # every rank stops at the same step, or none does
-            out_of_time = bool(dist.all_mean(torch.tensor(float(out_of_time), device=dist.device)) > 0)
+            out_of_time = bool(dist.all_mean(torch.tensor(float(out_of_time))) > 0)
         if out_of_time or (cfg.stop_after and step >= cfg.stop_after):
             save(step)
             logger.close()

@@ -60,14 +60,17 @@ def read_clips(data_dir, limit: int | None = None, geometry: ShotGeometry | None
 
 
 def shot_frames(clip, geometry: ShotGeometry) -> list[np.ndarray]:
-    """The clip's shots trimmed to the geometry's frames per shot (4k+1); shorter shots are an error."""
+    """The clip's shots at the geometry's frames per shot (4k+1): a longer shot is subsampled evenly over
+    its whole length, as the reference does (a 10 s real shot stays the whole 10 s, not its first half);
+    a shorter one is an error."""
     out = []
+    n = geometry.frames_per_shot
     for k in range(clip.num_shots):
         frames = clip.shot(k)
-        if len(frames) < geometry.frames_per_shot:
-            raise ValueError(f"shot {k} has {len(frames)} frames; the preset needs {geometry.frames_per_shot} "
+        if len(frames) < n:
+            raise ValueError(f"shot {k} has {len(frames)} frames; the preset needs {n} "
                              f"(re-render the data for this preset or pick a preset with shorter shots)")
-        out.append(frames[: geometry.frames_per_shot])
+        out.append(frames[np.linspace(0, len(frames) - 1, n).round().astype(int)])
     return out
 
 

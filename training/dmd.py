@@ -153,26 +153,32 @@ class DMDTrainer:
         self.opt_g = make_optimizer(_unwrap(student).parameters(), hyper.lr_generator, hyper)
         self.opt_c = make_optimizer(_unwrap(fake).parameters(), hyper.lr_critic, hyper)
 
-    def generate(self, cond: ShotConditioning, noise, generator, grad: bool) -> torch.Tensor:
+    def generate(self, cond: ShotConditioning, noise, generator, grad: bool) -> tuple[torch.Tensor, int]:
+        """The student's rollout and its exit step. Every rank draws one (keeping the generators in step)
+        and uses rank 0's: the averaged gradients must all come from the same denoising step."""
         exit_step = self.rollout.sample_exit_step(generator)
-        return self.rollout(_unwrap(self.student), cond, noise, exit_step, generator, grad=grad)
+        if self.dist is not None:
+            exit_step = self.dist.from_main(exit_step)
+        return self.rollout(_unwrap(self.student), cond, noise, exit_step, generator, grad=grad), exit_step
 
     def step(self, step: int, cond: ShotConditioning, uncond_text, noise, generator) -> tuple[dict, torch.Tensor]:
         """One optimiser step; returns (scalars to log, the generated shot [B, C, F, h, w], detached)."""
         if is_generator_step(step, self.hyper.critic_per_generator):
             self.opt_g.zero_grad(set_to_none=True)
             with self.autocast():
-                x = self.generate(cond, noise, generator, grad=True)
+                x, exit_step = self.generate(cond, noise, generator, grad=True)
                 loss, stats = self.loss.generator_loss(x, cond, uncond_text, self.real, self.fake, generator)
             loss.backward()
             sync_gradients(_unwrap(self.student), self.dist)
             norm = clip_and_step(self.opt_g, _unwrap(self.student).parameters(), self.hyper.grad_clip_generator)
-            return {"generator_loss": loss.item(), "generator_grad_norm": float(norm), **stats}, x.detach().float()
+            return {"generator_loss": loss.item(), "generator_grad_norm": float(norm), "exit_step": exit_step,
+                    **stats}, x.detach().float()
         self.opt_c.zero_grad(set_to_none=True)
         with self.autocast():
             with torch.no_grad():
-                x = self.generate(cond, noise, generator, grad=False).float()
+                x, exit_step = self.generate(cond, noise, generator, grad=False)
+                x = x.float()
             loss = self.loss.critic_loss(x, cond, self.fake, generator)
         loss.backward()
         norm = clip_and_step(self.opt_c, _unwrap(self.fake).parameters(), self.hyper.grad_clip_critic)
-        return {"critic_loss": loss.item(), "critic_grad_norm": float(norm)}, x
+        return {"critic_loss": loss.item(), "critic_grad_norm": float(norm), "exit_step": exit_step}, x

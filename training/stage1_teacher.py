@@ -71,6 +71,11 @@ class TeacherConfig(StageConfig):
     # the VAE's single-frame code, and a teacher's flow error there is 2-3x the rest's (training.diagnose
     # --by-frame): its samples then open on a frame unlike the next, which the analyser reads as a cut.
     first_frame_weight: float = 1.0
+    # What trains: "all" (the tiny teacher, from scratch) or "self_attn" (the blocks' self-attention only,
+    # as the reference fine-tunes a pretrained Wan2.1 into the next-shot teacher; use with init_from).
+    trainable: str = "all"
+    beta1: float = 0.9
+    beta2: float = 0.99
     # Changes to the preset's DiT shape, e.g. {patch_size: [1, 1, 1]} (tiny: 8x8 tokens a frame, not 4x4).
     # Only the teacher chooses the architecture: ODE pairs and stages 2-4 read it from its weights.
     dit: dict = field(default_factory=dict)
@@ -177,6 +182,8 @@ def train(cfg: TeacherConfig, dist) -> dict:
     """Train the bidirectional next-shot teacher from scratch on pre-encoded stories."""
     if cfg.loss_weighting not in ("bell", "uniform"):
         raise ValueError(f"loss_weighting must be 'bell' or 'uniform', got {cfg.loss_weighting!r}")
+    if cfg.trainable not in ("all", "self_attn"):
+        raise ValueError(f"trainable must be 'all' or 'self_attn' (the reference's fine-tune), got {cfg.trainable!r}")
     if cfg.first_frame_weight <= 0:
         raise ValueError(f"first_frame_weight must be > 0 (1 = uniform), got {cfg.first_frame_weight}")
     out = Path(cfg.out_dir)
@@ -189,12 +196,16 @@ def train(cfg: TeacherConfig, dist) -> dict:
     ds.check_fits(preset, "the teacher")
     schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
     teacher = build_teacher(preset, dist.device, cfg.seed, cfg.init_from)
+    if cfg.trainable == "self_attn":
+        for name, p in teacher.named_parameters():
+            p.requires_grad_(".self_attn." in name)
     # copied before gradient checkpointing patches the blocks' forward
     ema = copy.deepcopy(teacher).requires_grad_(False) if cfg.ema_decay > 0 else None
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(teacher)
     model = dist.wrap(teacher)
-    opt = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW([p for p in teacher.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     batches = StepBatches(len(ds.targets), cfg.batch_size, dist, cfg.seed)
     modules = {"teacher": teacher}
     if ema is not None:

@@ -136,7 +136,7 @@ class DMDSetup:
         noise = torch.randn(len(context), *self.shot_shape, generator=generator).to(dev)
         self.set_lr(step)
         stats, shot = self.trainer.step(step, cond, uncond, noise, generator)
-        stats = {k: float(self.dist.all_mean(torch.tensor(v))) for k, v in stats.items()}
+        stats = {k: float(self.dist.all_mean(torch.tensor(float(v)))) for k, v in stats.items()}
         return stats, shot
 
     def export(self, generator_state: dict | None = None) -> Path:

@@ -13,8 +13,8 @@ Optionally (lora_rank > 0) generator and critic train LoRA adapters on every Lin
 exported student has them merged into full weights, and OUT/lora.safetensors keeps the generator's
 adapter in PEFT naming. The tiny model fine-tunes fully (lora_rank 0).
 
-A clip in progress (its stories and generated shots) is part of the checkpoint, so a stop mid-clip
-resumes exactly (on one process; under torchrun the other ranks continue with rank 0's clip).
+Each rank's clip in progress (its stories and generated shots) is part of the checkpoint, so a stop
+mid-clip resumes exactly, under torchrun too.
 """
 from __future__ import annotations
 
