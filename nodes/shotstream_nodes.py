@@ -168,7 +168,7 @@ class ShotPrompt:
                     "default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
                     "tooltip": "Noise seed of this shot: the same seeds and prompts give the same frames."}),
                 "frames": ("INT", {
-                    "default": 0, "min": 0, "max": 1025, "step": 4,
+                    "default": 0, "min": 0, "max": 1025, "step": 1,
                     "tooltip": "Frames of this shot (4k+1). 0 = the story's frames per shot; a shot of a running "
                                "story must match the story's length."}),
             },
@@ -223,7 +223,7 @@ class NextShotGenerate:
                     "default": g.height, "min": 16, "max": 4096, "step": 16,
                     "tooltip": "Frame height of a new story (multiple of 16). Ignored when a state is connected."}),
                 "frames_per_shot": ("INT", {
-                    "default": g.frames_per_shot, "min": 1, "max": 1025, "step": 4,
+                    "default": g.frames_per_shot, "min": 1, "max": 1025, "step": 1,
                     "tooltip": "Frames per shot of a new story (4k+1). Ignored when a state is connected."}),
             },
             "optional": {
@@ -342,8 +342,7 @@ class CacheState:
     @staticmethod
     def _load_path(filename: str) -> Path:
         rel = _output_relative(filename, "state file")
-        path = host.output_directory() / rel
-        return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+        return StoryState.file_path(host.output_directory() / rel)
 
     def apply(self, action, shot, filename, state=None):
         lines = []
@@ -369,7 +368,7 @@ class CacheState:
             state = state.fork()
         elif action == "save":
             base, stem, subfolder = next_output_base(filename, "state filename")
-            state.save(base.with_suffix(".safetensors"))
+            state.save(base)
             lines.append(f"saved {(Path(subfolder) / stem).as_posix()}")
         elif action != "show":
             raise ValueError(f"unknown action {action!r}; choose one of {', '.join(self.ACTIONS)}")
@@ -431,7 +430,7 @@ class VideoCombine:
         exts = {"mp4": ["mp4"], "webp": ["webp"], "mp4 + webp": ["mp4", "webp"]}[format]
         written = {}
         for ext in exts:
-            written[ext] = self._write(base.with_suffix(f".{ext}"), frames, fps, VideoWriter)
+            written[ext] = self._write(base.with_name(f"{stem}.{ext}"), frames, fps, VideoWriter)
         ui = {"videos": [{"filename": f"{stem}.{e}", "subfolder": subfolder, "type": "output", "format": e,
                           "frame_rate": fps, "frame_count": frames.shape[0]} for e in exts],
               "animated": [True]}
@@ -440,17 +439,16 @@ class VideoCombine:
         else:  # old web UIs show images only: add an animated WebP preview in the temp folder
             temp = host.temp_directory()
             temp.mkdir(parents=True, exist_ok=True)
-            self._write(temp / f"{stem}_preview.webp", frames, fps, VideoWriter)
-            ui["images"] = [{"filename": f"{stem}_preview.webp", "subfolder": "", "type": "temp"}]
+            # named after subfolder and stem: two prefixes that share a stem must not share a preview
+            preview = "_".join([*Path(subfolder).parts, f"{stem}_preview.webp"])
+            self._write(temp / preview, frames, fps, VideoWriter)
+            ui["images"] = [{"filename": preview, "subfolder": "", "type": "temp"}]
         return {"ui": ui, "result": (frames, str(written[exts[0]]))}
 
     @staticmethod
     def _write(path: Path, frames: torch.Tensor, fps: int, writer_cls) -> Path:
-        writer = writer_cls(str(path), fps)
-        try:
+        with writer_cls(str(path), fps) as writer:
             writer.write(frames)
-        finally:
-            writer.close()
         return path
 
 

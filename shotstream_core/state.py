@@ -89,9 +89,15 @@ class StoryState:
 
     # --- persistence ------------------------------------------------------------------------------
 
+    @staticmethod
+    def file_path(path: str | Path) -> Path:
+        """PATH.safetensors for PATH (as given when it already ends so); a dot inside the name stays."""
+        path = Path(path)
+        return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
     def save(self, path: str | Path) -> Path:
         """Write PATH.safetensors (frames) and PATH.json (captions, seeds, flags, geometry)."""
-        path = Path(path).with_suffix(".safetensors")
+        path = self.file_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -107,7 +113,7 @@ class StoryState:
 
     @classmethod
     def load(cls, path: str | Path) -> "StoryState":
-        path = Path(path).with_suffix(".safetensors")
+        path = cls.file_path(path)
         meta_path = path.with_suffix(".json")
         if not path.exists() or not meta_path.exists():
             raise FileNotFoundError(f"story state needs both {path.name} and {meta_path.name} in {path.parent}")

@@ -226,6 +226,11 @@ def test_cache_state_save_and_load_round_trip(nodes, three_shots, out_dir):
     assert loaded.num_shots == 3 and torch.equal(loaded.frames(), three_shots.frames())
     with pytest.raises(FileNotFoundError, match="demo_00001"):
         node.apply("load", 0, "stories/nope", None)
+    # a dot in the name is part of the name, not an extension: counted, saved and loaded as named
+    for n in (1, 2):
+        assert f"saved v1.2/take.b_0000{n}" in node.apply("save", 0, "v1.2/take.b", three_shots)["ui"]["text"]
+    assert (out_dir / "v1.2" / "take.b_00002.safetensors").is_file()
+    assert node.apply("load", 0, "v1.2/take.b_00002", None)["result"][0].num_shots == 3
     with pytest.raises(ValueError, match="relative name"):
         node.apply("save", 0, "../outside", three_shots)
 
@@ -253,6 +258,12 @@ def test_video_combine_appends_images_and_checks_inputs(nodes, three_shots, out_
     out = nodes["VideoCombine"]().combine(8, "mp4", "joined", images=extra, state=three_shots)
     assert out["result"][0].shape[0] == 4 * g.frames_per_shot
     assert out["ui"]["images"][0]["type"] == "temp"  # a WebP preview for UIs that show only images
+    # dotted prefixes keep their counter; the same stem in two folders gets two previews
+    one = nodes["VideoCombine"]().combine(8, "mp4", "a/story.final", images=extra)
+    two = nodes["VideoCombine"]().combine(8, "mp4", "b/story.final", images=extra)
+    assert one["result"][1] == str(out_dir / "a" / "story.final_00001.mp4")
+    assert nodes["VideoCombine"]().combine(8, "mp4", "a/story.final", images=extra)["result"][1].endswith("_00002.mp4")
+    assert one["ui"]["images"][0]["filename"] != two["ui"]["images"][0]["filename"]
     with pytest.raises(ValueError, match="nothing to write"):
         nodes["VideoCombine"]().combine(8, "mp4", "x")
     with pytest.raises(ValueError, match="differ in size"):
