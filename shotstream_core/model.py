@@ -221,10 +221,11 @@ class WanDiT(nn.Module):
         each frame's prompt embedding, added to its timestep embedding (pooled_text models)."""
         if t.dim() == 1:
             t = t[:, None].expand(-1, num_frames)
-        e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).float())
+        weight_dtype = self.time_embedding[0].weight.dtype  # bf16/fp16 engines hold bf16/fp16 weights
+        e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).to(weight_dtype)).float()
         if pooled is not None:
             e = e + pooled
-        e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
+        e0 = self.time_projection(e.to(weight_dtype)).float().unflatten(-1, (6, self.config.dim))
         return e, e0
 
     def rope(self, positions, flags, grid_h, grid_w, device, shot_phase: float = 1.0 / 6.0) -> RotaryTable:

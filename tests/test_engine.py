@@ -153,3 +153,15 @@ def test_engine_latent_grid_follows_a_vae_of_another_stride():
     assert state.num_shots == 2
     with pytest.raises(ValueError, match="load the VAE it was made with"):
         base.generate_shot(state, ShotRequest(G, CAPTIONS[2]))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_engine_runs_and_stays_near_fp32(story, dtype):
+    """The node's precision choice: a bf16/fp16 engine tells the same story as fp32, to rounding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = load_engine(preset="micro", device="cpu", dtype=dtype)
+    assert half.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    again = half.generate_story(G, CAPTIONS[:2], seeds=[11, 12])
+    assert again.frames().shape == story.frames().shape
+    assert float((again.frames() - story.frames()).abs().mean()) < 0.03
