@@ -18,7 +18,7 @@ import torch
 from .cache import KVCache
 from .config import Preset, ShotGeometry
 from .context import plan_context
-from .model import CausalWanDiT, prompt_ids_from_flags
+from .model import CausalWanDiT
 from .schedule import FlowSchedule
 from .state import ShotRecord, StoryState
 from .text import PromptCache, build_shot_prompt
@@ -157,20 +157,38 @@ class ShotStreamEngine:
         latents = self.vae.encode_frames(pixels.to(vae_dtype))  # [N, C, h, w]
         return latents.permute(1, 0, 2, 3)[None].to(self.dtype)
 
-    def _prompt_features(self, state: StoryState, request: ShotRequest) -> torch.Tensor:
-        """[1, P, S, text_dim]: the prompt of every shot so far (one prompt for the first shot)."""
-        shots = [(s.global_caption, s.caption) for s in state.shots] + [(request.global_caption, request.caption)]
+    def shot_text(self, state: StoryState, request: ShotRequest, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text [1, P, S, text_dim], prompt_ids [1, Fc+F]) for the next shot of `state`, whose frames carry
+        `flags` [1, Fc+F]. A first shot has one prompt that every frame reads. Later, flag k is shot k and
+        reads shot k's prompt, and only the shots with frames in play (the context's and this one) are
+        encoded: once a shot's frames leave the context its prompt is never read, so a long story projects
+        at most Fc + 1 prompts a shot, not one per shot so far."""
         count = self.prompts.encoder.count_tokens
-        with warnings.catch_warnings():  # earlier shots warned when they were generated
-            warnings.simplefilter("ignore")
-            texts = [build_shot_prompt(g, c, i, count, self.text_max_tokens) for i, (g, c) in enumerate(shots[:-1])]
-        texts.append(build_shot_prompt(*shots[-1], len(shots) - 1, count, self.text_max_tokens))
-        feats = [self.prompts.get(t) for t in texts]
+        if not state.shots:
+            feats = [self.prompts.get(build_shot_prompt(request.global_caption, request.caption, 0, count,
+                                                        self.text_max_tokens))]
+            ids = torch.zeros_like(flags, dtype=torch.long)
+        else:
+            used = sorted(set(flags.flatten().tolist()))
+            texts = []
+            with warnings.catch_warnings():  # earlier shots warned when they were generated
+                warnings.simplefilter("ignore")
+                for k in used[:-1]:
+                    shot = state.shots[k]
+                    texts.append(build_shot_prompt(shot.global_caption, shot.caption, k, count, self.text_max_tokens))
+            if used[-1] != state.num_shots:
+                raise ValueError(f"the shot's flag is {used[-1]}, but it is shot {state.num_shots} of the story")
+            texts.append(build_shot_prompt(request.global_caption, request.caption, state.num_shots, count,
+                                           self.text_max_tokens))
+            feats = [self.prompts.get(t) for t in texts]
+            slot = torch.full((used[-1] + 1,), -1, dtype=torch.long)
+            slot[used] = torch.arange(len(used))
+            ids = slot[flags.cpu().long()].to(flags.device)
         longest = max(f.shape[0] for f in feats)
-        padded = torch.zeros(1, len(feats), longest, feats[0].shape[-1], device=self.device)
+        text = torch.zeros(1, len(feats), longest, feats[0].shape[-1], device=self.device)
         for i, f in enumerate(feats):
-            padded[0, i, : f.shape[0]] = f.to(self.device)
-        return padded
+            text[0, i, : f.shape[0]] = f.to(self.device)
+        return text, ids
 
     def _kv_cache(self, tokens: int) -> KVCache:
         if self._cache is None or self._cache.max_tokens < tokens or self._cache.keys[0].device != self.device:
@@ -191,10 +209,8 @@ class ShotStreamEngine:
         shot_flag = plan.shot_flag if self.use_history else 1
         ctx_frames = len(plan.flags)
 
-        text = self._prompt_features(state, request) if self.use_history else self._prompt_features(
-            state.truncate(0), request)
         flags = torch.tensor([list(plan.flags) + [shot_flag] * frames_total], device=self.device)  # [1, Fc+F]
-        prompt_ids = prompt_ids_from_flags(flags, text.shape[1])
+        text, prompt_ids = self.shot_text(state if self.use_history else state.truncate(0), request, flags)
 
         gen = torch.Generator().manual_seed(int(request.seed))
         noise = torch.randn(1, cfg.in_channels, frames_total, h, w, generator=gen)

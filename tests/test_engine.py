@@ -6,7 +6,7 @@ import torch
 
 from shotstream_core.engine import ShotInterrupted, ShotRequest
 from shotstream_core.loading import load_engine
-from shotstream_core.model import block_causal_mask, prompt_ids_from_flags
+from shotstream_core.model import block_causal_mask
 from shotstream_core.state import StoryState
 
 G = "a red circle and a blue square on a meadow."
@@ -40,9 +40,8 @@ def test_blocks_stream_and_match_block_causal_masked_forward(engine, story):
 
     plan = plan_context([story.shots[0].num_frames], 6)
     ctx = engine._context_latents(story.truncate(1), plan, (geo.latent_height, geo.latent_width))
-    text = engine._prompt_features(story.truncate(1), ShotRequest(G, CAPTIONS[1], seed=12))
     flags = torch.tensor([list(plan.flags) + [plan.shot_flag] * geo.latent_frames])
-    ids = prompt_ids_from_flags(flags, text.shape[1])
+    text, ids = engine.shot_text(story.truncate(1), ShotRequest(G, CAPTIONS[1], seed=12), flags)
     tpf = dit.config.tokens_per_frame(geo.latent_height, geo.latent_width)
     clean = [b.latents for b in blocks]
     t_last = float(engine.timesteps[-1])

@@ -10,7 +10,7 @@ from shotstream_core.config import get_preset
 from shotstream_core.context import plan_context
 from shotstream_core.engine import ShotRequest, ShotStreamEngine
 from shotstream_core.loading import merge_lora
-from shotstream_core.model import CausalWanDiT, WanDiT, prompt_ids_from_flags
+from shotstream_core.model import CausalWanDiT, WanDiT
 from shotstream_core.schedule import FlowSchedule
 from shotstream_core.text import RandomTextEncoder
 from shotstream_core.vae import WanVAE
@@ -49,17 +49,24 @@ def first_shot_cond(text_seed=0, batch=1):
 # --- rollout ------------------------------------------------------------------------------------------
 
 def engine_cond(engine, state, request):
-    """The conditioning the engine builds for the next shot of `state` (its own context plan and prompts)."""
+    """The conditioning training builds for the next shot of `state`: the engine's context plan, and the
+    prompts of every shot so far (stages 3-4 pass them all; the engine encodes only those in play)."""
+    from shotstream_core.text import build_shot_prompt
+
     plan = plan_context([s.num_frames for s in state.shots], SAMPLER.context_frames)
-    text = engine._prompt_features(state, request)
+    shots = [(s.global_caption, s.caption) for s in state.shots] + [(request.global_caption, request.caption)]
+    count = engine.prompts.encoder.count_tokens
+    prompts = [engine.prompts.get(build_shot_prompt(g, c, i, count, engine.text_max_tokens))
+               for i, (g, c) in enumerate(shots)]
     ctx = engine._context_latents(state, plan, (H, W))
-    flags = torch.tensor([list(plan.flags) + [plan.shot_flag] * F])
-    return ShotConditioning(ctx, text, flags, prompt_ids_from_flags(flags, text.shape[1]))
+    return make_conditioning(ctx, [prompts], [list(plan.flags)], [plan.shot_flag], F)
 
 
-@pytest.mark.parametrize("shots_before", [0, 2])
+@pytest.mark.parametrize("shots_before", [0, 2, 8])
 def test_rollout_equals_engine_sampling(shots_before):
-    """Grad off, exit = last step, no refresh noise: the rollout is the engine's sampler, noise for noise."""
+    """Grad off, exit = last step, no refresh noise: the rollout is the engine's sampler, noise for noise.
+    After 8 shots the first two have left the context: the engine no longer encodes their prompts, and
+    still samples what training's conditioning (all prompts) gives."""
     engine = micro_engine(micro_student())
     state = engine.new_story()
     for i in range(shots_before):
@@ -74,6 +81,10 @@ def test_rollout_equals_engine_sampling(shots_before):
     with torch.no_grad():
         got = rollout(engine.dit, engine_cond(engine, state, request), noise, rollout.num_steps - 1, gen, grad=False)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    plan = plan_context([s.num_frames for s in state.shots], SAMPLER.context_frames)
+    flags = torch.tensor([list(plan.flags) + [plan.shot_flag] * F])
+    text, _ = engine.shot_text(state, request, flags)
+    assert text.shape[1] == (1 if shots_before == 0 else len(set(plan.flags)) + 1) <= SAMPLER.context_frames + 1
 
 
 def test_exit_step_is_the_only_path_for_gradients():

@@ -35,7 +35,7 @@ from shotstream_core.context import plan_context
 from shotstream_core.engine import BlockOutput, ShotRequest, ShotStream, ShotStreamEngine
 from shotstream_core.loading import (BUNDLED_DIR, ModelLoadError, build_dit, fingerprint, load_dit_state,
                                      load_engine)
-from shotstream_core.model import CausalWanDiT, prompt_ids_from_flags
+from shotstream_core.model import CausalWanDiT
 from shotstream_core.state import ShotRecord, StoryState
 from shotstream_core.teacher import sample_teacher
 from shotstream_core.vae import StreamingDecoder
@@ -174,11 +174,10 @@ class TeacherStoryEngine:
         h, w, frames_total = geo.latent_height, geo.latent_width, geo.latent_frames
         plan = plan_context([s.num_frames for s in state.shots], sampler.context_frames)
         ctx = eng._context_latents(state, plan, (h, w))  # [1, C, Fc, h, w]
-        text = eng._prompt_features(state, request)  # [1, P, S, text_dim]
+        flags = torch.tensor([list(plan.flags) + [plan.shot_flag] * frames_total], device=eng.device)
+        text, prompt_ids = eng.shot_text(state, request, flags)  # [1, P, S, text_dim], [1, Fc+F]
         # CFG's unconditional branch: the negative prompt in every shot's slot, as in training's DMD/ODE pairs.
         uncond = uncond_like(text, eng.prompts.get(request.negative))
-        flags = torch.tensor([list(plan.flags) + [plan.shot_flag] * frames_total], device=eng.device)
-        prompt_ids = prompt_ids_from_flags(flags, text.shape[1])
         gen = torch.Generator().manual_seed(int(request.seed))  # the student's noise for the same seed
         noise = torch.randn(1, dit.config.in_channels, frames_total, h, w, generator=gen).to(eng.device)
         x0, _ = sample_teacher(dit, ctx, noise, text, flags, prompt_ids, uncond, steps=self.steps,
