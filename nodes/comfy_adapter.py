@@ -29,6 +29,7 @@ MODEL_FOLDERS = {
     "dit": ("shotstream", "diffusion_models", "unet"),
     "vae": ("shotstream", "vae"),
     "text_encoder": ("shotstream", "text_encoders", "clip"),
+    "lora": ("loras",),
 }
 
 # Without a host: folders given by tests / scripts (kind -> list of dirs) and an output folder.

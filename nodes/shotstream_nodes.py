@@ -31,6 +31,7 @@ STATE = "SHOTSTREAM_STATE"
 BUNDLED_PRESET = "tiny"
 BUNDLED = f"bundled: {BUNDLED_PRESET}"  # the embedded model; needs no file
 AUTO = "auto"  # VAE / text encoder that the preset or checkpoint implies
+NONE = "none"  # no LoRA
 DEFAULT_GEOMETRY = get_preset(BUNDLED_PRESET).geometry  # widget defaults: what the bundled model was trained at
 DEVICES = ("auto", "cpu", "cuda")
 TEXT_DEVICES = ("cpu", "model device")
@@ -66,6 +67,7 @@ class LoadShotStream:
         "dit_name": ("dit", "DiT checkpoint", BUNDLED),
         "vae_name": ("vae", "VAE", AUTO),
         "text_encoder_name": ("text_encoder", "text encoder", AUTO),
+        "lora_name": ("lora", "LoRA", NONE),
     }
 
     @classmethod
@@ -91,11 +93,19 @@ class LoadShotStream:
                 "default": "cpu",
                 "tooltip": "Keep the text encoder on the CPU (saves GPU memory; prompts are encoded once and cached) "
                            "or put it on the model's device."}),
+        }, "optional": {
+            "lora_name": ([NONE] + host.list_models("lora"), {
+                "tooltip": "A LoRA for the DiT (PEFT, kohya or ComfyUI keys) from models/loras, merged into the "
+                           "weights at load; 'none' loads the DiT as it is."}),
+            "lora_strength": ("FLOAT", {
+                "default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
+                "tooltip": "How strongly the LoRA is merged (1 = as trained; ignored without a LoRA)."}),
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, dit_name, vae_name, text_encoder_name):
-        for name, value in (("dit_name", dit_name), ("vae_name", vae_name), ("text_encoder_name", text_encoder_name)):
+    def VALIDATE_INPUTS(cls, dit_name, vae_name, text_encoder_name, lora_name=NONE):
+        for name, value in (("dit_name", dit_name), ("vae_name", vae_name), ("text_encoder_name", text_encoder_name),
+                            ("lora_name", lora_name)):
             if _is_widget_value(value):
                 try:
                     cls._resolve(name, value)
@@ -118,7 +128,7 @@ class LoadShotStream:
         return path
 
     def load(self, dit_name, vae_name, text_encoder_name, precision="fp32", attention="auto", device="auto",
-             text_encoder_device="cpu"):
+             text_encoder_device="cpu", lora_name=NONE, lora_strength=1.0):
         # A checkpoint's preset (geometry, VAE, text encoder) is inferred from its shapes by load_engine.
         engine = load_engine(
             dit_path=self._resolve("dit_name", dit_name),
@@ -127,6 +137,7 @@ class LoadShotStream:
             preset=BUNDLED_PRESET,
             dtype=precision, device=device, attention=attention,
             text_encoder_device="cpu" if text_encoder_device == "cpu" else device,
+            lora_path=self._resolve("lora_name", lora_name), lora_strength=float(lora_strength),
         )
         return (engine,)
 
@@ -143,8 +154,8 @@ class ShotPromptSpec:
 
 class ShotPrompt:
     DESCRIPTION = ("The text of one shot: a global caption (who and where, the same for the whole story), this "
-                   "shot's caption (what happens now), an optional negative prompt, and the shot's seed. "
-                   "Feed it to Next Shot.")
+                   "shot's caption (what happens now), and the shot's seed. Feed it to Next Shot. (No negative "
+                   "prompt: the few-step student samples without guidance, so one would change nothing.)")
     CATEGORY = CATEGORY
     RETURN_TYPES = (PROMPT,)
     RETURN_NAMES = ("prompt",)
@@ -162,8 +173,6 @@ class ShotPrompt:
                     "tooltip": "What happens in this shot. Must not be empty."}),
             },
             "optional": {
-                "negative": ("STRING", {
-                    "multiline": True, "default": "", "tooltip": "What this shot should avoid (optional)."}),
                 "seed": ("INT", {
                     "default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": True,
                     "tooltip": "Noise seed of this shot: the same seeds and prompts give the same frames."}),
@@ -182,10 +191,10 @@ class ShotPrompt:
             return _validation_message(validate_frames, int(frames))
         return True
 
-    def build(self, global_caption, caption, negative="", seed=0, frames=0):
+    def build(self, global_caption, caption, seed=0, frames=0):
         if frames:
             validate_frames(int(frames))
-        return (ShotPromptSpec(ShotRequest(global_caption, caption, negative, int(seed)), int(frames)),)
+        return (ShotPromptSpec(ShotRequest(global_caption, caption, seed=int(seed)), int(frames)),)
 
 
 # --- NextShotGenerate --------------------------------------------------------------------------------

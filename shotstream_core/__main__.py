@@ -44,7 +44,10 @@ def generate(args) -> int:
     from .video import VideoWriter
 
     global_caption, captions = read_story(Path(args.story))
-    is_preset = args.model in ("tiny", "micro") or not Path(args.model).exists()
+    is_preset = args.model in ("tiny", "micro")
+    if not is_preset and not Path(args.model).exists():
+        raise SystemExit(f"--model {args.model}: no such file or folder; give a DiT checkpoint or a bundled "
+                         f"model (tiny)")
     engine = load_engine(None if is_preset else args.model, args.vae, args.text_encoder,
                          preset=args.model if is_preset else "tiny", dtype=args.dtype, device=args.device)
     geo = engine.geometry

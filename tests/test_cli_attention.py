@@ -35,6 +35,11 @@ def test_cli_bad_frames_is_one_clear_line(tmp_path):
                            str(tmp_path / "x.mp4"), "--model", "micro", "--frames-per-shot", "20"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "4k+1" in proc.stderr and "Traceback" not in proc.stderr
+    missing = tmp_path / "missing_ckpt.pt"  # a mistyped path is not taken for a preset name
+    proc = subprocess.run([sys.executable, "-m", "shotstream_core", "generate", str(story), "--out",
+                           str(tmp_path / "x.mp4"), "--model", str(missing)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "no such file" in proc.stderr and "random weights" not in proc.stderr
 
 
 def test_backend_resolution_and_errors():

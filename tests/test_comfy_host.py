@@ -328,7 +328,7 @@ def failing_extension(api, load_inputs=None, state_from=None):
         "50": {"class_type": "LoadShotStream", "inputs": {**api[ids_of(api, "LoadShotStream")[0]]["inputs"],
                                                           **(load_inputs or {})}},
         "51": {"class_type": "ShotPrompt", "inputs": {"global_caption": "g", "caption": "wide shot, still.",
-                                                      "negative": "", "seed": 0, "frames": 0}},
+                                                      "seed": 0, "frames": 0}},
         "52": {"class_type": "NextShotGenerate", "inputs": {"model": ["50", 0], "prompt": ["51", 0],
                                                             "width": MICRO.geometry.width,
                                                             "height": MICRO.geometry.height,

@@ -78,10 +78,22 @@ def test_pooled_text_is_read_from_the_weights_even_without_metadata(weights, tmp
     torch.testing.assert_close(run(build_dit(sd, cfg, attention="sdpa")), run(model), rtol=1e-5, atol=1e-6)
 
 
+def test_config_json_beside_a_weights_file_gives_the_heads(tmp_path):
+    """A DiT whose heads the shapes cannot tell (dim 96 is no multiple of 128): read from config.json."""
+    odd = dataclasses.replace(CFG, dim=96, ffn_dim=192, num_heads=3)
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    save_file(WanDiT(odd).state_dict(), str(folder / "dit.safetensors"))  # bare: no metadata
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_dit_state(folder / "dit.safetensors")
+    (folder / "config.json").write_text('{"num_heads": 3}')
+    assert load_dit_state(folder / "dit.safetensors")[1].num_heads == 3
+
+
 def test_lora_merge_peft_and_kohya_agree_and_change_output(weights, tmp_path):
     g = torch.Generator().manual_seed(1)
     rank = 4
-    peft, kohya = {}, {}
+    peft, kohya, native = {}, {}, {}
     for layer in range(CFG.num_layers):
         for mod in ("self_attn.q", "ffn.0"):
             out_dim = weights[f"blocks.{layer}.{mod}.weight"].shape[0]
@@ -92,12 +104,17 @@ def test_lora_merge_peft_and_kohya_agree_and_change_output(weights, tmp_path):
             kohya[f"diffusion_model.blocks.{layer}.{mod}.lora_down.weight"] = a
             kohya[f"diffusion_model.blocks.{layer}.{mod}.lora_up.weight"] = b
             kohya[f"diffusion_model.blocks.{layer}.{mod}.alpha"] = torch.tensor(float(rank))
+            flat = f"lora_unet_blocks_{layer}_{mod.replace('.', '_')}"
+            native.update({f"{flat}.lora_down.weight": a, f"{flat}.lora_up.weight": b,
+                           f"{flat}.alpha": torch.tensor(float(rank))})
     merged = merge_lora(weights, peft, strength=0.7)
     w = "blocks.0.self_attn.q.weight"
     a = peft["base_model.model.blocks.0.self_attn.q.lora_A.weight"]
     b = peft["base_model.model.blocks.0.self_attn.q.lora_B.weight"]
     torch.testing.assert_close(merged[w], weights[w] + 0.7 * b @ a)
     torch.testing.assert_close(merge_lora(weights, kohya, 0.7)[w], merged[w])
+    # kohya's native names: the module path flattened with underscores
+    torch.testing.assert_close(merge_lora(weights, native, 0.7)[w], merged[w])
     # merged file through every format still agrees
     outs = [run(build_dit(*load_dit_state(p), attention="sdpa")) for p in write_all_formats(merged, tmp_path)]
     assert (outs[0] - run(build_dit(weights, CFG, attention="sdpa"))).abs().max() > 1e-4

@@ -115,6 +115,31 @@ def test_model_lists_come_from_the_model_folders(nodes, host, tmp_path):
         nodes["LoadShotStream"]().load("story_dit.safetensors", "auto", "auto")
 
 
+def test_loader_merges_a_lora_from_the_lora_folder(nodes, host, tmp_path):
+    """lora_name/lora_strength: the bundled DiT with a PEFT LoRA merged at the given strength."""
+    from safetensors.torch import save_file
+
+    from shotstream_core.loading import bundled_path, load_dit_state
+
+    base, cfg = load_dit_state(bundled_path("tiny", "dit"))
+    key = "blocks.0.self_attn.q.weight"
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, cfg.dim, generator=g), torch.randn(base[key].shape[0], 2, generator=g)
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_file({"base_model.model.blocks.0.self_attn.q.lora_A.weight": a,
+               "base_model.model.blocks.0.self_attn.q.lora_B.weight": b}, str(folder / "style.safetensors"))
+    host.set_standalone_dirs(models={"lora": [folder]})
+    cls = nodes["LoadShotStream"]
+    assert cls.INPUT_TYPES()["optional"]["lora_name"][0] == ["none", "style.safetensors"]
+    assert "gone.safetensors" in cls.VALIDATE_INPUTS("bundled: tiny", "auto", "auto", lora_name="gone.safetensors")
+    engine = cls().load("bundled: tiny", "auto", "auto", lora_name="style.safetensors", lora_strength=0.5)[0]
+    merged = engine.dit.state_dict()[key]
+    torch.testing.assert_close(merged, base[key] + 0.5 * (b @ a), rtol=1e-5, atol=1e-5)  # alpha = rank: scale 1
+    plain = cls().load("bundled: tiny", "auto", "auto")[0]
+    assert torch.equal(plain.dit.state_dict()[key], base[key])
+
+
 # --- generation ------------------------------------------------------------------------------------
 
 def test_first_shot_starts_a_story_and_streams_previews(nodes, micro):

@@ -115,6 +115,12 @@ def test_wan_pth_with_tokenizer_folder(tmp_path, hf_umt5, spiece_bytes):
 
     with pytest.raises(ValueError, match="does not embed a tokenizer"):
         UMT5Encoder.from_files(path)
+    # the Wan folder itself: its .pth and google/umt5-xxl, whatever else it holds (the VAE is a .pth too)
+    from shotstream_core.loading import ModelLoadError, umt5_files
+    (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"not the encoder")
+    assert umt5_files(tmp_path) == umt5_files(path) == (path, folder)
+    with pytest.raises(ModelLoadError, match="no umT5-XXL weights"):
+        umt5_files(folder)
     with pytest.raises(FileNotFoundError, match="spiece.model"):
         UMT5Encoder.from_files(path, tokenizer=tmp_path)
 

@@ -10,8 +10,13 @@ import { ComfyWidgets } from "../../scripts/widgets.js";
 const WORKFLOWS = "/shotstream/workflows";
 
 async function fetchWorkflow(name) {
-  const url = name.startsWith("/") ? name : `${WORKFLOWS}/${encodeURIComponent(name)}`;
-  const resp = name.startsWith("/") ? await fetch(url) : await api.fetchApi(url);
+  const local = name.startsWith("/");
+  // "//host/x.json" also starts with "/" but is another site: only this server's paths are fetched
+  if (local && new URL(name, window.location.href).origin !== window.location.origin) {
+    throw new Error(`ShotStream: ?load= takes a workflow name or a path on this server, not ${name}`);
+  }
+  const url = local ? name : `${WORKFLOWS}/${encodeURIComponent(name)}`;
+  const resp = local ? await fetch(url) : await api.fetchApi(url);
   if (!resp.ok) throw new Error(`ShotStream: cannot load workflow ${name} (${resp.status} from ${url})`);
   return await resp.json();
 }
