@@ -217,3 +217,20 @@ def test_resolution_bound_reads_the_truth_and_loses_characters_on_a_coarse_grid(
     assert rows[16]["adherence"] < 0.6
     with pytest.raises(ValueError, match="does not divide"):
         resolution_bound([3], get_preset("tiny"), stories=1, stories10=0)
+
+
+def test_development_split_is_apart_from_training_and_evaluation():
+    """--split dev: training-seed stories that no training set reaches, none of them an evaluation story."""
+    from training.storyworld.world import DEV_START, training_stories
+
+    dev, held = ev.evaluation_split(3, 2, 1.0, "dev"), ev.evaluation_split(3, 2, 1.0)
+    assert [i.story.num_shots for i in dev] == [5, 5, 5, 10, 10]
+    seeds = lambda items: {i.story.seed for i in items}  # noqa: E731
+    train = {s.seed for s in training_stories(50)}
+    assert len(seeds(dev)) == 5 and not seeds(dev) & seeds(held) and not seeds(dev) & train
+    with pytest.raises(ValueError, match="below 100000"):
+        training_stories(10, start=DEV_START - 5)
+    cfg = ev.EvalConfig(out=Path("x"), split="dev")
+    assert "--split dev" in ev.command_line(cfg) and "--split" not in ev.command_line(ev.EvalConfig(out=Path("x")))
+    with pytest.raises(ValueError, match="eval or dev"):
+        ev.EvalConfig(out=Path("x"), split="test")

@@ -345,6 +345,21 @@ def test_cli_make_score_sheet(tmp_path):
     assert img.width >= 4 * 128 and img.height >= len(rows[0].ranges) * 128
     with pytest.raises(subprocess.CalledProcessError):
         _cli("make", "--out", str(tmp_path / "x"), "--stories", "1", "--seed", "20250917")
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        _cli("make", "--out", str(tmp_path / "y"), "--stories", "1", "--split", "eval5", "--shots", "3")
+    assert "--shots does not apply to --split eval5" in refused.value.stderr
+
+
+def test_cli_train_split_rebuilds_the_training_set(tmp_path):
+    """make --split train --shots 2-4: the stories training.data renders for the tiny data set."""
+    from training.storyworld.world import training_stories
+
+    _cli("make", "--out", str(tmp_path), "--stories", "4", "--split", "train", "--shots", "2-4", "--quiet",
+         "--preset", "micro")
+    rows = read_index(tmp_path / "index.csv")
+    want = training_stories(4, 2, 4)
+    assert [len(r.ranges) for r in rows] == [s.num_shots for s in want]
+    assert [r.read().global_caption for r in rows] == [s.global_caption for s in want]
 
 
 def test_write_stories_index(tmp_path):

@@ -504,6 +504,25 @@ def test_teacher_under_two_process_torchrun(micro_latents, tmp_path):
     assert (out / "teacher.safetensors").is_file() and json.loads((out / "done.json").read_text())["steps"] == 2
 
 
+def test_pipeline_evaluates_the_export_as_the_committed_report_was_made():
+    """The evaluation after make train-tiny scores the exported weights into EXPORT/eval, with the settings
+    of the committed report's regenerate command."""
+    import re
+    import shlex
+
+    from training.evaluate import parse_args
+    from training.pipeline import evaluation_args
+
+    shipped = REPO / "shotstream_core" / "weights" / "tiny"
+    committed = re.search(r"Regenerate: `python (-m training\.evaluate [^`]+)`", (shipped / "eval" / "report.md").read_text())
+    want = parse_args(shlex.split(committed.group(1))[2:])
+    got = parse_args(evaluation_args("tiny", shipped)[2:])
+    assert (REPO / want.out).resolve() == got.out.resolve() == (shipped / "eval").resolve()
+    assert dataclasses.replace(got, out=want.out) == want and got.weights_dir == shipped
+    elsewhere = parse_args(evaluation_args("tiny", Path("/tmp/x"))[2:])
+    assert elsewhere.weights_dir == Path("/tmp/x") and elsewhere.out == Path("/tmp/x/eval")
+
+
 @pytest.mark.slow
 def test_micro_pipeline_end_to_end(tmp_path):
     """make train-micro from nothing: every stage runs, the report and the shipped files appear."""

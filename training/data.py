@@ -29,21 +29,11 @@ from shotstream_core.model import prompt_ids_from_flags
 
 # --- the Story World training set ------------------------------------------------------------------
 
-def training_stories(num_stories: int, min_shots: int = 2, max_shots: int = 4, start: int = 0):
-    """Stories start.. of the Story World train split with min_shots..max_shots shots (cycled)."""
-    from .storyworld.world import make_split
-
-    if not 1 <= min_shots <= max_shots:
-        raise ValueError(f"need 1 <= min_shots <= max_shots, got {min_shots}, {max_shots}")
-    span = max_shots - min_shots + 1
-    return [make_split("train", 1, num_shots=min_shots + i % span, start=i)[0]
-            for i in range(start, start + num_stories)]
-
-
 def write_training_set(out_dir, num_stories: int, geometry: ShotGeometry, min_shots: int = 2,
                        max_shots: int = 4, progress: bool = False) -> Path:
     """Render the stories into out_dir in the reference's format; returns index.csv."""
     from .storyworld.storage import write_stories
+    from .storyworld.world import training_stories
 
     return write_stories(training_stories(num_stories, min_shots, max_shots), out_dir, geometry,
                          progress=progress)

@@ -64,7 +64,6 @@ from .vae_stage import latent_stationarity
 SIGMAS = (0.3, 0.6, 0.8, 0.95)
 TEXT_GAIN_FROM = 0.8  # below it the noisy shot itself shows the characters' colours
 CHAR_DETAIL_RATIO = 2.0  # a character cell's detail is above this many times its frame's mean
-HELD_OUT_START = 100_000  # training-split stories from here on: no training set is that large
 
 
 def fixed_targets(ds: LatentStoryDataset, num_targets: int) -> list[tuple[int, int]]:
@@ -125,9 +124,9 @@ def held_out_shots(preset: Preset, num_shots: int) -> torch.Tensor:
     import numpy as np
 
     from .storyworld.render import render_shot
-    from .storyworld.world import make_split
+    from .storyworld.world import DEV_START, make_split
 
-    stories = make_split("train", num_shots, start=HELD_OUT_START)
+    stories = make_split("train", num_shots, start=DEV_START)
     return torch.from_numpy(np.stack([render_shot(s, 0, preset.geometry) for s in stories]))
 
 

@@ -39,17 +39,13 @@ from shotstream_core.model import CausalWanDiT
 from shotstream_core.state import ShotRecord, StoryState
 from shotstream_core.teacher import sample_teacher
 from shotstream_core.vae import StreamingDecoder
+from shotstream_core.video import VideoWriter, to_uint8 as frames_to_uint8  # not ode_pairs.to_uint8 (decoder output)
 from training.dmd import uncond_like
 from training.ode_pairs import to_uint8
 from training.storyworld.analyse import aggregate, score_story
 from training.storyworld.render import render_story
-from training.storyworld.storage import read_mp4, write_mp4
-from training.storyworld.world import EVAL_SEED, Story, make_split
-
-try:  # the core's incremental writer (encodes each block as it is decoded)
-    from shotstream_core.video import VideoWriter
-except ImportError:  # pragma: no cover - older core: write the whole story at the end
-    VideoWriter = None
+from training.storyworld.storage import read_mp4
+from training.storyworld.world import DEV_START, EVAL_SEED, Story, make_split
 
 # --- the rows of the ablation table -----------------------------------------------------------------
 
@@ -99,6 +95,7 @@ class EvalConfig:
     # 2-core machine (two spinning threads per process fight every other job) and costs little on a tiny model.
     crf: int = 12  # the Story World's own mp4 quality, so the analyser reads what it was validated on
     quick: bool = False
+    split: str = "eval"  # "dev" for experiments: the evaluation split is for the final report only
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -115,6 +112,8 @@ class EvalConfig:
             raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {self.threads}")
         if self.teacher_steps < 1:
             raise ValueError(f"--teacher-steps must be >= 1, got {self.teacher_steps}")
+        if self.split not in ("eval", "dev"):
+            raise ValueError(f"--split must be eval or dev, got {self.split!r}")
 
 
 # --- the evaluation split -----------------------------------------------------------------------------
@@ -133,11 +132,25 @@ def shot_seeds(story: Story, index: int) -> tuple[int, ...]:
     return tuple(int(s) & (2**63 - 1) for s in state)
 
 
-def evaluation_split(n5: int, n10: int, aspect: float) -> list[EvalStory]:
-    """Stories 0..n5-1 of eval5 and 0..n10-1 of eval10 (the Story World's held-out seed)."""
+# The 10-shot development stories start this far after the 5-shot ones, so the two sets share no story seed.
+DEV10_OFFSET = 50_000
+
+
+def split_stories(split: str, shots: int, n: int, aspect: float) -> list[Story]:
+    """The first n `shots`-shot stories of the evaluation split ("eval": the Story World's held-out seed,
+    never trained on, for the report) or of the development split ("dev": training-split stories from
+    DEV_START on, which no training set reaches; experiments and recipe choices are measured there)."""
+    if split == "eval":
+        return make_split(f"eval{shots}", n, aspect=aspect)
+    start = DEV_START + (DEV10_OFFSET if shots == 10 else 0)
+    return make_split("train", n, num_shots=shots, start=start, aspect=aspect)
+
+
+def evaluation_split(n5: int, n10: int, aspect: float, split: str = "eval") -> list[EvalStory]:
+    """n5 five-shot and n10 ten-shot stories of `split` ("eval" or "dev"), with their fixed noise seeds."""
     out = []
-    for split, n, tag in (("eval5", n5, "s5"), ("eval10", n10, "s10")):
-        for i, story in enumerate(make_split(split, n, aspect=aspect) if n else []):
+    for shots, n, tag in ((5, n5, "s5"), (10, n10, "s10")):
+        for i, story in enumerate(split_stories(split, shots, n, aspect) if n else []):
             out.append(EvalStory(f"{tag}_{i:03d}", story, shot_seeds(story, i)))
     return out
 
@@ -223,7 +236,7 @@ class ModelZoo:
             warnings.simplefilter("ignore")  # the random-weights warning is reported per row instead
             self.base = load_engine(dit_path=dit if dit.is_file() else None, preset=cfg.model,
                                     vae_path=vae if vae.is_file() else None, device=cfg.device)
-        self.vae_source = str(vae) if vae.is_file() else "bundled or random (no vae.safetensors)"
+        self.vae_source = _rel(vae) if vae.is_file() else "bundled or random (no vae.safetensors)"
         self._dits: dict[str, tuple | str] = {}
 
     def _dit(self, name: str):
@@ -293,26 +306,21 @@ class Timing:
 
 
 class _StoryVideo:
-    """One story's mp4, written block by block (VideoWriter) or at the end (Story World writer)."""
+    """One story's mp4, written block by block by the engine's VideoWriter. Every row, ground truth
+    included, goes through this one encoder, so codec differences never separate the rows."""
 
     def __init__(self, path: Path, fps: float, crf: int):
-        self.path, self.fps, self.crf = path, fps, crf
         self.blocks: list[np.ndarray] = []
-        self.writer = VideoWriter(path, fps=fps, crf=crf) if VideoWriter is not None else None
+        self.writer = VideoWriter(path, fps=fps, crf=crf)
 
-    def write(self, frames: torch.Tensor) -> None:
-        u8 = (frames.clamp(0, 1) * 255).round().to(torch.uint8).numpy()  # [n, H, W, 3]
+    def write(self, frames) -> None:
+        u8 = frames_to_uint8(frames)  # [n, H, W, 3]
         self.blocks.append(u8)
-        if self.writer is not None:
-            self.writer.write(u8)
+        self.writer.write(u8)
 
     def close(self) -> np.ndarray:
-        frames = np.concatenate(self.blocks)
-        if self.writer is not None:
-            self.writer.close()
-        else:
-            write_mp4(self.path, frames, self.fps, crf=self.crf)
-        return frames
+        self.writer.close()
+        return np.concatenate(self.blocks)
 
 
 def generate_story(runner, item: EvalStory, video: _StoryVideo, timing: Timing) -> list[tuple[int, int]]:
@@ -381,7 +389,9 @@ class VariantRun:
             frames, ranges = render_story(item.story, geo)
             if self.variant.through_vae:
                 frames = vae_roundtrip(self.runner, frames, ranges)
-            write_mp4(path, frames, geo.fps, crf=self.cfg.crf)
+            video = _StoryVideo(path, geo.fps, self.cfg.crf)
+            video.write(frames)
+            frames = video.close()
         else:
             video = _StoryVideo(path, geo.fps, self.cfg.crf)
             ranges = generate_story(self.runner, item, video, self.timing)
@@ -448,7 +458,7 @@ def _run(cfg: EvalConfig, progress: bool) -> dict:
     zoo = ModelZoo(cfg)
     geometry = zoo.base.geometry  # the preset's, on the latent grid of the VAE it loaded
     aspect = geometry.width / geometry.height
-    items = evaluation_split(cfg.stories, cfg.stories10, aspect)
+    items = evaluation_split(cfg.stories, cfg.stories10, aspect, cfg.split)
     teacher_items = [i for i in items if i.story.num_shots < 10][: cfg.teacher_stories] + \
                     [i for i in items if i.story.num_shots >= 10][: cfg.teacher_stories10]
 
@@ -495,8 +505,10 @@ def _run(cfg: EvalConfig, progress: bool) -> dict:
     metrics = {
         "model": cfg.model,
         "weights_dir": _rel(cfg.weights_dir),
-        "vae": zoo.vae_source if not str(zoo.vae_source).startswith("/") else _rel(Path(zoo.vae_source)),
-        "split": {"seed": EVAL_SEED, "stories5": cfg.stories, "stories10": cfg.stories10,
+        "vae": zoo.vae_source,
+        "split": {"name": cfg.split, "seed": EVAL_SEED if cfg.split == "eval" else None,
+                  "dev_start": DEV_START if cfg.split == "dev" else None,
+                  "stories5": cfg.stories, "stories10": cfg.stories10,
                   "teacher_stories5": min(cfg.teacher_stories, cfg.stories),
                   "teacher_stories10": min(cfg.teacher_stories10, cfg.stories10),
                   "geometry": dataclasses.asdict(geometry)},
@@ -542,6 +554,8 @@ def command_line(cfg: EvalConfig) -> str:
         parts.append(f"--threads {cfg.threads}")
     if cfg.weights_dir != BUNDLED_DIR / cfg.model:
         parts.append(f"--weights-dir {_rel(cfg.weights_dir)}")
+    if cfg.split != defaults.split:
+        parts.append(f"--split {cfg.split}")
     return " ".join(parts)
 
 
@@ -592,6 +606,9 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch CPU threads (default 1: fastest on a shared machine; 0 = torch's default)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 five-shot + 1 ten-shot story, teacher on 1")
+    p.add_argument("--split", choices=("eval", "dev"), default=d.split,
+                   help="eval: the held-out evaluation stories, for the final report (default); dev: "
+                        "development stories from the training seed that no training set reaches, for experiments")
     a = p.parse_args(argv)
     sizes = dict(QUICK) if a.quick else {}
     for k in ("stories", "stories10", "teacher_stories", "teacher_stories10"):
@@ -600,7 +617,7 @@ def parse_args(argv=None) -> EvalConfig:
     try:
         return EvalConfig(model=a.model, out=a.out, teacher_steps=a.teacher_steps, guidance=a.guidance,
                           variants=tuple(dict.fromkeys(a.variants)), weights_dir=a.weights_dir,
-                          device=a.device, threads=a.threads, quick=a.quick, **sizes)
+                          device=a.device, threads=a.threads, quick=a.quick, split=a.split, **sizes)
     except ValueError as e:
         p.error(str(e))
 

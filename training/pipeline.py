@@ -65,6 +65,20 @@ SHIPPED = (
 # Processes per stage when --nproc is not given (tiny: the CPU-bound stages take two shared cores).
 DEFAULT_NPROC = {"tiny": {"preencode": 2, "teacher": 2, "ode": 2, "stage2": 2}}
 
+# The evaluation the pipeline runs on the exported model (into EXPORT/eval): for tiny, the settings of the
+# committed eval/report.md (teacher CFG 3, as the ODE pairs chose on training stories; 2 threads).
+EVAL_ARGS = {"tiny": ["--stories", "32", "--stories10", "4", "--teacher-stories", "4", "--teacher-stories10", "1",
+                      "--guidance", "3", "--threads", "2"],
+             "micro": ["--quick"]}
+
+
+
+def evaluation_args(preset: str, export_dir) -> list[str]:
+    """`-m training.evaluate ...` for the exported model: its own weights, its report in EXPORT/eval."""
+    return ["-m", "training.evaluate", "--model", preset, "--weights-dir", str(export_dir),
+            "--out", str(Path(export_dir) / "eval"), *EVAL_ARGS.get(preset, ["--quick"])]
+
+
 # Data set sizes per preset: (stories, min shots, max shots)
 DATA = {"tiny": (600, 2, 4), "micro": (6, 2, 3)}
 
@@ -350,9 +364,7 @@ def main(argv=None) -> int:
     report = write_training_report(preset, export_dir, data_dir)
     print(f"[pipeline] exported {copied} and {report}", flush=True)
     if not args.no_eval:
-        cmd = [sys.executable, "-m", "training.evaluate", "--model", preset, "--out", str(export_dir)]
-        if preset != "tiny":
-            cmd += ["--weights-dir", str(export_dir), "--quick"]
+        cmd = [sys.executable, *evaluation_args(preset, export_dir)]
         print(f"[pipeline] evaluate: {' '.join(cmd)}", flush=True)
         return subprocess.call(cmd, cwd=ROOT)
     return 0

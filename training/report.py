@@ -239,14 +239,19 @@ def write_report(metrics: dict, out_dir, samples: dict | None = None) -> Path:
             f"CFG {teacher['guidance']:g} are {2 * teacher['teacher_steps']} full passes per shot, against the "
             "student's few cached steps.")
 
+    if split.get("name", "eval") == "dev":
+        source = (f"development stories of the Story World's training seed, from story {split['dev_start']} on "
+                  "(no training set reaches them; not the evaluation split)")
+    else:
+        source = f"Story World's evaluation seed {split['seed']} (training never uses it)"
     md = [
         f"# ShotStream on the Story World: evaluation of `{metrics['model']}`",
         "",
         f"Regenerate: `{metrics['command']}` (this run: {metrics.get('run_wall_s', 0) / 60:.1f} min, "
         f"videos in `videos/`, not committed)",
         "",
-        f"Evaluation split: {split['stories5']} five-shot and {split['stories10']} ten-shot stories from the "
-        f"Story World's evaluation seed {split['seed']} (training never uses it), "
+        f"Stories: {split['stories5']} five-shot and {split['stories10']} ten-shot stories from the "
+        f"{source}, "
         f"{split['geometry']['width']}x{split['geometry']['height']} pixels, "
         f"{split['geometry']['frames_per_shot']} frames a shot. Every story's shots use fixed noise seeds, the "
         "same for every row. Each video is written as mp4 and scored, as read back, by the Story World analyser "
@@ -278,9 +283,11 @@ def write_report(metrics: dict, out_dir, samples: dict | None = None) -> Path:
         "",
         memory_table(metrics),
         "",
-        "A model that draws the same place or colour whatever the caption leaves out scores on memory by "
-        "chance; the row with the global cache emptied every shot (`no_history`) shows that level. The "
-        "± in the ablation table is memory's standard error with each story's shots counted together.",
+        "Memory rewards showing again what shot 1 showed, not remembering it: a model that falls back on one "
+        "place or colour whenever the caption leaves it out scores well wherever that fallback happens to match. "
+        "The row with the global cache emptied every shot (`no_history`) shows what such a fallback scores; "
+        "memory beyond that row is memory from the cache. The ± in the ablation table is memory's standard "
+        "error with each story's shots counted together.",
         "",
         "## Cut errors (5-shot stories)",
         "",

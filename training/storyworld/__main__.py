@@ -9,7 +9,7 @@ from pathlib import Path
 
 from shotstream_core.config import ShotGeometry, get_preset
 
-from .world import EVAL_SEED, SPLITS, make_split, make_story, story_seed
+from .world import EVAL_SEED, SPLITS, make_split, make_story, story_seed, training_stories
 
 
 def _shots(text: str) -> tuple[int, int]:
@@ -32,15 +32,14 @@ def cmd_make(args) -> None:
         geometry = ShotGeometry(args.height or geometry.height, args.width or geometry.width,
                                 args.frames or geometry.frames_per_shot, geometry.fps)
     aspect = geometry.width / geometry.height
-    if args.split:
-        if args.split == "train" and args.shots is None:
-            stories = make_split("train", args.stories, aspect=aspect)
-        elif args.split == "train":
-            lo, hi = args.shots
-            stories = [make_story(story_seed(SPLITS["train"][0], i), lo + story_seed(0, i) % (hi - lo + 1),
-                                  aspect=aspect) for i in range(args.stories)]
-        else:
-            stories = make_split(args.split, args.stories, aspect=aspect)
+    if args.split == "train":  # the training set's own rule: `--shots 2-4` rebuilds the tiny data set
+        lo, hi = args.shots or (5, 5)
+        stories = training_stories(args.stories, lo, hi, aspect=aspect)
+    elif args.split:
+        if args.shots is not None:
+            sys.exit(f"--shots does not apply to --split {args.split}: its stories have "
+                     f"{SPLITS[args.split][1]} shots")
+        stories = make_split(args.split, args.stories, aspect=aspect)
     else:
         if args.seed == EVAL_SEED:
             sys.exit(f"seed {EVAL_SEED} is the evaluation seed; use --split eval5/eval10 for evaluation "

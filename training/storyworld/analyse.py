@@ -63,6 +63,8 @@ CUT_MIN_CHANGE = 1.5  # least mean abs change (0-255) of a cut
 CUT_RATIO = 4.0  # a cut's change must exceed this many times the median change around it
 OPENING_FRAMES = 2  # a spurious cut at t <= this is the video's first frame(s) jumping against the next
 CUT_WINDOW = 8
+# Validated on shots of 9 frames and more (ground truth scores cut F1 1.0 at 9-33). At 5 frames a shot the
+# window holds mostly other shots' cuts and motion, and the truth itself scores about 0.90.
 FLICKER_SCALE = 32.0  # mean change (of 255) per frame that scores 0; noise (about 85) is far beyond
 CHAR_DILATE = 2
 SHAPE_EVERY = 4  # read the silhouette (shape, height) of every 4th frame a character is seen in

@@ -271,6 +271,22 @@ def make_story(seed_or_rng, num_shots: int, *, memory_share: float = MEMORY_SHAR
 
 
 SPLITS = {"train": (TRAIN_SEED, None), "eval5": (EVAL_SEED, 5), "eval10": (EVAL_SEED, 10)}
+# Training-split stories from here on are never trained on (training sets stay below it): the development
+# stories that experiments and recipe choices are measured on, so the evaluation split stays untouched.
+DEV_START = 100_000
+
+
+def training_stories(num_stories: int, min_shots: int = 2, max_shots: int = 4, start: int = 0,
+                     aspect: float = 1.0) -> list[Story]:
+    """Stories start.. of the train split with min_shots..max_shots shots (cycled): the training set."""
+    if not 1 <= min_shots <= max_shots:
+        raise ValueError(f"need 1 <= min_shots <= max_shots, got {min_shots}, {max_shots}")
+    if start + num_stories > DEV_START:
+        raise ValueError(f"training stories must stay below {DEV_START} (the development stories start there); "
+                         f"got {start}..{start + num_stories - 1}")
+    span = max_shots - min_shots + 1
+    return [make_split("train", 1, num_shots=min_shots + i % span, start=i, aspect=aspect)[0]
+            for i in range(start, start + num_stories)]
 
 
 def story_seed(root: int, index: int, tag: int = 0) -> int:
