@@ -38,7 +38,7 @@ def main(argv=None) -> int:
               "story_branching.json)")
         print(f"  models:   {host.models_dir}/shotstream   outputs: {host.output_dir}   log: {host.log_path}")
         print("Ctrl-C to stop.", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C, temp folder cleaned up
         try:
             while host.proc.poll() is None:
                 time.sleep(1)

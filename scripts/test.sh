@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install (idempotent) and run the test suite; slow tests are excluded (run them with: -m slow).
+# Install (idempotent) and run the test suite; slow tests are excluded (-m slow: only them; -m "": all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,22 +19,36 @@ from tqdm import tqdm
 
 
 def read_story(path: Path) -> tuple[str, list[str]]:
-    data = json.loads(path.read_text())
-    if "global_caption" not in data:
-        raise SystemExit(f"{path}: missing 'global_caption' (expected keys global_caption, shot1..shotN)")
-    shots = []
-    while f"shot{len(shots) + 1}" in data:
-        shots.append(data[f"shot{len(shots) + 1}"])
-    if not shots:
-        raise SystemExit(f"{path}: no shot captions (expected keys shot1, shot2, ...)")
-    return data["global_caption"], shots
+    """STORY.json -> (global caption, shot captions in order). Every problem is a ValueError that names the
+    file and the key, raised before any model is loaded."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such story file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "global_caption" not in data:
+        raise ValueError(f"{path}: missing 'global_caption' (expected keys global_caption, shot1..shotN)")
+    numbers = sorted(int(k[4:]) for k in data if re.fullmatch(r"shot[1-9]\d*", k))
+    if not numbers:
+        raise ValueError(f"{path}: no shot captions (expected keys shot1, shot2, ...)")
+    missing = [f"shot{n}" for n in range(1, numbers[-1] + 1) if n not in numbers]
+    if missing:
+        raise ValueError(f"{path}: {', '.join(missing)} missing (found {', '.join(f'shot{n}' for n in numbers)}); "
+                         f"number the shots 1..N without gaps")
+    for key in ["global_caption", *(f"shot{n}" for n in numbers)]:
+        if not isinstance(data[key], str):
+            raise ValueError(f"{path}: {key} must be text, got {type(data[key]).__name__}")
+        if key != "global_caption" and not data[key].strip():
+            raise ValueError(f"{path}: {key} is empty; describe what happens in that shot")
+    return data["global_caption"], [data[f"shot{n}"] for n in numbers]
 
 
 def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--size must look like WIDTHxHEIGHT (e.g. 832x480), got {text!r}") from None
+        raise ValueError(f"--size must look like WIDTHxHEIGHT (e.g. 832x480), got {text!r}") from None
     return w, h
 
 
@@ -46,7 +61,7 @@ def generate(args) -> int:
     global_caption, captions = read_story(Path(args.story))
     is_preset = args.model in ("tiny", "micro")
     if not is_preset and not Path(args.model).exists():
-        raise SystemExit(f"--model {args.model}: no such file or folder; give a DiT checkpoint or a bundled "
+        raise ValueError(f"--model {args.model}: no such file or folder; give a DiT checkpoint or a bundled "
                          f"model (tiny)")
     engine = load_engine(None if is_preset else args.model, args.vae, args.text_encoder,
                          preset=args.model if is_preset else "tiny", dtype=args.dtype, device=args.device)
@@ -57,21 +72,30 @@ def generate(args) -> int:
     if args.frames_per_shot:
         geo = geo.replace(frames_per_shot=args.frames_per_shot)
     geo = ShotGeometry(**{k: getattr(geo, k) for k in ("height", "width", "frames_per_shot", "fps")})  # validates
+    trained = engine.geometry
+    if (geo.width, geo.height, geo.frames_per_shot) != (trained.width, trained.height, trained.frames_per_shot):
+        print(f"note: this model was trained at {trained.width}x{trained.height}, {trained.frames_per_shot} frames "
+              f"a shot; {geo.width}x{geo.height}, {geo.frames_per_shot} frames runs but may look worse",
+              file=sys.stderr)
     state = engine.new_story(geo)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     blocks_per_shot = -(-geo.latent_frames // engine.sampler.block_frames)
     start = time.perf_counter()
     first_frame_at = None
-    with VideoWriter(out, fps=geo.fps) as writer, tqdm(total=len(captions) * blocks_per_shot, unit="block") as bar:
-        for i, caption in enumerate(captions):
-            bar.set_description(f"shot {i + 1}/{len(captions)}")
-            stream = engine.stream_shot(state, ShotRequest(global_caption, caption, seed=args.seed + i))
-            for block in stream:
-                writer.write(block.frames)
-                first_frame_at = first_frame_at or time.perf_counter() - start
-                bar.update(1)
-            state = stream.state
+    try:
+        with VideoWriter(out, fps=geo.fps) as writer, tqdm(total=len(captions) * blocks_per_shot, unit="block") as bar:
+            for i, caption in enumerate(captions):
+                bar.set_description(f"shot {i + 1}/{len(captions)}")
+                stream = engine.stream_shot(state, ShotRequest(global_caption, caption, seed=args.seed + i))
+                for block in stream:
+                    writer.write(block.frames)
+                    first_frame_at = first_frame_at or time.perf_counter() - start
+                    bar.update(1)
+                state = stream.state
+    except BaseException:  # failed or interrupted: no half-written video left behind
+        out.unlink(missing_ok=True)
+        raise
     total = time.perf_counter() - start
     frames = state.frames().shape[0]
     print(f"wrote {out} ({frames} frames, {geo.width}x{geo.height} at {geo.fps} fps) in {total:.1f} s; "

@@ -192,8 +192,16 @@ class MiniLMEncoder:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"no MiniLM model in {model_dir} (expected config.json and model.safetensors)")
+        from transformers.utils import logging as hf_logging
+
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).to(device).eval()
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a 6-layer model loads in a blink: no bar on every CLI run
+        try:
+            self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).to(device).eval()
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
         self.model.requires_grad_(False)
         self.dim = self.model.config.hidden_size
         limit = self.model.config.max_position_embeddings

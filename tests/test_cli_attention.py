@@ -1,5 +1,6 @@
 """CLI end to end on the micro preset, and the attention backend choice."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,32 @@ def test_sdpa_matches_explicit_softmax_attention_with_mask():
     scores = scores.masked_fill(~mask, float("-inf"))
     ref = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
     torch.testing.assert_close(attention(q, k, v, "sdpa", mask), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("story, problem", [
+    ({"global_caption": "g", "shot1": "a", "shot3": "c"}, "shot2 missing (found shot1, shot3)"),
+    ({"global_caption": "g", "shot2": "b"}, "shot1 missing"),
+    ({"global_caption": "g", "shot1": "a", "shot2": " "}, "shot2 is empty"),
+    ({"global_caption": "g", "shot1": 5}, "shot1 must be text"),
+    ({"shot1": "a"}, "missing 'global_caption'"),
+    ({"global_caption": "g"}, "no shot captions"),
+    (None, "no such story file"),
+    ("{not json", "not valid JSON"),
+])
+def test_story_file_problems_are_named_before_any_model_loads(tmp_path, story, problem):
+    from shotstream_core.__main__ import read_story
+
+    path = tmp_path / "story.json"
+    if story is not None:
+        path.write_text(story if isinstance(story, str) else json.dumps(story))
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        read_story(path)
+
+
+def test_story_file_shots_are_read_in_number_order(tmp_path):
+    from shotstream_core.__main__ import read_story
+
+    path = tmp_path / "story.json"
+    path.write_text(json.dumps({"global_caption": "g", "shot2": "b", "shot10": "j", "shot1": "a",
+                                **{f"shot{n}": str(n) for n in range(3, 10)}}))
+    assert read_story(path) == ("g", ["a", "b", *map(str, range(3, 10)), "j"])

@@ -38,16 +38,16 @@ def contact_sheet(frames: np.ndarray, ranges, shot_captions=None, global_caption
     for line in head:
         draw.text((4, y), line, fill=(0, 0, 0), font=font)
         y += line_h
-    for (a, b), lines in zip(ranges, blocks):
-        picks = np.linspace(a, b - 1, per_shot).round().astype(int) if b > a else []
-        for j, f in enumerate(picks):
-            tile = Image.fromarray(frames[f]).resize((tw, th), Image.NEAREST)
-            sheet.paste(tile, (4 + j * (tw + 4), y + 4))
-        y += th + 6
+    for (a, b), lines in zip(ranges, blocks):  # each shot: its caption, then its frames
+        y += 2
         for line in lines:
             draw.text((4, y), line, fill=(0, 0, 0), font=font)
             y += line_h
-        y += 2
+        picks = np.linspace(a, b - 1, per_shot).round().astype(int) if b > a else []
+        for j, f in enumerate(picks):
+            tile = Image.fromarray(frames[f]).resize((tw, th), Image.NEAREST)
+            sheet.paste(tile, (4 + j * (tw + 4), y + 2))
+        y += th + 6
     return sheet
 
 
