@@ -36,6 +36,12 @@ def test_cli_bad_frames_is_one_clear_line(tmp_path):
                            str(tmp_path / "x.mp4"), "--model", "micro", "--frames-per-shot", "20"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "4k+1" in proc.stderr and "Traceback" not in proc.stderr
+    earlier = tmp_path / "earlier.mp4"  # a run that fails before writing leaves an existing video alone
+    earlier.write_bytes(b"last run's video")
+    proc = subprocess.run([sys.executable, "-m", "shotstream_core", "generate", str(story), "--out", str(earlier),
+                           "--model", "micro", "--frames-per-shot", "20"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and earlier.read_bytes() == b"last run's video"
     missing = tmp_path / "missing_ckpt.pt"  # a mistyped path is not taken for a preset name
     proc = subprocess.run([sys.executable, "-m", "shotstream_core", "generate", str(story), "--out",
                            str(tmp_path / "x.mp4"), "--model", str(missing)], cwd=REPO, capture_output=True,

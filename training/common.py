@@ -618,7 +618,8 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
         start, extra = ckpt.load(modules, optimizers)
         elapsed = float(extra.get("elapsed_s", 0.0))
         if extra_state is not None:  # this rank's own entry; a run resumed on more ranks starts theirs afresh
-            by_rank = extra.get("user_by_rank", [])
+            # ("user": a checkpoint from before per-rank state, which only one-process runs resumed exactly)
+            by_rank = extra.get("user_by_rank") or [extra.get("user", {})]
             extra_state.update(by_rank[dist.rank] if dist.rank < len(by_rank) else {})
     clear_pause(out, dist.is_main)
     logger = Logger(out, cfg.max_steps, enabled=dist.is_main, start=start, desc=desc)

@@ -49,10 +49,14 @@ def read_clips(data_dir, limit: int | None = None, geometry: ShotGeometry | None
         yield rec, rec.read(size=size)
 
 
+def fit_shot(frames: np.ndarray, n: int) -> np.ndarray:
+    """A shot's frames [F, ...] at n frames: a longer shot subsampled evenly over its whole length, as the
+    reference does (a 10 s real shot stays the whole 10 s, not its first half)."""
+    return frames[np.linspace(0, len(frames) - 1, n).round().astype(int)]
+
+
 def shot_frames(clip, geometry: ShotGeometry) -> list[np.ndarray]:
-    """The clip's shots at the geometry's frames per shot (4k+1): a longer shot is subsampled evenly over
-    its whole length, as the reference does (a 10 s real shot stays the whole 10 s, not its first half);
-    a shorter one is an error."""
+    """The clip's shots at the geometry's frames per shot (4k+1), by fit_shot; a shorter one is an error."""
     out = []
     n = geometry.frames_per_shot
     for k in range(clip.num_shots):
@@ -60,7 +64,7 @@ def shot_frames(clip, geometry: ShotGeometry) -> list[np.ndarray]:
         if len(frames) < n:
             raise ValueError(f"shot {k} has {len(frames)} frames; the preset needs {n} "
                              f"(re-render the data for this preset or pick a preset with shorter shots)")
-        out.append(frames[np.linspace(0, len(frames) - 1, n).round().astype(int)])
+        out.append(fit_shot(frames, n))
     return out
 
 

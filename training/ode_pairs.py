@@ -36,7 +36,7 @@ from shotstream_core.teacher import sample_teacher
 
 from .common import (StageConfig, clear_pause, load_dit, mark_done, pause_stage, preset_for_weights, run_stage,
                      save_config, step_generator)
-from .data import LatentStoryDataset
+from .data import LatentStoryDataset, fit_shot
 
 
 @dataclass
@@ -108,7 +108,7 @@ def shot_adherence(ds, targets, shots: list[np.ndarray]) -> list[float]:
         meta = ds.stories[i]
         story, _, _ = read_truth(str(meta["json_path"])[: -len(".json")] + ".truth.json")
         clip = read_story_clip(meta["video_path"], meta["json_path"], meta["ranges"])
-        frames = [clip.shot(j)[: meta["frames_per_shot"][j]] for j in range(k)] + [shot]
+        frames = [fit_shot(clip.shot(j), meta["frames_per_shot"][j]) for j in range(k)] + [shot]  # as pre-encoded
         ranges, pos = [], 0
         for f in frames:
             ranges.append((pos, pos + len(f)))
