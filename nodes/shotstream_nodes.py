@@ -20,6 +20,7 @@ from shotstream_core.config import get_preset, validate_frames, validate_size
 from shotstream_core.engine import ShotRequest
 from shotstream_core.loading import DTYPES, load_engine
 from shotstream_core.state import StoryState
+from shotstream_core.video import VideoWriter
 
 from . import comfy_adapter as host
 
@@ -417,8 +418,6 @@ class VideoCombine:
         }
 
     def combine(self, fps, format, filename_prefix, images=None, state=None):
-        from shotstream_core.video import VideoWriter
-
         parts = []
         if state is not None:
             if not isinstance(state, StoryState):
@@ -439,7 +438,7 @@ class VideoCombine:
         exts = {"mp4": ["mp4"], "webp": ["webp"], "mp4 + webp": ["mp4", "webp"]}[format]
         written = {}
         for ext in exts:
-            written[ext] = self._write(base.with_name(f"{stem}.{ext}"), frames, fps, VideoWriter)
+            written[ext] = self._write(base.with_name(f"{stem}.{ext}"), frames, fps)
         ui = {"videos": [{"filename": f"{stem}.{e}", "subfolder": subfolder, "type": "output", "format": e,
                           "frame_rate": fps, "frame_count": frames.shape[0]} for e in exts],
               "animated": [True]}
@@ -450,13 +449,13 @@ class VideoCombine:
             temp.mkdir(parents=True, exist_ok=True)
             # named after subfolder and stem: two prefixes that share a stem must not share a preview
             preview = "_".join([*Path(subfolder).parts, f"{stem}_preview.webp"])
-            self._write(temp / preview, frames, fps, VideoWriter)
+            self._write(temp / preview, frames, fps)
             ui["images"] = [{"filename": preview, "subfolder": "", "type": "temp"}]
         return {"ui": ui, "result": (frames, str(written[exts[0]]))}
 
     @staticmethod
-    def _write(path: Path, frames: torch.Tensor, fps: int, writer_cls) -> Path:
-        with writer_cls(str(path), fps) as writer:
+    def _write(path: Path, frames: torch.Tensor, fps: int) -> Path:
+        with VideoWriter(path, fps) as writer:
             writer.write(frames)
         return path
 

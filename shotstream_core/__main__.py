@@ -83,22 +83,15 @@ def generate(args) -> int:
     blocks_per_shot = -(-geo.latent_frames // engine.sampler.block_frames)
     start = time.perf_counter()
     first_frame_at = None
-    wrote = False  # the writer opens the file at its first frames: only then is there a file of ours to remove
-    try:
-        with VideoWriter(out, fps=geo.fps) as writer, tqdm(total=len(captions) * blocks_per_shot, unit="block") as bar:
-            for i, caption in enumerate(captions):
-                bar.set_description(f"shot {i + 1}/{len(captions)}")
-                stream = engine.stream_shot(state, ShotRequest(global_caption, caption, seed=args.seed + i))
-                for block in stream:
-                    wrote = True  # from here on the file at `out` is this run's
-                    writer.write(block.frames)
-                    first_frame_at = first_frame_at or time.perf_counter() - start
-                    bar.update(1)
-                state = stream.state
-    except BaseException:  # failed or interrupted: no half-written video left behind
-        if wrote:
-            out.unlink(missing_ok=True)
-        raise
+    with VideoWriter(out, fps=geo.fps) as writer, tqdm(total=len(captions) * blocks_per_shot, unit="block") as bar:
+        for i, caption in enumerate(captions):
+            bar.set_description(f"shot {i + 1}/{len(captions)}")
+            stream = engine.stream_shot(state, ShotRequest(global_caption, caption, seed=args.seed + i))
+            for block in stream:
+                writer.write(block.frames)
+                first_frame_at = first_frame_at or time.perf_counter() - start
+                bar.update(1)
+            state = stream.state
     total = time.perf_counter() - start
     frames = state.frames().shape[0]
     print(f"wrote {out} ({frames} frames, {geo.width}x{geo.height} at {geo.fps} fps) in {total:.1f} s; "

@@ -118,11 +118,25 @@ class VideoWriter:
                            duration=_frame_durations_ms(len(images), self.fps), quality=self.quality)
             self._buffer.clear()
 
+    def discard(self) -> None:
+        """Stop without finishing: a started mp4 is removed, a WebP never written (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.clear()
+        if self._container is not None:
+            self._container.close()
+            self.path.unlink(missing_ok=True)
+
     def __enter__(self) -> "VideoWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *_) -> None:
+        # a failed or interrupted write leaves no half-written video (and a file it never opened untouched)
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float]:

@@ -107,3 +107,18 @@ def test_writer_errors(tmp_path):
         w.write(np.zeros((1, 32, 32, 3), np.uint8))
     with pytest.raises(FileNotFoundError):
         read_video(tmp_path / "missing.mp4")
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webp"])
+def test_a_write_that_fails_leaves_no_half_written_video(tmp_path, suffix):
+    path = tmp_path / f"story{suffix}"
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(path) as w:
+            w.write(np.zeros((5, 32, 32, 3), np.uint8))
+            raise KeyboardInterrupt  # a cancelled run
+    assert not path.exists()
+    path.write_bytes(b"an earlier video")  # a writer that never opened the file leaves it alone
+    with pytest.raises(RuntimeError):
+        with VideoWriter(path):
+            raise RuntimeError("failed before the first frames")
+    assert path.read_bytes() == b"an earlier video"

@@ -68,13 +68,12 @@ DEFAULT_NPROC = {"tiny": {"preencode": 2, "teacher": 2, "ode": 2, "stage2": 2}}
 # The evaluation the pipeline runs on the exported model (into EXPORT/eval): for tiny, the settings of the
 # committed eval/report.md (teacher CFG 3, as the ODE pairs chose on training stories; 2 threads).
 EVAL_ARGS = {"tiny": ["--stories", "32", "--stories10", "4", "--teacher-stories", "4", "--teacher-stories10", "1",
-                      "--guidance", "3", "--threads", "2"],
-             "micro": ["--quick"]}
-
+                      "--guidance", "3", "--threads", "2"]}
 
 
 def evaluation_args(preset: str, export_dir) -> list[str]:
-    """`-m training.evaluate ...` for the exported model: its own weights, its report in EXPORT/eval."""
+    """`-m training.evaluate ...` for the exported model: its own weights, its report in EXPORT/eval (other
+    presets than tiny: a --quick smoke run)."""
     return ["-m", "training.evaluate", "--model", preset, "--weights-dir", str(export_dir),
             "--out", str(Path(export_dir) / "eval"), *EVAL_ARGS.get(preset, ["--quick"])]
 
