@@ -228,13 +228,13 @@ class NextShotGenerate:
                 "prompt": (PROMPT, {"tooltip": "This shot's captions and seed, from Shot Prompt."}),
                 "width": ("INT", {
                     "default": g.width, "min": 16, "max": 4096, "step": 16,
-                    "tooltip": "Frame width of a new story (multiple of 16). Ignored when a state is connected."}),
+                    "tooltip": "Frame width of a new story (multiple of 16). Greyed out, and unused, while a state is connected."}),
                 "height": ("INT", {
                     "default": g.height, "min": 16, "max": 4096, "step": 16,
-                    "tooltip": "Frame height of a new story (multiple of 16). Ignored when a state is connected."}),
+                    "tooltip": "Frame height of a new story (multiple of 16). Greyed out, and unused, while a state is connected."}),
                 "frames_per_shot": ("INT", {
                     "default": g.frames_per_shot, "min": 1, "max": 1025, "step": 1,
-                    "tooltip": "Frames per shot of a new story (4k+1). Ignored when a state is connected."}),
+                    "tooltip": "Frames per shot of a new story (4k+1). Greyed out, and unused, while a state is connected."}),
             },
             "optional": {
                 "state": (STATE, {"tooltip": "The story so far. Leave unconnected to start a new story."}),

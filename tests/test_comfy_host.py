@@ -214,6 +214,24 @@ class TestEachWorkflow:
         prompt = browser.execute_async_script(
             "const done = arguments[0]; app.graphToPrompt().then(p => done(p.output));")
         assert prompt == {k: {"inputs": v["inputs"], "class_type": v["class_type"]} for k, v in api.items()}
+        # a shot that continues a state has its new-story size widgets greyed out; a first shot does not
+        greyed = browser.execute_script("""
+            return app.graph._nodes.filter(n => n.type === "NextShotGenerate").map(n => [String(n.id),
+                n.widgets.filter(w => ["width", "height", "frames_per_shot"].includes(w.name)).map(w => !!w.disabled)]);""")
+        for node_id, flags in greyed:
+            assert flags == [("state" in api[node_id]["inputs"])] * 3, (node_id, flags)
+        if len(greyed) > 1:  # unlinking a continuing shot's state frees its widgets; linking it again greys them
+            node_id = next(n for n, _ in greyed if "state" in api[n]["inputs"])
+            toggled = browser.execute_script(f"""
+                const node = app.graph.getNodeById({node_id});
+                const slot = node.inputs.findIndex(i => i.name === "state");
+                const link = app.graph.links[node.inputs[slot].link];
+                const flags = () => node.widgets.filter(w => w.name === "width").map(w => !!w.disabled)[0];
+                node.disconnectInput(slot);
+                const unlinked = flags();
+                app.graph.getNodeById(link.origin_id).connect(link.origin_slot, node, slot);
+                return [unlinked, flags()];""")
+            assert toggled == [False, True]
 
         # As a user would: rename the outputs, press Queue Prompt. Shots come from the host's cache.
         videos = ids_of(api, "VideoCombine")

@@ -3,6 +3,8 @@
 //    /shotstream/workflows/<name>.json) or any same-server URL starting with "/". Tests and docs use it:
 //    http://127.0.0.1:8188/?load=story_3shot_starter.json
 //  * Story State nodes show their summary text after they run.
+//  * Next Shot's size widgets are greyed out while a story state is connected: the story's own size
+//    wins then, and a widget that cannot be edited cannot re-run a shot for nothing.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
@@ -64,12 +66,31 @@ function showText(node, lines) {
   app.graph.setDirtyCanvas(true, false);
 }
 
+const NEW_STORY_WIDGETS = ["width", "height", "frames_per_shot"];
+
+function syncNewStoryWidgets(node) {
+  const continues = node.inputs?.find((i) => i.name === "state")?.link != null;
+  for (const w of node.widgets ?? []) {
+    if (NEW_STORY_WIDGETS.includes(w.name)) w.disabled = continues;
+  }
+  node.setDirtyCanvas?.(true, false);
+}
+
 app.registerExtension({
   name: "ShotStream.Workflows",
   async setup() {
     await loadFromAddress();  // runs after the app restored its last workflow, so ?load= wins
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === "NextShotGenerate") {
+      // called for each input on load (LGraphNode.configure) and on every link change
+      const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+      nodeType.prototype.onConnectionsChange = function () {
+        onConnectionsChange?.apply(this, arguments);
+        syncNewStoryWidgets(this);
+      };
+      return;
+    }
     if (nodeData.name !== "CacheState") return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
