@@ -41,10 +41,11 @@ def sync(device: torch.device) -> None:
 
 def bench_case(preset: str, height: int, width: int, latent_frames: int, block_frames: int,
                device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
-    validate_size(height, width)
     torch.manual_seed(0)
     vae = WanVAE(preset).to(device=device, dtype=dtype).eval()
-    z = torch.randn(1, vae.config.z_dim, latent_frames, height // 8, width // 8, device=device)
+    stride = vae.config.spatial_stride
+    validate_size(height, width, stride, patch=(1, 1))  # the VAE alone (bench_dit_block checks the DiT's patch)
+    z = torch.randn(1, vae.config.z_dim, latent_frames, height // stride, width // stride, device=device)
     blocks = [z[:, :, i:i + block_frames] for i in range(0, latent_frames, block_frames)]
     dec = StreamingDecoder(vae)
 
@@ -85,6 +86,7 @@ def bench_dit_block(dit_preset: str, layers: int | None, height: int, width: int
     """Seconds of one streamed block (few-step passes + refresh) and of the global cache fill."""
     preset = get_preset(dit_preset)
     cfg = preset.dit if layers is None else dataclasses.replace(preset.dit, num_layers=layers)
+    validate_size(height, width, patch=cfg.spatial_patch)  # on the 8x latent grid used below
     torch.manual_seed(0)
     dit = CausalWanDiT(cfg).to(device=device, dtype=dtype).eval()
     h, w, ctx = height // 8, width // 8, preset.sampler.context_frames

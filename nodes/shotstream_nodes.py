@@ -244,6 +244,8 @@ class NextShotGenerate:
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, frames_per_shot=None):
         if _is_widget_value(width) and _is_widget_value(height):
+            # The model is unknown here: Wan's 2x2 patch (the widgets' step of 16; the bundled model's too).
+            # generate() checks the size again through the model's own geometry.
             msg = _validation_message(validate_size, int(height), int(width))
             if msg is not True:
                 return msg

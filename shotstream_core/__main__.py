@@ -53,7 +53,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def generate(args) -> int:
-    from .config import ShotGeometry
     from .engine import ShotRequest
     from .loading import load_engine
     from .video import VideoWriter
@@ -65,13 +64,12 @@ def generate(args) -> int:
                          f"model (tiny)")
     engine = load_engine(None if is_preset else args.model, args.vae, args.text_encoder,
                          preset=args.model if is_preset else "tiny", dtype=args.dtype, device=args.device)
-    geo = engine.geometry
+    geo = engine.geometry  # replace() checks a new size against this model's VAE stride and DiT patch
     if args.size:
         w, h = parse_size(args.size)
         geo = geo.replace(width=w, height=h)
     if args.frames_per_shot:
         geo = geo.replace(frames_per_shot=args.frames_per_shot)
-    geo = ShotGeometry(**{k: getattr(geo, k) for k in ("height", "width", "frames_per_shot", "fps")})  # validates
     trained = engine.geometry
     if (geo.width, geo.height, geo.frames_per_shot) != (trained.width, trained.height, trained.frames_per_shot):
         print(f"note: this model was trained at {trained.width}x{trained.height}, {trained.frames_per_shot} frames "

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 # of ShotGeometry.spatial_stride, which follows the VAE a model runs with.
 VAE_TEMPORAL_STRIDE = 4
 VAE_SPATIAL_STRIDE = 8
+# Wan2.1's DiT patch: one latent frame by 2x2 latent cells a token. Its spatial part is the default of
+# ShotGeometry.dit_patch, which follows the DiT a model runs with.
+WAN_PATCH_SIZE = (1, 2, 2)
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class DiTConfig:
     text_len: int = 512
     in_channels: int = 16
     out_channels: int = 16
-    patch_size: tuple[int, int, int] = (1, 2, 2)
+    patch_size: tuple[int, int, int] = WAN_PATCH_SIZE
     eps: float = 1e-6
     rope_theta: float = 10000.0
     # A fixed 2-D sin-cos position added to the patch tokens (DiT's). Wan has none: RoPE is relative, so a
@@ -52,23 +55,33 @@ class DiTConfig:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    @property
+    def spatial_patch(self) -> tuple[int, int]:
+        """Latent cells a token spans, (height, width)."""
+        return tuple(self.patch_size[1:])
+
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
-        ph, pw = self.patch_size[1], self.patch_size[2]
+        ph, pw = self.spatial_patch
         return (latent_height // ph) * (latent_width // pw)
 
 
 @dataclass(frozen=True)
 class ShotGeometry:
-    """Pixel size and length of one shot, and the VAE's spatial stride that sets its latent grid."""
+    """Pixel size and length of one shot, the VAE's spatial stride that sets its latent grid, and the DiT's
+    patch that tiles that grid into tokens (the size must suit both)."""
 
     height: int = 480
     width: int = 832
     frames_per_shot: int = 81
     fps: int = 16
     spatial_stride: int = VAE_SPATIAL_STRIDE  # pixels per latent cell a side: the engine sets it from its VAE
+    # Latent cells per token, (height, width): the engine sets it from its DiT. Saved states without it
+    # were all made under Wan's rule, so they read back with Wan's patch.
+    dit_patch: tuple[int, int] = WAN_PATCH_SIZE[1:]
 
     def __post_init__(self):
-        validate_size(self.height, self.width, self.spatial_stride)
+        object.__setattr__(self, "dit_patch", tuple(self.dit_patch))  # a list when read back from JSON
+        validate_size(self.height, self.width, self.spatial_stride, self.dit_patch)
         validate_frames(self.frames_per_shot)
 
     @property
@@ -130,20 +143,31 @@ def validate_frames(pixel_frames: int) -> None:
         )
 
 
-def validate_size(height: int, width: int, spatial_stride: int = VAE_SPATIAL_STRIDE, patch: int = 2) -> None:
+def validate_size(height: int, width: int, spatial_stride: int = VAE_SPATIAL_STRIDE,
+                  patch: tuple[int, int] = WAN_PATCH_SIZE[1:]) -> None:
+    """Refuse a frame size that the VAE (`spatial_stride` pixels a latent cell) and the DiT (`patch`: latent
+    cells a token, (height, width)) cannot tile. Patch (1, 1) checks the VAE alone."""
     if spatial_stride < 1 or spatial_stride & (spatial_stride - 1):
         raise ValueError(f"the VAE's spatial stride must be a power of 2, got {spatial_stride}")
-    multiple = spatial_stride * patch
-    bad = [(n, v) for n, v in (("height", height), ("width", width)) if v < multiple or v % multiple]
-    if bad:
-        hints = ", ".join(
-            f"{n} {v} -> {max(multiple, v // multiple * multiple)} or {max(multiple, v // multiple * multiple) + multiple}"
-            for n, v in bad
-        )
-        raise ValueError(
-            f"size must be divisible by {multiple} (VAE stride {spatial_stride} x DiT patch {patch}); "
-            f"nearest valid: {hints}"
-        )
+    ph, pw = patch
+    if ph < 1 or pw < 1:
+        raise ValueError(f"the DiT's patch must be at least 1x1, got {ph}x{pw}")
+    mh, mw = spatial_stride * ph, spatial_stride * pw
+    hints = []
+    for name, size, multiple in (("height", height, mh), ("width", width, mw)):
+        if size < multiple or size % multiple:
+            lower = max(multiple, size // multiple * multiple)
+            hints.append(f"{name} {size} -> {lower} or {lower + multiple}")
+    if not hints:
+        return
+    rule = f"size must be divisible by {mh}" if mh == mw else f"height must be divisible by {mh} and width by {mw}"
+    if ph == pw == 1:  # a 1x1 patch adds nothing to the VAE's rule
+        why = f"VAE stride {spatial_stride}"
+    elif ph == pw:
+        why = f"VAE stride {spatial_stride} x DiT patch {ph}"
+    else:
+        why = f"VAE stride {spatial_stride} x DiT patch {ph}x{pw}, height x width"
+    raise ValueError(f"{rule} ({why}); nearest valid: {', '.join(hints)}")
 
 
 # --- presets ---------------------------------------------------------------------------------------

@@ -77,8 +77,10 @@ class ShotStreamEngine:
                  text_device: torch.device | str = "cpu"):
         self.dit = dit.eval()
         self.vae = vae.eval()
-        # The latent grid follows the VAE: a small VAE may compress space by other than Wan's 8x.
-        geometry = preset.geometry.replace(spatial_stride=vae.config.spatial_stride)
+        # The latent grid follows the VAE (a small VAE may compress space by other than Wan's 8x), and the
+        # sizes that grid may take follow the DiT's patch (a finer one tiles more sizes than Wan's 2x2).
+        geometry = preset.geometry.replace(spatial_stride=vae.config.spatial_stride,
+                                           dit_patch=dit.config.spatial_patch)
         self.preset = dataclasses.replace(preset, geometry=geometry)
         self.model_id = model_id
         self.sampler = preset.sampler
@@ -107,8 +109,10 @@ class ShotStreamEngine:
     # --- stories -----------------------------------------------------------------------------------
 
     def new_story(self, geometry: ShotGeometry | None = None) -> StoryState:
-        """A story at `geometry`'s size and length (default: the model's), on this model's latent grid."""
-        geometry = (geometry or self.geometry).replace(spatial_stride=self.geometry.spatial_stride)
+        """A story at `geometry`'s size and length (default: the model's), on this model's latent grid and
+        at a size its DiT's patch tiles."""
+        g = self.geometry
+        geometry = (geometry or g).replace(spatial_stride=g.spatial_stride, dit_patch=g.dit_patch)
         return StoryState(self.model_id, geometry)
 
     def check_state(self, state: StoryState) -> None:

@@ -1,4 +1,6 @@
 """Engine and story state (issue 2, acceptance 1 at engine level and 7)."""
+import dataclasses
+import json
 import warnings
 
 import pytest
@@ -164,3 +166,83 @@ def test_half_precision_engine_runs_and_stays_near_fp32(story, dtype):
     again = half.generate_story(G, CAPTIONS[:2], seeds=[11, 12])
     assert again.frames().shape == story.frames().shape
     assert float((again.frames() - story.frames()).abs().mean()) < 0.03
+
+
+# --- the DiT's patch in the size rule ----------------------------------------------------------------
+
+def test_geometry_size_rule_follows_the_dit_patch():
+    """A frame size must tile the VAE's latent cells and then the DiT's patches, per side."""
+    from shotstream_core.config import ShotGeometry
+
+    with pytest.raises(ValueError, match=r"divisible by 16 \(VAE stride 8 x DiT patch 2\).*height 24 -> 16 or 32"):
+        ShotGeometry(24, 40, 9, 16)  # Wan's 2x2 patch, the default
+    fine = ShotGeometry(24, 40, 9, 16, dit_patch=(1, 1))  # a 1x1 patch tiles any latent grid
+    assert (fine.latent_height, fine.latent_width) == (3, 5)
+    with pytest.raises(ValueError, match=r"divisible by 32 \(VAE stride 8 x DiT patch 4\)"):
+        ShotGeometry(48, 64, 9, 16, dit_patch=(4, 4))  # fine for 2x2, not for 4x4
+    # A patch of other height and width: each side has its own multiple, and only the bad side is named.
+    ShotGeometry(24, 48, 9, 16, dit_patch=(1, 2))
+    with pytest.raises(ValueError, match=r"height must be divisible by 8 and width by 16 \(VAE stride 8 x DiT "
+                                         r"patch 1x2, height x width\); nearest valid: width 40 -> 32 or 48$"):
+        ShotGeometry(24, 40, 9, 16, dit_patch=(1, 2))
+    with pytest.raises(ValueError, match=r"height must be divisible by 16 and width by 8 .*height 24 -> 16 or 32$"):
+        ShotGeometry(24, 40, 9, 16, dit_patch=(2, 1))
+
+
+@pytest.fixture(scope="module")
+def patch1_engine(engine, tmp_path_factory):
+    """The micro engine's DiT with 1x1 patches (random weights), loaded from a file as a user's would be."""
+    from shotstream_core.loading import save_dit
+    from shotstream_core.model import CausalWanDiT
+
+    torch.manual_seed(0)
+    path = save_dit(CausalWanDiT(dataclasses.replace(engine.dit.config, patch_size=(1, 1, 1))),
+                    tmp_path_factory.mktemp("patch1") / "dit.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_engine(dit_path=path, preset="micro", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def patch1_story(patch1_engine):
+    """Two shots at 24x40 pixels: 3x5 latent cells, which a 1x1 patch tiles and Wan's 2x2 cannot."""
+    geometry = patch1_engine.geometry.replace(height=24, width=40)
+    return patch1_engine.generate_story(G, CAPTIONS[:2], seeds=[3, 4], geometry=geometry)  # shot 2 re-encodes shot 1
+
+
+def test_a_patch_1_dit_tells_a_story_at_a_size_wan_patches_cannot_tile(engine, patch1_engine, patch1_story):
+    assert patch1_engine.geometry.dit_patch == (1, 1) and engine.geometry.dit_patch == (2, 2)
+    geo = patch1_story.geometry
+    assert geo.dit_patch == (1, 1) and patch1_story.num_shots == 2
+    assert patch1_story.frames().shape == (2 * geo.frames_per_shot, 24, 40, 3)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        engine.geometry.replace(height=24, width=40)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        engine.new_story(geo)  # a story takes the patch of the engine that tells it
+
+
+def _as_saved_before_dit_patch(path):
+    """A saved state's JSON made to look as it did before ShotGeometry had dit_patch."""
+    json_path = path.with_suffix(".json")
+    meta = json.loads(json_path.read_text())
+    del meta["geometry"]["dit_patch"]
+    json_path.write_text(json.dumps(meta))
+    return path
+
+
+def test_a_saved_state_keeps_its_dit_patch(patch1_engine, patch1_story, tmp_path):
+    loaded = StoryState.load(patch1_story.save(tmp_path / "story"))
+    assert loaded.geometry == patch1_story.geometry and loaded.geometry.dit_patch == (1, 1)
+    more, _ = patch1_engine.generate_shot(loaded, ShotRequest(G, CAPTIONS[2], seed=5))
+    assert more.num_shots == 3
+
+
+def test_states_saved_before_the_dit_patch_load_with_wans_and_continue(engine, patch1_engine, story, tmp_path):
+    """Every older state was made under Wan's 2x2 rule, so Wan's patch is true of it; its model continues it,
+    whatever that model's patch."""
+    patch1_old = patch1_engine.generate_story(G, CAPTIONS[:1], seeds=[3])  # at the micro preset's 32x32
+    for name, eng, old in (("wan", engine, story), ("patch1", patch1_engine, patch1_old)):
+        loaded = StoryState.load(_as_saved_before_dit_patch(old.save(tmp_path / name)))
+        assert loaded.geometry == old.geometry.replace(dit_patch=(2, 2))
+        more, _ = eng.generate_shot(loaded, ShotRequest(G, CAPTIONS[2], seed=5))
+        assert more.num_shots == old.num_shots + 1

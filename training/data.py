@@ -149,8 +149,10 @@ class LatentStoryDataset:
         return len(self.stories)
 
     def geometry(self, preset):
-        """The preset's shot geometry on this store's latent grid (the stride of the VAE that encoded it)."""
-        return preset.geometry.replace(spatial_stride=self.info.get("spatial_stride", preset.geometry.spatial_stride))
+        """The preset's shot geometry on this store's latent grid (the stride of the VAE that encoded it),
+        tiled by the preset's DiT's patch."""
+        stride = self.info.get("spatial_stride", preset.geometry.spatial_stride)
+        return preset.geometry.replace(spatial_stride=stride, dit_patch=preset.dit.spatial_patch)
 
     def check_fits(self, preset, what: str) -> None:
         """Refuse, naming the fix, latents that `preset`'s DiT (in_channels) and geometry cannot take, e.g. a
