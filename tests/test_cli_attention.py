@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from shotstream_core.attention import attention, resolve_backend
+from shotstream_core.state import StoryState
 from shotstream_core.video import read_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +28,10 @@ def test_cli_generates_a_story_video(tmp_path):
     assert frames.shape == (2 * 21, 32, 32, 3) and fps == 16
     assert "random weights" in proc.stderr  # the micro preset has no trained weights, and says so
     assert (tmp_path / "state.safetensors").exists() and (tmp_path / "state.json").exists()
+    # the video holds the saved story's frames in order: nearer to them than to them one frame or one shot out of step
+    story_frames = StoryState.load(tmp_path / "state.safetensors").frames()
+    error = lambda ref: float((torch.as_tensor(frames).float() / 255 - ref).abs().mean())  # noqa: E731
+    assert error(story_frames) < 0.8 * min(error(story_frames.roll(1, 0)), error(story_frames.roll(21, 0)))  # 21 frames a micro shot
 
 
 def test_cli_bad_frames_is_one_clear_line(tmp_path):

@@ -165,7 +165,8 @@ def test_half_precision_engine_runs_and_stays_near_fp32(story, dtype):
     assert half.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     again = half.generate_story(G, CAPTIONS[:2], seeds=[11, 12])
     assert again.frames().shape == story.frames().shape
-    assert float((again.frames() - story.frames()).abs().mean()) < 0.03
+    # bf16 differs by about 0.006; another seed for shot 2 alone moves the story by about 0.044
+    assert float((again.frames() - story.frames()).abs().mean()) < 0.015
 
 
 # --- the DiT's patch in the size rule ----------------------------------------------------------------

@@ -262,6 +262,12 @@ def test_cache_state_save_and_load_round_trip(nodes, three_shots, out_dir):
 
 # --- VideoCombine ---------------------------------------------------------------------------------
 
+def psnr(video, frames) -> float:
+    """dB between a read-back uint8 video [F, H, W, 3] and float frames in 0..1."""
+    mse = ((torch.as_tensor(video).float() / 255 - frames.float()) ** 2).mean()
+    return float(10 * torch.log10(1 / mse))
+
+
 def test_video_combine_writes_the_story(nodes, three_shots, out_dir):
     from shotstream_core.video import read_video
 
@@ -270,8 +276,13 @@ def test_video_combine_writes_the_story(nodes, three_shots, out_dir):
     frames, path = out["result"]
     assert frames.shape == (3 * g.frames_per_shot, g.height, g.width, 3)
     assert path == str(out_dir / "ShotStream" / "test_00001.mp4")
+    assert torch.equal(frames, three_shots.frames())  # the story's frames, in shot order
     video, fps = read_video(path)
     assert video.shape == (3 * g.frames_per_shot, g.height, g.width, 3) and fps == 16
+    # the file holds those frames in that order: the micro model's noisy frames code at only ~23 dB, but
+    # the same frames one frame or one shot out of step read at least 2 dB worse
+    right = psnr(video, frames)
+    assert right > 2 + max(psnr(video, frames.roll(1, 0)), psnr(video, frames.roll(g.frames_per_shot, 0)))
     assert (out_dir / "ShotStream" / "test_00001.webp").is_file()
     assert [v["format"] for v in out["ui"]["videos"]] == ["mp4", "webp"]
     assert out["ui"]["images"][0]["filename"] == "test_00001.webp"
@@ -281,7 +292,9 @@ def test_video_combine_appends_images_and_checks_inputs(nodes, three_shots, out_
     g = three_shots.geometry
     extra = three_shots.shot_frames(0)
     out = nodes["VideoCombine"]().combine(8, "mp4", "joined", images=extra, state=three_shots)
-    assert out["result"][0].shape[0] == 4 * g.frames_per_shot
+    joined = out["result"][0]
+    assert joined.shape[0] == 4 * g.frames_per_shot  # the story first, then the appended images
+    assert torch.equal(joined[:3 * g.frames_per_shot], three_shots.frames()) and torch.equal(joined[-g.frames_per_shot:], extra)
     assert out["ui"]["images"][0]["type"] == "temp"  # a WebP preview for UIs that show only images
     # dotted prefixes keep their counter; the same stem in two folders gets two previews
     one = nodes["VideoCombine"]().combine(8, "mp4", "a/story.final", images=extra)

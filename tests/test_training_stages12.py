@@ -239,7 +239,7 @@ def test_diagnose_reads_flow_error_and_text_gain(store):
     assert scores["latent_std:frame0"] == pytest.approx(x0[:, :, 0].std().item(), abs=1e-4)
 
 
-def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path):
+def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path, capsys):
     from shotstream_core.loading import save_dit
     from training.diagnose import main
 
@@ -254,20 +254,22 @@ def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path)
     assert Image.open(sheets[0]).height > 4 * GEO.height
     assert all(0.0 <= r["sample_adherence"] <= 1.0 and 0.0 <= r["sample_spurious_openings"] <= 1.0
                and r["sample_opening_jump"] >= 0.0 for r in results.values())
-    with pytest.raises(SystemExit):  # sampling without the VAE to decode with is refused up front
-        main(argv + ["--sample-shots", "2"])
-    with pytest.raises(SystemExit):  # a sheet of samples that are not drawn: refused
-        main(argv + ["--sample-sheet", str(tmp_path / "none")])
+    def refused(args, says):  # a usage error: exit status 2 and a message that names the fix
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+    refused(argv + ["--sample-shots", "2"], "give --vae")  # nothing to decode the samples with
+    refused(argv + ["--sample-sheet", str(tmp_path / "none")], "give --sample-shots")  # no samples drawn
     vae_path = str(store / "vae.safetensors")
     read = main(["--vaes", vae_path, "--shots", "2", "--preset", "micro"])
     assert list(read) == [vae_path] and len(read[vae_path]["latent_adjacent_corr"]) == GEO.latent_frames - 1
-    with pytest.raises(SystemExit):  # DiT weights and VAEs in one call: refused
-        main([paths[0], "--vaes", vae_path, "--preset", "micro"])
+    refused([paths[0], "--vaes", vae_path, "--preset", "micro"], "one of them")  # DiT weights and VAEs at once
     probed = main(["--vaes", vae_path, "--shots", "2", "--preset", "micro", "--probe", "8", "--probe-steps", "2"])
     assert set(probed[vae_path]["probe"]) == {"truth", "pooled", "latent", "decoded", "counts"}
     assert all(0.0 <= probed[vae_path]["probe"][form]["shape"]["all"] <= 1.0 for form in ("truth", "latent"))
-    with pytest.raises(SystemExit):  # a probe reads VAEs: refused for DiT weights
-        main([*paths, "--latent-dir", str(store / "latents"), "--preset", "micro", "--probe", "8"])
+    refused([*paths, "--latent-dir", str(store / "latents"), "--preset", "micro", "--probe", "8"],
+            "give --vaes")  # a probe reads VAEs, not DiT weights
 
 
 class _FakeVAE:
