@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shotstream_core.config import ShotGeometry, get_preset
+from shotstream_core.config import VAE_TEMPORAL_STRIDE, ShotGeometry, get_preset
 from training.storyworld import (COLOURS, PLACES, aggregate, make_split, make_story, read_index,
                                  read_mp4, read_story_clip, render_shot, render_story, score_story,
                                  shot_flags, write_mp4, write_story, write_stories)
@@ -34,10 +34,10 @@ def codec_roundtrip(frames, tmp_path, name="v") -> np.ndarray:
     return read_mp4(path)[0]
 
 
-def score_all(stories, make_frames) -> dict:
+def score_all(stories, make_frames, geometry=GEOMETRY) -> dict:
     scores = []
     for i, s in enumerate(stories):
-        frames, ranges = render_story(s, GEOMETRY)
+        frames, ranges = render_story(s, geometry)
         scores.append(score_story(s, make_frames(i, s, frames, ranges), ranges))
     return aggregate(scores)
 
@@ -128,6 +128,69 @@ def test_ground_truth_scores_many(tmp_path):
     metrics = score_all(stories, lambda i, s, f, r: codec_roundtrip(f, tmp_path))
     print(json.dumps(metrics, indent=1))
     _check_truth(metrics)
+
+
+# --- short shots: every legal length the analyser can read (4k+1 frames, from 5) -------------------------
+
+def _short(preset: str, frames: int) -> ShotGeometry:
+    """A preset's frame size with `frames` frames a shot (what `storyworld make --frames` renders)."""
+    return get_preset(preset).geometry.replace(frames_per_shot=frames)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "micro"])
+def test_short_shots_ground_truth_finds_every_cut(tmp_path, preset):
+    """5-frame shots: a cut's baseline window stops short of the next cut. With a fixed 8-frame window a
+    moving shot between still ones read as a row of cuts, and the truth scored cut F1 0.96."""
+    geometry = _short(preset, 5)
+    stories = make_split("eval5", 24) + make_split("eval10", 6)
+    m = score_all(stories, lambda i, s, f, r: codec_roundtrip(f, tmp_path), geometry)
+    assert m["cut_f1"] >= 0.99 and m["counts"]["cuts_spurious"] == 0, m
+    if preset == "tiny":  # 32x32 reads small shapes less well at any length; its cuts are what is checked
+        _check_truth(m)
+
+
+def test_short_shots_bad_input_still_fails():
+    """At 5 frames a shot, frames shuffled across shots, and a story with no cut whose character moves at
+    the short shots' speed all along, still score badly: the shorter window does not take motion for cuts."""
+    geometry, rng = _short("tiny", 5), np.random.default_rng(0)
+    stories = make_split("eval10", 12)
+    shuffled = score_all(stories, lambda i, s, f, r: f[rng.permutation(len(f))], geometry)
+    assert shuffled["cut_f1"] < 0.3 and shuffled["flicker"] < 0.9, shuffled
+    assert shuffled["adherence_by_item"]["motion"] < 0.5 and shuffled["adherence"] < 0.8, shuffled
+
+    def no_cuts(i, s, f, r):  # the first moving shot played back and forth for the whole video
+        a, b = r[next(k for k, shot in enumerate(s.shots) if shot.motion != "still")]
+        there_and_back = np.concatenate([np.arange(a, b), np.arange(b - 2, a, -1)])
+        return f[np.resize(there_and_back, len(f))]
+
+    m = score_all(stories, no_cuts, geometry)
+    assert m["cut_f1"] == 0.0 and m["counts"]["cuts_detected"] == 0, m
+
+
+def test_one_frame_shots_raise_a_clear_error(tmp_path):
+    """1-frame shots: every frame change is a cut, so noise would score a perfect cut F1, and motion and
+    flicker have nothing to compare. The analyser refuses them and names the lengths that work; the CLI
+    says so without a traceback."""
+    from training.storyworld import detect_cuts
+    from training.storyworld.analyse import MIN_SHOT_FRAMES
+
+    story = make_story(4, 5)
+    frames, ranges = render_story(story, _short("tiny", 1))
+    with pytest.raises(ValueError, match=r"5 of 5 shots are too short .* 5, 9, 13, \.\.\."):
+        score_story(story, frames, ranges)
+    with pytest.raises(ValueError, match="--frames 5"):
+        detect_cuts(frames, shortest_shot=1)
+    assert MIN_SHOT_FRAMES <= 1 + VAE_TEMPORAL_STRIDE  # the next legal length is analysable
+    stories = tmp_path / "stories"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    made = subprocess.run([sys.executable, "-m", "training.storyworld", "make", "--out", str(stories), "--stories",
+                           "1", "--frames", "1", "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert made.returncode == 0 and "1-frame shots cannot be scored" in made.stderr, made.stderr
+    scored = subprocess.run([sys.executable, "-m", "training.storyworld", "score", "--stories", str(stories),
+                             "--videos", str(stories), "--out", str(tmp_path / "m.json")],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    assert scored.returncode != 0 and "Traceback" not in scored.stderr, scored.stderr
+    assert "shots are too short" in scored.stderr and "5, 9, 13" in scored.stderr, scored.stderr
 
 
 def test_blurry_noisy_truth_still_reads():

@@ -7,14 +7,15 @@ Public API
     storage:  write_story / write_stories (reference format: index.csv, NAME.json, NAME.mp4, plus
               NAME.truth.json);  read_index(csv) -> [ClipRecord];  read_story_clip(video, json, ranges)
               -> StoryClip (frames, ranges, captions, absolute-range shot flags);  read_truth
-    analyse:  analyse_video(frames, ranges) -> VideoAnalysis;  detect_cuts(frames);
+    analyse:  analyse_video(frames, ranges) -> VideoAnalysis;  detect_cuts(frames, shortest_shot=None);
+              check_shot_lengths(lengths) (ValueError below MIN_SHOT_FRAMES: 5, 9, 13, ... frames work);
               score_story(story, frames, ranges) -> StoryScore;  aggregate([StoryScore]) -> metrics dict;
               score_dirs(stories_dir, videos_dir) -> metrics dict
     sheet:    contact_sheet(frames, ranges, captions) -> PIL image;  sheet_for(path)
 CLI: python -m training.storyworld {make, score, sheet} --help
 """
-from .analyse import (VideoAnalysis, StoryScore, aggregate, analyse_shot, analyse_video, detect_cuts,
-                      score_story)
+from .analyse import (VideoAnalysis, StoryScore, aggregate, analyse_shot, analyse_video, check_shot_lengths,
+                      detect_cuts, score_story)
 from .render import default_geometry, render_shot, render_story
 from .scoring import score_dirs
 from .sheet import contact_sheet, sheet_for
@@ -29,6 +30,6 @@ __all__ = [
     "default_geometry", "render_shot", "render_story",
     "ClipRecord", "StoryClip", "read_index", "read_mp4", "read_story_clip", "read_truth", "shot_flags",
     "write_index", "write_mp4", "write_stories", "write_story",
-    "VideoAnalysis", "StoryScore", "aggregate", "analyse_shot", "analyse_video", "detect_cuts",
+    "VideoAnalysis", "StoryScore", "aggregate", "analyse_shot", "analyse_video", "check_shot_lengths", "detect_cuts",
     "score_story", "score_dirs", "contact_sheet", "sheet_for",
 ]

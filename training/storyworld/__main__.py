@@ -25,12 +25,16 @@ def _shots(text: str) -> tuple[int, int]:
 
 
 def cmd_make(args) -> None:
+    from .analyse import MIN_SHOT_FRAMES, short_shot_advice
     from .storage import write_stories
 
     geometry = get_preset(args.preset).geometry
     if args.height or args.width or args.frames:
         geometry = ShotGeometry(args.height or geometry.height, args.width or geometry.width,
                                 args.frames or geometry.frames_per_shot, geometry.fps)
+    if geometry.frames_per_shot < MIN_SHOT_FRAMES:  # fine to train on, but the analyser cannot score them
+        print(f"note: {geometry.frames_per_shot}-frame shots cannot be scored: {short_shot_advice()}",
+              file=sys.stderr)
     aspect = geometry.width / geometry.height
     if args.split == "train":  # the training set's own rule: `--shots 2-4` rebuilds the tiny data set
         lo, hi = args.shots or (5, 5)
@@ -55,7 +59,10 @@ def cmd_make(args) -> None:
 def cmd_score(args) -> None:
     from .scoring import score_dirs
 
-    metrics = score_dirs(args.stories, args.videos, per_story=not args.summary_only)
+    try:
+        metrics = score_dirs(args.stories, args.videos, per_story=not args.summary_only)
+    except (ValueError, FileNotFoundError) as e:  # the user's input, not a bug: say what to fix
+        sys.exit(f"storyworld score: {e}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(metrics, indent=2))
     summary = {k: metrics[k] for k in ("adherence", "memory", "memory_stderr", "memory_by_kind", "cut_f1", "drift",

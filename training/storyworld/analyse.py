@@ -10,7 +10,11 @@ The analyser never sees the story's hidden values or the renderer's nuisance val
    do not stretch the box). Shape = best IoU against the four shape templates fitted to the box; size =
    box height / frame height; motion = least-squares slope of the box centre over the shot.
 4. Cuts: frames where the change from the previous frame (on 4x4-block means) towers over the change
-   of the frames around it. A cut needs no story: it reads the whole video.
+   of the frames around it. A cut needs no story: it reads the whole video, and at most the length of the
+   shortest shot, so that the frames around a cut reach no further than the two shots it separates.
+Every shot needs at least MIN_SHOT_FRAMES (3) frames, so 5, 9, 13, ... on the VAE's 4k+1 grid: in a shorter
+one a cut cannot be told from motion, and motion and flicker have no frames to compare, so `analyse_video`
+raises ValueError rather than return scores that cannot fail (see `check_shot_lengths`).
 
 Metrics (all "higher is better" except drift, which is a difference; see `aggregate`):
 - adherence: share of the stated attributes of each shot that the video shows. Per shot the items are
@@ -38,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from shotstream_core.config import VAE_TEMPORAL_STRIDE
+
 from .render import shape_coverage
 from .world import COLOURS, FRAMINGS, PLACES, SHAPES, Story
 
@@ -62,16 +68,23 @@ STILL_BELOW = 0.08  # displacement over the shot (fraction of the side) below wh
 CUT_MIN_CHANGE = 1.5  # least mean abs change (0-255) of a cut
 CUT_RATIO = 4.0  # a cut's change must exceed this many times the median change around it
 OPENING_FRAMES = 2  # a spurious cut at t <= this is the video's first frame(s) jumping against the next
-CUT_WINDOW = 8
-# Validated on shots of 9 frames and more (ground truth scores cut F1 1.0 at 9-33). At 5 frames a shot the
-# window holds mostly other shots' cuts and motion, and the truth itself scores about 0.90.
+CUT_WINDOW = 8  # frames either side of t whose changes are its baseline, at most: local to the shot at hand
+CUT_SMEAR = 1  # changes this close to t stay out of its baseline: a soft or flashing cut spreads that far
+# The window also stops short of the next cut (shortest shot - 1 frames), so a cut's baseline holds only the
+# two shots it separates: with the fixed window, a moving 5-frame shot between still ones read as cuts.
+# A shot needs a change of its own beyond the smear by each cut, and two frames to show motion or flicker.
+# Validated on ground truth through H.264 at 64x64 and 32x32, 5 to 33 frames a shot: cut F1 1.0 from 9
+# frames, 0.99 at 5 (motion per frame is 8x that at 33, and a few weak cuts stay under CUT_RATIO times it);
+# 1-frame shots raise. tests/test_storyworld.py: test_short_shots_*.
+MIN_SHOT_FRAMES = CUT_SMEAR + 2
 FLICKER_SCALE = 32.0  # mean change (of 255) per frame that scores 0; noise (about 85) is far beyond
-CHAR_DILATE = 2
-SHAPE_EVERY = 4  # read the silhouette (shape, height) of every 4th frame a character is seen in
+CHAR_DILATE = 2  # pixels around a character that flicker ignores (anti-aliased edges move)
+SHAPE_EVERY = 4  # read the silhouette (shape, height) of every 4th frame a character is seen in, ...
+MIN_SHAPE_READS = 5  # ... or of more in a short shot, so that its shape vote rests on at least this many
 # RGB -> (Y, Cb, Cr) with chroma weighted down: silhouettes come from luma wherever it has contrast.
 SHAPE_SPACE = np.array([[0.299, 0.587, 0.114],
                         [-0.169 * 0.3, -0.331 * 0.3, 0.5 * 0.3],
-                        [0.5 * 0.3, -0.419 * 0.3, -0.081 * 0.3]], np.float32)  # pixels around a character that flicker ignores (anti-aliased edges move)
+                        [0.5 * 0.3, -0.419 * 0.3, -0.081 * 0.3]], np.float32)
 
 
 # --- per-pixel labels ------------------------------------------------------------------------------
@@ -264,6 +277,7 @@ def analyse_shot(frames: np.ndarray, labels: np.ndarray | None = None) -> tuple[
 
     dets, any_char = [], np.zeros(labels.shape, bool)
     t = np.arange(F, dtype=np.float64)
+    shape_every = max(1, min(SHAPE_EVERY, F // MIN_SHAPE_READS))
     for ci, colour in enumerate(COLOUR_NAMES):
         raw = labels == CHAR0 + ci
         if raw.sum() < F * (MIN_SIDE * H) ** 2 * MIN_PRESENT * MIN_FILL:
@@ -283,7 +297,7 @@ def analyse_shot(frames: np.ndarray, labels: np.ndarray | None = None) -> tuple[
                 continue
             ys, xs = np.nonzero(crop)
             seen_t.append(t[f]); cx.append(xs.mean() + x0); cy.append(ys.mean() + y0)
-            if len(seen_t) % SHAPE_EVERY == 1 or SHAPE_EVERY == 1:  # silhouettes cost: read a sample
+            if (len(seen_t) - 1) % shape_every == 0:  # silhouettes cost: read a sample
                 silhouette = _alpha_crop(frames[f], labels[f], m, (y0, y1, x0, x1))
                 hs.append(silhouette.shape[0] / H)
                 shapes.append(classify_shape(silhouette)[0])
@@ -315,15 +329,55 @@ def frame_changes(frames: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], np.abs(np.diff(small, axis=0)).mean((1, 2, 3))])
 
 
-def detect_cuts(frames: np.ndarray) -> list[int]:
-    """Frame indices t where a new shot starts (the change lies between frame t-1 and t)."""
+def shortest_analysable_length() -> int:
+    """The shortest legal shot (4k+1 frames, the VAE's rule) of at least MIN_SHOT_FRAMES frames."""
+    return MIN_SHOT_FRAMES + (1 - MIN_SHOT_FRAMES) % VAE_TEMPORAL_STRIDE
+
+
+def short_shot_advice() -> str:
+    """What a too-short shot's error says: why, and which lengths to use instead."""
+    first = shortest_analysable_length()
+    legal = ", ".join(str(first + k * VAE_TEMPORAL_STRIDE) for k in range(3))
+    return (f"the Story World analyser needs shots of at least {MIN_SHOT_FRAMES} frames, so {legal}, ... on the "
+            f"VAE's 4k+1 grid (in a shorter shot a cut cannot be told from motion, and motion and flicker have no "
+            f"frames to compare); render and generate such shots, e.g. `python -m training.storyworld make "
+            f"--frames {first}`")
+
+
+def check_shot_lengths(lengths, where: str = "") -> None:
+    """Raise ValueError when a shot has fewer than MIN_SHOT_FRAMES frames; `where` prefixes the message.
+
+    In 1-frame shots every frame change is a cut, so a cut cannot be told from motion (and noise would
+    score a perfect cut F1); motion has no second frame to move to, and flicker nothing to compare.
+    """
+    short = [k for k, n in enumerate(lengths) if n < MIN_SHOT_FRAMES]
+    if short:
+        n = lengths[short[0]]
+        raise ValueError(f"{where}{len(short)} of {len(lengths)} shots are too short (shot {short[0] + 1} has "
+                         f"{n} frame{'s' * (n != 1)}): {short_shot_advice()}")
+
+
+def detect_cuts(frames: np.ndarray, shortest_shot: int | None = None) -> list[int]:
+    """Frame indices t where a new shot starts (the change lies between frame t-1 and t).
+
+    A cut's change must tower over the median change of the frames up to CUT_WINDOW either side (leaving
+    out the CUT_SMEAR next to it). shortest_shot: frames in the video's shortest shot, when known; the
+    window then stops short of the next cut, so that a cut's baseline reads only the two shots it
+    separates (with a longer window, a moving shot between still ones looked like a row of cuts). Unknown
+    (a bare video), shots are taken to be at least CUT_WINDOW + 1 frames long.
+    """
+    window = CUT_WINDOW
+    if shortest_shot is not None:
+        if shortest_shot < MIN_SHOT_FRAMES:
+            raise ValueError(f"detect_cuts: shortest_shot={shortest_shot}: {short_shot_advice()}")
+        window = min(CUT_WINDOW, shortest_shot - 1)
     d = frame_changes(frames)
     cuts = []
     for t in range(1, len(d)):
-        lo, hi = max(1, t - CUT_WINDOW), min(len(d), t + CUT_WINDOW + 1)
-        around = np.concatenate([d[lo:max(lo, t - 1)], d[min(hi, t + 2):hi]])  # leave t +- 1 out
+        lo, hi = max(1, t - window), min(len(d), t + window + 1)
+        around = np.concatenate([d[lo:max(lo, t - CUT_SMEAR)], d[min(hi, t + CUT_SMEAR + 1):hi]])
         base = float(np.median(around)) if len(around) else 0.0
-        is_peak = d[t] >= d[max(1, t - 1):t + 2].max()
+        is_peak = d[t] >= d[max(1, t - CUT_SMEAR):t + CUT_SMEAR + 1].max()
         if d[t] >= CUT_MIN_CHANGE and d[t] >= CUT_RATIO * base and is_peak:
             cuts.append(t)
     return cuts
@@ -358,18 +412,19 @@ def analyse_video(frames: np.ndarray, ranges) -> VideoAnalysis:
     if ranges and ranges[-1][1] > len(frames):
         raise ValueError(f"the video has {len(frames)} frames but its shots end at {ranges[-1][1]}; "
                          f"generate every shot in full")
+    check_shot_lengths([b - a for a, b in ranges])
     labels = label_pixels(frames)
     shots, changes = [], []
     for a, b in ranges:
         shot, chars = analyse_shot(frames[a:b], labels[a:b])
         shots.append(shot)
-        if b - a >= 2:
-            bg = ~_dilate(chars, CHAR_DILATE)
-            bg = bg[1:] & bg[:-1]  # [F-1, H, W]: background in both frames of a pair
-            diff = np.abs(np.diff(frames[a:b].astype(np.float32), axis=0)).mean(-1)
-            changes.append(float(diff[bg].mean()) if bg.any() else FLICKER_SCALE)
+        bg = ~_dilate(chars, CHAR_DILATE)
+        bg = bg[1:] & bg[:-1]  # [F-1, H, W]: background in both frames of a pair
+        diff = np.abs(np.diff(frames[a:b].astype(np.float32), axis=0)).mean(-1)
+        changes.append(float(diff[bg].mean()) if bg.any() else FLICKER_SCALE)
     flicker = float(np.mean(changes)) if changes else 0.0
-    return VideoAnalysis(shots, detect_cuts(frames), flicker)
+    shortest = min((b - a for a, b in ranges), default=None)
+    return VideoAnalysis(shots, detect_cuts(frames, shortest), flicker)
 
 
 # --- scoring against the story -------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .analyse import aggregate, score_story
+from .analyse import aggregate, check_shot_lengths, score_story
 from .storage import read_mp4, read_truth, story_names
 
 
@@ -18,9 +18,12 @@ def score_dirs(stories_dir, videos_dir, *, per_story: bool = True) -> dict:
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(names)} stories have no video in {videos_dir} "
                                 f"(first: {missing[:3]}); generate NAME.mp4 for every story")
+    truths = {n: read_truth(stories_dir / f"{n}.truth.json") for n in names}
+    for n, (_, _, ranges) in truths.items():  # before any decoding: shots too short to score raise here
+        check_shot_lengths([b - a for a, b in ranges], f"{stories_dir / n}: ")
     scores, rows = [], []
     for n in names:
-        story, _, ranges = read_truth(stories_dir / f"{n}.truth.json")
+        story, _, ranges = truths[n]
         frames, _ = read_mp4(videos_dir / f"{n}.mp4")
         s = score_story(story, frames, ranges)
         scores.append(s)
