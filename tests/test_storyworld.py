@@ -1,7 +1,7 @@
 """Story World: reproducible stories, the reference's data format, and an analyser that can fail.
 
-Quick tests run on a few dozen stories; `test_ground_truth_scores_many` (marked slow, skipped unless
-SHOTSTREAM_SLOW=1) repeats the ground-truth check on 250 stories.
+Quick tests run on a few dozen stories; `test_ground_truth_scores_many` (marked slow: the default test
+command leaves it out, `pytest -m slow` runs it) repeats the ground-truth check on 250 stories.
 """
 from __future__ import annotations
 
@@ -406,8 +406,9 @@ def test_cli_make_score_sheet(tmp_path):
     _cli("sheet", str(videos / f"{rows[1].name}.mp4"), "--out", str(tmp_path / "bare.png"))  # cuts found
     img = Image.open(tmp_path / "sheet.png")
     assert img.width >= 4 * 128 and img.height >= len(rows[0].ranges) * 128
-    with pytest.raises(subprocess.CalledProcessError):
+    with pytest.raises(subprocess.CalledProcessError) as refused:
         _cli("make", "--out", str(tmp_path / "x"), "--stories", "1", "--seed", "20250917")
+    assert "is the evaluation seed" in refused.value.stderr
     with pytest.raises(subprocess.CalledProcessError) as refused:
         _cli("make", "--out", str(tmp_path / "y"), "--stories", "1", "--split", "eval5", "--shots", "3")
     assert "--shots does not apply to --split eval5" in refused.value.stderr
