@@ -67,6 +67,47 @@ def test_blocks_stream_and_match_block_causal_masked_forward(engine, story):
             assert rel <= 1e-5, (b, rel, t_last)
 
 
+def test_global_cache_holds_the_picked_history_frames_each_encoded_alone(engine, story, monkeypatch):
+    """Third shot of a two-shot story (shotstream.md section 5): the context the engine feeds the DiT is the
+    frames plan_context picks, in its order, each VAE-encoded as a one-frame clip here and now, with the
+    flag of the shot it came from; training's history_inputs, given every frame encoded alone, agrees."""
+    from shotstream_core.context import plan_context
+    from training.data import history_inputs
+
+    lengths = [s.num_frames for s in story.shots]
+    plan = plan_context(lengths, 6)
+    last = lengths[0] - 1
+    # the budget of two earlier shots: 3 frames each, first / middle / last (round(linspace), endpoints kept)
+    assert plan.picks == ((0, 0), (0, last // 2), (0, last), (1, 0), (1, last // 2), (1, last))
+
+    def encode_alone(frame):  # uint8 [H, W, 3] -> [C, h, w]
+        pixels = frame.permute(2, 0, 1).float() / 127.5 - 1
+        with torch.no_grad():
+            return engine.vae.encode(pixels[None, :, None])[0, :, 0]
+
+    expected = torch.stack([encode_alone(story.shots[s].frames[i]) for s, i in plan.picks], dim=1)[None]
+    expected_flags = [s for s, _ in plan.picks]
+
+    fed = []  # (latents, flags) of the first DiT pass: the global-cache fill
+    original = engine.dit.forward_cached
+
+    def spy(x, t, text_kv, flags, *args, **kwargs):
+        fed.append((x.clone(), flags.clone()))
+        return original(x, t, text_kv, flags, *args, **kwargs)
+
+    monkeypatch.setattr(engine.dit, "forward_cached", spy)
+    engine.generate_shot(story, ShotRequest(G, CAPTIONS[2], seed=13))
+    ctx, flags = fed[0]
+    torch.testing.assert_close(ctx, expected, rtol=1e-5, atol=1e-5)
+    assert flags[0].tolist() == expected_flags == list(plan.flags)
+    assert (fed[1][1] == 2).all()  # the new shot carries the last context flag + 1
+
+    every_frame = [torch.stack([encode_alone(f) for f in shot.frames]) for shot in story.shots]
+    train_ctx, train_flags = history_inputs(every_frame, lengths, 6)
+    torch.testing.assert_close(train_ctx[None], ctx, rtol=1e-5, atol=1e-5)
+    assert train_flags == expected_flags + [2]
+
+
 def test_same_seed_same_frames_and_new_state_each_shot(engine, story):
     again = engine.generate_story(G, CAPTIONS[:2], seeds=[11, 12])
     assert torch.equal(again.frames(), story.frames())

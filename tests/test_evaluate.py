@@ -134,6 +134,44 @@ def test_every_variant_draws_the_same_noise():
     assert not torch.equal(a.shots[1].frames, b.shots[1].frames)
 
 
+def test_ablation_rows_switch_off_what_they_name():
+    """no_shot_phase: every DiT pass runs with RoPE phase 0, and the frames change, shot 1 included (its
+    zero context carries flag 0 and the shot flag 1, so the indicator sets context and shot 1/6 rad apart).
+    no_history: each shot is generated as a story's first shot (zero context, its own caption alone)."""
+    cfg = ev.EvalConfig(model="micro", out="unused", weights_dir="/nonexistent", stories=1, stories10=0)
+    zoo = ev.ModelZoo(cfg)
+    runners = {key: zoo.load(ev.VARIANTS[key]).runner for key in ("student", "no_shot_phase", "no_history")}
+    item = ev.evaluation_split(1, 0, 1.0)[0]
+    requests = [ShotRequest(item.story.global_caption, caption, seed=seed)
+                for caption, seed in list(zip(item.story.shot_captions, item.seeds))[:2]]
+
+    phases = {key: set() for key in runners}
+    for key, engine in runners.items():
+        original = engine.dit.forward_cached
+
+        def spy(*args, shot_phase, _key=key, _original=original, **kwargs):
+            phases[_key].add(shot_phase)
+            return _original(*args, shot_phase=shot_phase, **kwargs)
+
+        engine.dit.forward_cached = spy
+
+    def story_of(engine):
+        state = engine.new_story()
+        for request in requests:
+            state, _ = engine.generate_shot(state, request)
+        return state
+
+    full, no_phase, no_history = (story_of(runners[k]) for k in ("student", "no_shot_phase", "no_history"))
+    assert phases["student"] == {get_preset("micro").sampler.rope_shot_phase} != {0.0}
+    assert phases["no_shot_phase"] == {0.0}
+    for k in range(2):
+        assert not torch.equal(full.shots[k].frames, no_phase.shots[k].frames), k
+
+    alone, _ = runners["student"].generate_shot(runners["student"].new_story(), requests[1])
+    assert torch.equal(no_history.shots[1].frames, alone.shots[0].frames)
+    assert not torch.equal(no_history.shots[1].frames, full.shots[1].frames)
+
+
 def test_targets_say_by_how_much():
     check = ev.check_targets({"adherence": 0.85, "memory": 0.95, "cut_f1": None, "drift": -0.08})
     assert check["adherence"]["met"] is False and check["adherence"]["short_by"] == pytest.approx(0.05)

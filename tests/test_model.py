@@ -317,3 +317,61 @@ def test_teacher_grid_saves_exactly_the_student_times():
     assert set(saved) == {float(t) for t in student_t}
     torch.testing.assert_close(saved[float(student_t[0])], noise)  # step 0 is pure noise
     assert torch.isfinite(x0).all() and x0.shape == noise.shape
+
+
+class PromptKeyedVelocity(torch.nn.Module):
+    """A stub teacher whose flow on the shot frames is (t / 1000) * a fixed tensor chosen by the prompt
+    features it is handed (encode_text passes them through); any other text is an error. The context
+    frames' output is a large constant, so a sampler that keeps them would show. Records every call."""
+
+    def __init__(self, velocity_by_text):
+        super().__init__()
+        self.velocity_by_text, self.calls = velocity_by_text, []
+
+    def encode_text(self, text):
+        return text
+
+    def forward(self, seq, t, text, flags, prompt_ids=None, text_kv=None, shot_phase=None):
+        names = [name for name, (known, _) in self.velocity_by_text.items() if torch.equal(known, text_kv)]
+        assert len(names) == 1, "teacher called with prompt features it was not given"
+        self.calls.append((names[0], float(t[0]), flags, prompt_ids))
+        v = self.velocity_by_text[names[0]][1]
+        ctx = torch.full_like(seq[:, :, : seq.shape[2] - v.shape[2]], 1e3)
+        return torch.cat([ctx, v * (t.view(-1, 1, 1, 1, 1) / 1000)], 2)
+
+
+def test_teacher_euler_steps_apply_cfg_toward_the_prompt():
+    """50 Euler steps on Wan's shifted grid (shotstream.md sections 4 and 7: shift 8, CFG 6):
+    x <- x + (sigma_next - sigma) * (v_u + g (v_c - v_u)), v_c from the shot's text, v_u from the negative.
+    The grid is read off FlowSchedule's 1000-step table (every 20th entry), not the sampler's own helper."""
+    from shotstream_core.teacher import sample_teacher
+
+    g = torch.Generator().manual_seed(5)
+    ctx, noise = torch.randn(1, 16, 6, 4, 4, generator=g), torch.randn(1, 16, 3, 4, 4, generator=g)
+    v_cond, v_uncond = torch.randn(1, 16, 3, 4, 4, generator=g), torch.randn(1, 16, 3, 4, 4, generator=g)
+    text, negative = rand_text(seed=6), rand_text(seed=7)
+    teacher = PromptKeyedVelocity({"cond": (text, v_cond), "uncond": (negative, v_uncond)})
+    flags = torch.tensor([[0] * 6 + [1] * 3])
+    ids = torch.zeros_like(flags)
+    guidance, steps = 6.0, 50
+
+    table = FlowSchedule(shift=8.0)
+    sigmas = [float(table.sigmas[i * 1000 // steps]) for i in range(steps)] + [0.0]
+    v_cfg = v_uncond + guidance * (v_cond - v_uncond)
+    expected, states = noise.clone(), [noise.clone()]
+    for i in range(steps):
+        expected = expected + (sigmas[i + 1] - sigmas[i]) * sigmas[i] * v_cfg  # t_i / 1000 = sigma_i
+        states.append(expected.clone())
+
+    save_at = [1000 * sigmas[1], 1000 * sigmas[2]]
+    x0, saved = sample_teacher(teacher, ctx, noise, text, flags, ids, uncond_text=negative, steps=steps,
+                               guidance=guidance, shift=8.0, save_at=save_at)
+    # the state before step i is the one saved at t_i: after one and after two Euler steps
+    torch.testing.assert_close(saved[save_at[0]], states[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(saved[save_at[1]], states[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x0, states[-1], rtol=1e-5, atol=1e-5)
+    # every step asks both branches at that step's t, with the caller's flags and prompt ids
+    for branch in ("cond", "uncond"):
+        called_t = [t for name, t, _, _ in teacher.calls if name == branch]
+        assert called_t == pytest.approx([1000 * s for s in sigmas[:-1]], rel=1e-6), branch
+    assert all(f is flags and p is ids for _, _, f, p in teacher.calls)
