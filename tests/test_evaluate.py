@@ -193,12 +193,17 @@ def test_bad_arguments_are_named(tmp_path, capsys, args, message):
 
 @pytest.mark.slow
 def test_quick_run_tiny(tmp_path):
-    """The real preset: the (possibly random) bundled tiny model, 2 stories; random weights score near chance."""
+    """The real preset: the bundled tiny model (random weights where none ship), the quick stories; trained weights
+    score above random ones."""
     metrics = _run(["--model", "tiny", "--out", str(tmp_path), "--quick", "--variants", "student", "truth"])
     student = metrics["variants"]["student"]
     assert all(student[c] is not None for c in ev.METRIC_COLUMNS)
+    # The quick stories (the run is deterministic): random tiny weights score adherence 0.08, the shipped
+    # student 0.26. (Cut F1 cannot tell them apart: random weights draw each shot as its own still noise.)
     if "RANDOM" in student["weights"]:
-        assert student["adherence"] < 0.3
+        assert student["adherence"] < 0.15
+    else:
+        assert student["adherence"] >= 0.15
     assert metrics["variants"]["truth"]["adherence"] >= 0.99
     assert np.isfinite(student["sec_per_frame"])
 

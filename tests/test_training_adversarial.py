@@ -85,7 +85,7 @@ def test_vae_stage_with_adversarial_loss_trains_checkpoints_and_resumes_exactly(
     assert whole["steps"] == 4 and whole["final"]["adv_w"] > 0 and "disc" in whole["final"]
     with pytest.raises(StageInterrupted):
         vae_stage.main(_decoder_argv(tmp_path, "cut", "stop_after=2"))
-    vae_stage.main(_decoder_argv(tmp_path, "cut"))
+    assert vae_stage.main(_decoder_argv(tmp_path, "cut"))["resumed_from"] == 2  # from the cut, not step 0
     for name in ("vae", "disc"):  # the discriminator is checkpointed with the VAE, so resume is exact
         a, b = Checkpointer(tmp_path / "whole").weights(name), Checkpointer(tmp_path / "cut").weights(name)
         assert all(torch.equal(a[k], b[k]) for k in a), name

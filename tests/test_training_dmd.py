@@ -190,6 +190,53 @@ def test_dmd_moves_samples_toward_the_real_score():
     assert (x - target).norm().item() < 0.5 * start
 
 
+class PromptKeyedX0(nn.Module):
+    """A stub score whose x0 estimate is fixed by the prompt features it is handed: `x0_by_text` pairs each
+    text tensor (encode_text passes it through) with a latent [1, C, F, h, w]. Any other text is an error,
+    so a CFG branch fed the wrong prompt cannot go unnoticed."""
+
+    def __init__(self, schedule, x0_by_text):
+        super().__init__()
+        self.schedule, self.x0_by_text = schedule, x0_by_text
+
+    def encode_text(self, text):
+        return text
+
+    def forward(self, seq, t, text, flags, prompt_ids=None, text_kv=None, shot_phase=None):
+        matches = [x0 for known, x0 in self.x0_by_text if torch.equal(known, text_kv)]
+        assert len(matches) == 1, "score called with prompt features it was not given"
+        target = matches[0]
+        shot = seq[:, :, -target.shape[2]:]
+        sigma = self.schedule.sigma(t).view(-1, 1, 1, 1, 1)
+        flow = (shot - target) / sigma  # x0 = x_t - sigma * flow = target, at whatever t the loss draws
+        return torch.cat([torch.zeros_like(seq[:, :, : -target.shape[2]]), flow], 2)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_dmd_direction_and_gradient_follow_the_spec_cfg(guidance):
+    """shotstream.md section 7: real = cond + g (cond - uncond), uncond = the negative prompt; fake without
+    guidance; grad = (fake - real) / mean|x - real|; dL_G/dx = grad / numel. Hand-computed from stubs whose
+    x0 per prompt is known, so a flipped guidance sign or swapped branches changes the numbers."""
+    sched = FlowSchedule()
+    g = torch.Generator().manual_seed(3)
+    x0_cond, x0_uncond, x0_fake, x = (torch.randn(1, C, F, H, W, generator=g) for _ in range(4))
+    cond = first_shot_cond()
+    uncond_text = uncond_like(cond.text, torch.randn(3, CFG.text_dim, generator=g))
+    real = PromptKeyedX0(sched, [(cond.text, x0_cond), (uncond_text, x0_uncond)])
+    fake = PromptKeyedX0(sched, [(cond.text, x0_fake)])  # the fake score never sees the negative prompt
+
+    x0_real = x0_cond + guidance * (x0_cond - x0_uncond)
+    expected = (x0_fake - x0_real) / (x - x0_real).abs().mean()
+    loss_fn = DMDLoss(sched, guidance=guidance)
+    direction, _ = loss_fn.dmd_direction(x, cond, uncond_text, real, fake, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(direction, expected, rtol=1e-4, atol=1e-5)
+
+    x = x.clone().requires_grad_(True)
+    loss, _ = loss_fn.generator_loss(x, cond, uncond_text, real, fake, torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(grad, expected / x.numel(), rtol=1e-4, atol=1e-8)
+
+
 def test_cfg_and_uncond_layout():
     text = torch.randn(2, 3, 4, CFG.text_dim)
     neg = torch.randn(6, CFG.text_dim)
@@ -361,6 +408,8 @@ def test_stage_resume_is_exact(micro_run, tmp_path, stage):
     main(stage_args(micro_run, stage, tmp_path / "cut", "max_steps=4", "ckpt_every=100"))
     resumed = main(stage_args(micro_run, stage, tmp_path / "cut", "ckpt_every=100"))
     assert whole["steps"] == resumed["steps"] == 6
+    # deterministic training would match a restart from step 0 too: it went on from step 4
+    assert resumed["resumed_from"] == 4
     for name in ("generator", "critic"):
         a, b = read_weights(tmp_path / "whole", name), read_weights(tmp_path / "cut", name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -419,10 +468,14 @@ def test_stage3_under_two_process_torchrun_shares_the_exit_step(micro_run, tmp_p
 
 def test_stage4_resume_under_two_process_torchrun_is_exact(micro_run, tmp_path):
     """Each rank's clip in progress survives the stop: cut mid-clip and resumed equals uninterrupted."""
+    import json
+
     args = ("batch_size=1", "ckpt_every=100")
     torchrun(4, stage_args(micro_run, 4, tmp_path / "whole", *args))
     torchrun(4, stage_args(micro_run, 4, tmp_path / "cut", *args, "max_steps=4"))
     torchrun(4, stage_args(micro_run, 4, tmp_path / "cut", *args))
+    done = json.loads((tmp_path / "cut" / "done.json").read_text())  # rank 0's record of the last sitting
+    assert (done["resumed_from"], done["steps"]) == (4, 6)  # went on from the cut, not from step 0
     for name in ("generator", "critic"):
         a, b = read_weights(tmp_path / "whole", name), read_weights(tmp_path / "cut", name)
         assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -275,6 +275,9 @@ def test_resume_is_bit_identical(micro_latents, tmp_path):
     assert not (tmp_path / "cut" / "done.json").exists()
     resumed = stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", "max_steps=5", "batch_size=2"))
     assert whole["steps"] == resumed["steps"] == 5
+    # training is deterministic, so a "resume" that restarted from step 0 would match too: the second
+    # sitting must have started at the cut and run only steps 3 and 4
+    assert (whole["resumed_from"], resumed["resumed_from"]) == (0, 3)
     a = Checkpointer(tmp_path / "whole").weights("teacher")
     b = Checkpointer(tmp_path / "cut").weights("teacher")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -298,7 +301,7 @@ def test_teacher_ema_resumes_exactly_and_is_what_ships(micro_latents, tmp_path):
     stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "whole", *args))
     with pytest.raises(StageInterrupted):
         stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", *args, "stop_after=2"))
-    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", *args))
+    assert stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", *args))["resumed_from"] == 2
     ema_whole = Checkpointer(tmp_path / "whole").weights("ema")
     ema_cut = Checkpointer(tmp_path / "cut").weights("ema")
     assert all(torch.equal(ema_whole[k], ema_cut[k]) for k in ema_whole)
@@ -392,6 +395,8 @@ def test_vae_curriculum_runs_its_phases_in_order_and_resumes(tmp_path):
     summary = vae_stage.main(argv + ["--set", f"out_dir={tmp_path / 'vae'}"])
     phases = [p["name"] for p in summary["phases"]]
     assert phases == ["crops", "decoder"] and summary["steps"] == 4 + 2
+    # the cut phase went on from its checkpoint (not from scratch); the next one started fresh
+    assert [p["resumed_from"] for p in summary["phases"]] == [1, 0]
     crops = load_vae(tmp_path / "vae" / "crops" / "vae.safetensors").state_dict()
     final = load_vae(tmp_path / "vae" / "vae.safetensors").state_dict()
     decoder = load_vae(tmp_path / "vae" / "decoder" / "vae.safetensors").state_dict()
@@ -402,24 +407,41 @@ def test_vae_curriculum_runs_its_phases_in_order_and_resumes(tmp_path):
         vae_stage.main(argv + ["--set", f"out_dir={tmp_path / 'bad'}", "--set", "phases=[{name: a, crop_size: 8}]"])
 
 
-def test_a_sittings_time_budget_pauses_the_stage_and_never_changes_the_model(micro_latents, tmp_path):
+def test_a_sittings_time_budget_pauses_the_stage_and_never_changes_the_model(micro_latents, tmp_path, monkeypatch):
     """max_minutes ends a sitting, not the stage: the stage checkpoints, says how to go on and stops unfinished
     (exit status EXIT_PAUSED, no done.json), and the same command resumes it to the weights of an
     uninterrupted run. (Marked done, a slow machine would have shipped a shorter-trained model.)"""
-    from training import stage1_teacher
+    import time
+    from types import SimpleNamespace
+
+    from training import common, stage1_teacher
     from training.common import EXIT_PAUSED, StageInterrupted, paused_message
 
-    args = ("max_steps=4", "batch_size=2")
-    with pytest.raises(StageInterrupted) as stop:
-        stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", *args, "max_minutes=0.000001"))
-    assert stop.value.code == EXIT_PAUSED
-    assert not (tmp_path / "cut" / "done.json").exists()
-    message = paused_message(tmp_path / "cut")
-    assert "max_minutes" in message and "run the same command again" in message
-    res = stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", *args))
+    args = ("max_steps=4", "batch_size=2", "max_minutes=90")
+    steps_taken = []
+    teacher_loss = stage1_teacher.teacher_loss
+
+    def counted_loss(*a, **kw):
+        steps_taken.append(1)
+        return teacher_loss(*a, **kw)
+
+    with monkeypatch.context() as m:
+        # a clock that reads an hour later per step taken: each sitting's 90 minutes run out after two
+        # steps, so the budget cuts mid-run (a cut at step 0 could not tell a resume from a restart)
+        m.setattr(stage1_teacher, "teacher_loss", counted_loss)
+        m.setattr(common, "time", SimpleNamespace(perf_counter=lambda: 3600.0 * len(steps_taken), time=time.time))
+        with pytest.raises(StageInterrupted) as stop:
+            stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", *args))
+        assert stop.value.code == EXIT_PAUSED
+        assert not (tmp_path / "cut" / "done.json").exists()
+        message = paused_message(tmp_path / "cut")
+        assert "stopped at step 2 of 4" in message and "max_minutes" in message
+        assert "run the same command again" in message
+        res = stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "cut", *args))
     assert res["steps"] == 4 and res["stop_reason"] == "max_steps"
+    assert res["resumed_from"] == 2 and len(steps_taken) == 4  # the second sitting ran steps 2 and 3 only
     assert paused_message(tmp_path / "cut") is None and (tmp_path / "cut" / "done.json").is_file()
-    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "whole", *args))
+    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "whole", *args))  # the real clock: never out
     cut = load_file(str(tmp_path / "cut" / "teacher.safetensors"))
     whole = load_file(str(tmp_path / "whole" / "teacher.safetensors"))
     assert all(torch.equal(cut[k], whole[k]) for k in whole)
@@ -451,22 +473,43 @@ def test_pipeline_tells_a_paused_stage_from_a_failed_one(tmp_path, monkeypatch, 
     assert "teacher failed (exit 1)" in capsys.readouterr().out
 
 
-def test_preencoding_pauses_between_shards_and_goes_on(micro_latents, tmp_path):
+def test_preencoding_pauses_between_shards_and_goes_on(micro_latents, tmp_path, monkeypatch):
     """Pre-encoding out of budget keeps the shards it wrote, writes no index (the store is unfinished), and
-    the next sitting encodes the rest into the same store as one uninterrupted run."""
-    from training.common import StageInterrupted
-    from training.preencode import PreencodeConfig, preencode
+    the next sitting skips them and encodes the rest into the same store as one uninterrupted run."""
+    from types import SimpleNamespace
 
+    from training import preencode
+    from training.common import StageInterrupted
+
+    encoded = []
+    encode_shard = preencode.encode_shard
+
+    def counted_encode(shard, *a, **kw):
+        encoded.append(shard)
+        return encode_shard(shard, *a, **kw)
+
+    monkeypatch.setattr(preencode, "encode_shard", counted_encode)
+    # a clock that reads an hour later per shard encoded: each sitting's minute runs out after one shard
+    monkeypatch.setattr(preencode, "time", SimpleNamespace(perf_counter=lambda: 3600.0 * len(encoded)))
     root = micro_latents.parent
-    cfg = PreencodeConfig(out_dir=str(tmp_path / "latents"), data_dir=str(root / "data"), preset="micro",
-                          vae_path=str(root / "vae.safetensors"), num_stories=3, shard_size=2, max_minutes=0.000001)
-    with pytest.raises(StageInterrupted, match="pre-encoding stopped before shard 1 of 2"):
-        preencode(cfg, Dist())
+    cfg = preencode.PreencodeConfig(out_dir=str(tmp_path / "latents"), data_dir=str(root / "data"), preset="micro",
+                                    vae_path=str(root / "vae.safetensors"), num_stories=3, shard_size=2, max_minutes=1)
+    with pytest.raises(StageInterrupted, match="pre-encoding stopped before shard 2 of 2"):
+        preencode.preencode(cfg, Dist())
+    first = tmp_path / "latents" / "shard_0000.safetensors"
+    assert len(encoded) == 1 and first.is_file() and not (tmp_path / "latents" / "shard_0001.safetensors").exists()
     assert not (tmp_path / "latents" / "index.json").exists()
-    summary = preencode(dataclasses.replace(cfg, max_minutes=0.0), Dist())
+    kept = (first.stat().st_mtime_ns, first.read_bytes())
+    summary = preencode.preencode(cfg, Dist())  # the same command
     assert summary["stories"] == 3 and summary["stop_reason"] == "done"
+    # the kept shard was skipped, not encoded again: one more encode (shard 1), shard 0 untouched
+    assert len(encoded) == 2 and (first.stat().st_mtime_ns, first.read_bytes()) == kept
     again = json.loads((tmp_path / "latents" / "index.json").read_text())["stories"]
     assert again == json.loads((micro_latents / "index.json").read_text())["stories"]
+    for n in range(2):  # and the shards are the uninterrupted run's
+        name = f"shard_{n:04d}.safetensors"
+        a, b = load_file(str(tmp_path / "latents" / name)), load_file(str(micro_latents / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_ode_pairs_pause_without_writing_a_partial_shard(micro_latents, tmp_path):

@@ -609,7 +609,9 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
     time budget (cfg.max_minutes) or cfg.stop_after ends it first: checkpoint, and raise StageInterrupted.
 
     step_fn does the whole optimisation step (lr, forward, backward, optimiser). Returns a summary with
-    the steps done, the final scalars and the wall time of this stage over all its resumes.
+    the steps done, the step this sitting started from (resumed_from: 0 for a fresh run; it also goes in
+    paused.json and, through the stages, done.json, so a resume that restarted from scratch shows), the
+    final scalars and the wall time of this stage over all its resumes.
     """
     out = Path(cfg.out_dir)
     ckpt = Checkpointer(out, keep=cfg.keep_checkpoints)
@@ -646,7 +648,7 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
             raise pause_stage(out, f"{desc or out.name} stopped at step {step} of {cfg.max_steps}: {why}. "
                                    f"Its state is saved in {out}; run the same command again to resume exactly "
                                    f"(the model does not change, only the sittings it takes)",
-                              dist.is_main, step=step, max_steps=cfg.max_steps)
+                              dist.is_main, step=step, max_steps=cfg.max_steps, resumed_from=start)
         last = step_fn(step)
         bad = nonfinite_norms(last)
         nonfinite = nonfinite + 1 if bad else 0
@@ -668,7 +670,7 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
     total = elapsed + time.perf_counter() - t0
     logger.plot()
     logger.close()
-    return {"steps": step, "stop_reason": "max_steps", "wall_s": total, "final": last}
+    return {"steps": step, "resumed_from": start, "stop_reason": "max_steps", "wall_s": total, "final": last}
 
 
 def run_stage(train_fn: Callable, config_cls, argv=None):
