@@ -19,12 +19,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
+def _new_file_mode() -> int:
+    """The mode a plain open() gives a new file: 0o666 less the process's umask."""
+    try:  # read the umask without changing it (os.umask would, for every thread of a host, for a moment)
+        umask = int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                         if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _replace_atomically(path: str | Path, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
+        os.chmod(tmp, _new_file_mode())  # safetensors writes 0600: others sharing the folder could not read it
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -199,3 +199,21 @@ def test_weights_are_replaced_atomically_under_a_reader(tmp_path):
     with safe_open(str(path), "pt") as reader:
         assert torch.equal(reader.get_tensor("w"), torch.full((3,), 2.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dit.safetensors", "other.safetensors"]  # no temp left
+
+
+def test_written_weights_and_states_are_readable_like_any_new_file(tmp_path):
+    """safetensors creates its files 0600; a saved state or checkpoint in a shared output folder must get
+    the mode any other new file gets (0666 less the umask), as its .json and the videos beside it do."""
+    import os
+    import stat
+
+    from shotstream_core.files import save_tensors
+
+    old = os.umask(0o022)
+    try:
+        save_tensors({"w": torch.zeros(3)}, tmp_path / "w.safetensors")
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(old)
+    mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)  # noqa: E731
+    assert mode("w.safetensors") == mode("plain.json") == 0o644
