@@ -31,17 +31,23 @@ DIT_MARKER = "patch_embedding.weight"
 BUNDLED_DIR = Path(__file__).parent / "weights"
 
 
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's string metadata; {} for none, and for other or unreadable files."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except SafetensorError:
+        return {}
+
+
 def file_metadata(path: str | Path) -> dict:
     """The config this project stores in its safetensors metadata, or a Wan folder's config.json."""
     path = Path(path)
-    if path.suffix == ".safetensors" and path.is_file():
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except SafetensorError:
-            return {}
-        if "shotstream_config" in meta:
-            return json.loads(meta["shotstream_config"])
+    meta = _safetensors_metadata(path)
+    if "shotstream_config" in meta:
+        return json.loads(meta["shotstream_config"])
     config = (path if path.is_dir() else path.parent) / "config.json"  # a Wan folder, or a file picked in one
     return json.loads(config.read_text()) if config.is_file() else {}
 
@@ -188,9 +194,21 @@ def build_dit(sd, cfg: DiTConfig, dtype=torch.float32, device="cpu", attention="
 
 
 def save_dit(model, path: str | Path) -> Path:
-    """Safetensors with the config in the metadata, so loading needs no guessing."""
+    """Safetensors with the config in the metadata, so loading needs no guessing, and the model's role: a
+    teacher and a student share one state dict, and only the student streams in a few steps."""
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    return save_tensors(sd, path, metadata={"shotstream_config": json.dumps(dataclasses.asdict(model.config))})
+    role = "student" if isinstance(model, CausalWanDiT) else "teacher"
+    return save_tensors(sd, path, metadata={"shotstream_config": json.dumps(dataclasses.asdict(model.config)),
+                                            "shotstream_role": role})
+
+
+def warn_if_teacher(path: str | Path) -> None:
+    """Warn when a DiT file says it is a bidirectional teacher: the engine would run it as a few-step
+    student, and its shots come out as blur (it samples in 50 steps with guidance)."""
+    if _safetensors_metadata(Path(path)).get("shotstream_role") == "teacher":
+        warnings.warn(f"{Path(path).name} is a bidirectional teacher (it samples in 50 steps with guidance), not "
+                      "the few-step causal student this engine streams with: its shots will come out blurred. "
+                      "Load the student instead (the bundled model's dit.safetensors)")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -269,6 +287,7 @@ def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: st
             sd, cfg = load_dit_state(dit_path)
     else:
         sd, cfg = load_dit_state(dit_path)
+        warn_if_teacher(dit_path)
     if lora_path is not None:
         sd = merge_lora(sd, read_tensors(lora_path), lora_strength)
     p = match_preset(cfg, family=preset)

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -217,3 +218,21 @@ def test_written_weights_and_states_are_readable_like_any_new_file(tmp_path):
         os.umask(old)
     mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)  # noqa: E731
     assert mode("w.safetensors") == mode("plain.json") == 0o644
+
+
+def test_loading_a_teacher_as_the_streaming_model_warns(tmp_path):
+    """Teacher and student share one state dict; the file's role says which one it is, and the engine, which
+    streams in a few steps, warns when given the 50-step teacher."""
+    from shotstream_core.config import get_preset
+    from shotstream_core.loading import load_engine, save_dit
+    from shotstream_core.model import CausalWanDiT, WanDiT
+
+    cfg = get_preset("micro").dit
+    save_dit(WanDiT(cfg), tmp_path / "teacher.safetensors")
+    save_dit(CausalWanDiT(cfg), tmp_path / "student.safetensors")
+    with pytest.warns(UserWarning, match="teacher.safetensors is a bidirectional teacher"):
+        load_engine(dit_path=tmp_path / "teacher.safetensors", preset="micro", device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_engine(dit_path=tmp_path / "student.safetensors", preset="micro", device="cpu")
+    assert not [w for w in caught if "teacher" in str(w.message)]
