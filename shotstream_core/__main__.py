@@ -1,21 +1,32 @@
 """Command line: generate a multi-shot story from a STORY.json in the reference's format.
 
     python -m shotstream_core generate STORY.json --out OUT.mp4 [--model tiny|PATH] [--seed S]
-        [--size WxH] [--frames-per-shot N] [--vae PATH] [--text-encoder PATH] [--device auto]
+        [--size WxH] [--frames-per-shot N] [--vae PATH] [--text-encoder PATH] [--device auto] [--threads N]
 
 STORY.json: {"global_caption": "...", "shot1": "...", "shot2": "...", ...} (1-based, as the reference).
-Frames are written to the video as each block is decoded.
+Frames are written as each block is decoded, to a hidden partial file beside OUT that replaces OUT only
+when the whole story is done: a failed or interrupted run (Ctrl-C, SIGTERM: exit 130 / 143) leaves OUT
+as it was.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 from tqdm import tqdm
+
+# CPU threads for torch. The tiny models run fastest on 1 (torch's default of one per core was measured
+# 5-14x slower on a loaded 2-core machine); 0 keeps torch's default. scripts/run_story.py's --threads
+# follows the same rule (default 1, 0 = torch default).
+DEFAULT_THREADS = 1
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 def read_story(path: Path) -> tuple[str, list[str]]:
@@ -49,7 +60,59 @@ def parse_size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size must look like WIDTHxHEIGHT (e.g. 832x480), got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"--size {text}: width and height must be positive (e.g. 832x480)")
     return w, h
+
+
+def state_path(text: str) -> Path:
+    """--save-state PATH -> the base StoryState.save adds .safetensors and .json to: a PATH that already ends
+    in one of them loses it (st.json -> st.safetensors + st.json, not st.json.safetensors + st.json.json)."""
+    path = Path(text)
+    return path.with_suffix("") if path.suffix.lower() in (".json", ".safetensors") else path
+
+
+def check_args(args, shots: int) -> None:
+    """Every problem with the arguments is a ValueError raised here, before any model loads and before any
+    folder is made."""
+    import torch
+
+    from .config import validate_frames
+    from .loading import resolve_device
+    from .video import SUFFIXES
+
+    if args.model not in ("tiny", "micro") and not Path(args.model).exists():
+        raise ValueError(f"--model {args.model}: no such file or folder; give a DiT checkpoint or a bundled "
+                         f"model (tiny)")
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"--device {args.device!r}: not a device; use {DEVICE_CHOICES}") from None
+        resolve_device(args.device)  # cuda asked for where there is none
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63); got {args.seed}")
+    if args.seed + shots - 1 >= 2**63:
+        raise ValueError(f"--seed {args.seed}: shot {shots} would use seed {args.seed + shots - 1}, past "
+                         f"2**63 - 1; use a seed below {2**63 - shots + 1}")
+    if args.frames_per_shot is not None:
+        try:
+            validate_frames(args.frames_per_shot)
+        except ValueError as e:
+            raise ValueError(f"--frames-per-shot: {e}") from None
+    if args.size:
+        parse_size(args.size)  # positive numbers; the model's stride and patch are checked once it is loaded
+    if args.threads < 0:
+        raise ValueError(f"--threads must be 1 or more (0: torch's default); got {args.threads}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: give a file name like {out / 'story.mp4'}")
+    if out.suffix.lower() not in SUFFIXES:
+        raise ValueError(f"--out {out}: unsupported video type {out.suffix or '(no suffix)'}; "
+                         f"end the name in {' or '.join(SUFFIXES)}")
+    folder = next((p for p in out.absolute().parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
 
 
 def generate(args) -> int:
@@ -58,17 +121,19 @@ def generate(args) -> int:
     from .video import VideoWriter
 
     global_caption, captions = read_story(Path(args.story))
+    check_args(args, len(captions))
     is_preset = args.model in ("tiny", "micro")
-    if not is_preset and not Path(args.model).exists():
-        raise ValueError(f"--model {args.model}: no such file or folder; give a DiT checkpoint or a bundled "
-                         f"model (tiny)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine = load_engine(None if is_preset else args.model, args.vae, args.text_encoder,
                          preset=args.model if is_preset else "tiny", dtype=args.dtype, device=args.device)
     geo = engine.geometry  # replace() checks a new size against this model's VAE stride and DiT patch
     if args.size:
         w, h = parse_size(args.size)
         geo = geo.replace(width=w, height=h)
-    if args.frames_per_shot:
+    if args.frames_per_shot is not None:
         geo = geo.replace(frames_per_shot=args.frames_per_shot)
     trained = engine.geometry
     if (geo.width, geo.height, geo.frames_per_shot) != (trained.width, trained.height, trained.frames_per_shot):
@@ -91,12 +156,26 @@ def generate(args) -> int:
                 bar.update(1)
             state = stream.state
     total = time.perf_counter() - start
+    args.wrote = out
     frames = state.frames().shape[0]
     print(f"wrote {out} ({frames} frames, {geo.width}x{geo.height} at {geo.fps} fps) in {total:.1f} s; "
           f"first frame after {first_frame_at:.2f} s")
     if args.save_state:
-        print(f"story state: {state.save(args.save_state)}")
+        print(f"story state: {state.save(state_path(args.save_state))}")
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that with-blocks clean up as for Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _note(message, category, filename, lineno, file=None, line=None):
+    # the engine's warnings (random weights, a cut prompt...) as one line each, above any progress bar
+    tqdm.write(f"note: {message}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -113,14 +192,34 @@ def main(argv=None) -> int:
     g.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default: the model's)")
     g.add_argument("--frames-per-shot", type=int, default=None, help="4k+1 pixel frames (default: the model's)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    g.add_argument("--device", default="auto")
-    g.add_argument("--save-state", default=None, help="also save the story state (safetensors + json) here")
+    g.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: cuda if there is one)")
+    g.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help=f"CPU threads for torch (default {DEFAULT_THREADS}, fastest for the tiny model; "
+                        f"0 = torch's default)")
+    g.add_argument("--save-state", default=None,
+                   help="also save the story state here (PATH.safetensors + PATH.json)")
     args = parser.parse_args(argv)
+    out, args.wrote = Path(args.out), None
+    existed = out.is_file()
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    old_term = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        return generate(args)
+        with warnings.catch_warnings():  # restores showwarning on the way out
+            warnings.showwarning = _note
+            return generate(args)
     except ValueError as e:  # bad sizes, captions, files: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the writer has removed its partial file
+        if args.wrote:
+            what = f"wrote {args.wrote}, but not the story state"
+        else:
+            what = f"nothing was written; {out} left as it was" if existed else "nothing was written"
+        print(f"interrupted: {what}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def build_shot_prompt(
     if tokenizer_count_fn(tag + shot_caption) <= max_tokens:
         k = longest_prefix(g_words, lambda g: tokenizer_count_fn(g + tag + shot_caption) <= max_tokens)
         warnings.warn(
-            f"shot {shot_index}: prompt exceeds {max_tokens} tokens; cut {len(g_words) - k} of {len(g_words)} "
+            f"shot {shot_index + 1}: prompt exceeds {max_tokens} tokens; cut {len(g_words) - k} of {len(g_words)} "
             f"words from the end of the global caption",
             stacklevel=2,
         )
@@ -87,7 +87,7 @@ def build_shot_prompt(
     s_words = shot_caption.split()
     k = longest_prefix(s_words, lambda s: tokenizer_count_fn(tag + s) <= max_tokens)
     warnings.warn(
-        f"shot {shot_index}: the shot caption alone exceeds {max_tokens} tokens; dropped the global caption "
+        f"shot {shot_index + 1}: the shot caption alone exceeds {max_tokens} tokens; dropped the global caption "
         f"({len(g_words)} words) and cut {len(s_words) - k} of {len(s_words)} words from the shot caption",
         stacklevel=2,
     )

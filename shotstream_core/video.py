@@ -2,9 +2,12 @@
 
 Frames are [N, H, W, 3], float in [0, 1] or uint8 (numpy or torch), the layout ComfyUI and the engine use.
 The mp4 writer encodes each block as it arrives, so a streaming shot is on disk as soon as it is decoded.
+Frames go to a hidden partial file beside the target, which replaces the target only when the video is
+closed whole: until then an earlier file at the target is untouched, and a failed run leaves it as it was.
 """
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -46,10 +49,15 @@ class VideoWriter:
 
     .mp4: H.264, yuv420p (even width and height), CRF `crf` (18 is visually near-lossless).
     .webp: animated WebP (Pillow), frames buffered until close(); `quality` 0-100.
+    The frames are written to `partial_path` (.NAME.partial.mp4 in the same folder: the same suffix, so the
+    same container) and moved onto `path` by close(); discard() (or leaving a with-block by an exception)
+    removes only the partial file.
     """
 
     def __init__(self, path: str | Path, fps: float = 16, crf: int = 18, quality: int = 90):
         self.path = Path(path)
+        # same folder (os.replace is atomic within a file system), same suffix (it picks the container)
+        self.partial_path = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
         if self.path.suffix.lower() not in SUFFIXES:
             raise ValueError(f"unsupported video type {self.path.suffix!r}; use one of {SUFFIXES}")
         if fps <= 0:
@@ -71,7 +79,7 @@ class VideoWriter:
 
         if height % 2 or width % 2:
             raise ValueError(f"mp4 (yuv420p) needs even width and height, got {width}x{height}; crop or pad by 1")
-        self._container = av.open(str(self.path), mode="w")
+        self._container = av.open(str(self.partial_path), mode="w")
         self._stream = self._container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
@@ -105,34 +113,47 @@ class VideoWriter:
             return
         self._closed = True
         if self.frames_written == 0:
-            return  # nothing to write: no file is created
-        if self.is_mp4:
-            for packet in self._stream.encode(None):
-                self._container.mux(packet)
-            self._container.close()
-        else:
-            from PIL import Image
+            return  # nothing to write: no file is created (and an earlier one is left alone)
+        try:
+            if self.is_mp4:
+                for packet in self._stream.encode(None):
+                    self._container.mux(packet)
+                self._container.close()
+            else:
+                from PIL import Image
 
-            images = [Image.fromarray(f) for f in self._buffer]
-            images[0].save(self.path, format="WEBP", save_all=True, append_images=images[1:], loop=0,
-                           duration=_frame_durations_ms(len(images), self.fps), quality=self.quality)
-            self._buffer.clear()
+                images = [Image.fromarray(f) for f in self._buffer]
+                images[0].save(self.partial_path, format="WEBP", save_all=True, append_images=images[1:], loop=0,
+                               duration=_frame_durations_ms(len(images), self.fps), quality=self.quality)
+                self._buffer.clear()
+            os.replace(self.partial_path, self.path)  # only now is a file at `path` replaced
+        except BaseException:
+            self._remove_partial()
+            raise
 
     def discard(self) -> None:
-        """Stop without finishing: a started mp4 is removed, a WebP never written (idempotent)."""
+        """Stop without finishing: the partial file is removed and `path` is left as it was (idempotent)."""
         if self._closed:
             return
         self._closed = True
         self._buffer.clear()
-        if self._container is not None:
-            self._container.close()
-            self.path.unlink(missing_ok=True)
+        self._remove_partial()
+
+    def _remove_partial(self) -> None:
+        container, self._container = self._container, None
+        try:
+            if container is not None:
+                container.close()
+        except Exception:  # a half-written stream may not close cleanly; the file goes either way
+            pass
+        finally:
+            self.partial_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "VideoWriter":
         return self
 
     def __exit__(self, exc_type, *_) -> None:
-        # a failed or interrupted write leaves no half-written video (and a file it never opened untouched)
+        # a failed or interrupted write leaves no half-written video, and an earlier file at `path` untouched
         if exc_type is None:
             self.close()
         else:

@@ -1,8 +1,11 @@
 """CLI end to end on the micro preset, and the attention backend choice."""
 import json
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,13 +24,15 @@ def test_cli_generates_a_story_video(tmp_path):
                                  "shot2": "close-up, moves left"}))
     out = tmp_path / "story.mp4"
     proc = subprocess.run([sys.executable, "-m", "shotstream_core", "generate", str(story), "--out", str(out),
-                           "--model", "micro", "--seed", "3", "--save-state", str(tmp_path / "state")],
+                           "--model", "micro", "--seed", "3", "--save-state", str(tmp_path / "state.json")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     frames, fps = read_video(out)
     assert frames.shape == (2 * 21, 32, 32, 3) and fps == 16
     assert "random weights" in proc.stderr  # the micro preset has no trained weights, and says so
-    assert (tmp_path / "state.safetensors").exists() and (tmp_path / "state.json").exists()
+    assert "note: no trained weights" in proc.stderr and "UserWarning" not in proc.stderr  # one line, no file:line
+    # --save-state state.json: the suffix is dropped, not doubled (state.json.safetensors + state.json.json)
+    assert sorted(p.name for p in tmp_path.glob("state*")) == ["state.json", "state.safetensors"]
     # the video holds the saved story's frames in order: nearer to them than to them one frame or one shot out of step
     story_frames = StoryState.load(tmp_path / "state.safetensors").frames()
     error = lambda ref: float((torch.as_tensor(frames).float() / 255 - ref).abs().mean())  # noqa: E731
@@ -52,6 +57,133 @@ def test_cli_bad_frames_is_one_clear_line(tmp_path):
                            str(tmp_path / "x.mp4"), "--model", str(missing)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and "no such file" in proc.stderr and "random weights" not in proc.stderr
+
+
+def write_story(tmp_path, shots=1, global_caption="a red circle on a meadow.") -> Path:
+    story = tmp_path / "story.json"
+    story.write_text(json.dumps({"global_caption": global_caption,
+                                 **{f"shot{n}": f"shot number {n}, the circle moves" for n in range(1, shots + 1)}}))
+    return story
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: argument checks must come before it."""
+    import shotstream_core.loading
+
+    def load_engine(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(shotstream_core.loading, "load_engine", load_engine)
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["--device", "banana"], "use auto, cpu, cuda, cuda:N or mps"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+    (["--seed", str(2**63)], "--seed must be in [0, 2**63)"),
+    (["--frames-per-shot", "0"], "4k+1"),
+    (["--size", "0x32"], "must be positive"),
+    (["--size=-32x32"], "must be positive"),
+    (["--threads", "-1"], "--threads"),
+])
+def test_bad_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, no_model, extra, problem):
+    from shotstream_core.__main__ import main
+
+    assert main(["generate", str(write_story(tmp_path)), "--out", str(tmp_path / "x.mp4"), "--model", "micro",
+                 *extra]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_bad_out_paths_are_refused_before_any_folder_is_made(tmp_path, capsys, no_model):
+    from shotstream_core.__main__ import main
+
+    story = str(write_story(tmp_path))
+    assert main(["generate", story, "--out", str(tmp_path), "--model", "micro"]) == 2
+    assert f"is a directory: give a file name like {tmp_path / 'story.mp4'}" in capsys.readouterr().err
+    for name in ("new/story.avi", "new/story"):
+        assert main(["generate", story, "--out", str(tmp_path / name), "--model", "micro"]) == 2
+        assert "unsupported video type" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("given, expected", [
+    (None, 1), ("1", 1), ("2", 2), ("0", "torch default"),
+])
+def test_threads_default_to_one_like_run_story(tmp_path, monkeypatch, given, expected):
+    """--threads N sets torch's CPU threads before the model loads; the default is 1 (torch's own default
+    of one a core ran 5-14x slower on a loaded 2-core machine), 0 keeps torch's default."""
+    import shotstream_core.loading
+    from shotstream_core.__main__ import DEFAULT_THREADS, main
+
+    seen = []
+
+    def load_engine(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(shotstream_core.loading, "load_engine", load_engine)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        argv = ["generate", str(write_story(tmp_path)), "--out", str(tmp_path / "x.mp4"), "--model", "micro"]
+        assert main(argv + (["--threads", given] if given else [])) == 2
+    finally:
+        torch.set_num_threads(before)
+    assert DEFAULT_THREADS == 1
+    assert seen == [3 if expected == "torch default" else expected]
+
+
+@pytest.mark.parametrize("text, base", [
+    ("st", "st"), ("st.json", "st"), ("st.safetensors", "st"), ("a/st.JSON", "a/st"), ("st.v2", "st.v2"),
+])
+def test_save_state_path_drops_a_json_or_safetensors_suffix(text, base):
+    from shotstream_core.__main__ import state_path
+
+    assert state_path(text) == Path(base)
+
+
+def test_engine_warnings_are_notes_and_number_shots_from_one(tmp_path, capsys):
+    from shotstream_core.__main__ import main
+
+    long_caption = " ".join(["a red circle rolls slowly across a wide green meadow under a pale sky"] * 4)
+    story = write_story(tmp_path, shots=2, global_caption=long_caption)
+    assert main(["generate", str(story), "--out", str(tmp_path / "x.mp4"), "--model", "micro"]) == 0
+    err = capsys.readouterr().err
+    assert "note: shot 1: prompt exceeds" in err and "note: shot 2: prompt exceeds" in err
+    assert "shot 0" not in err and "UserWarning" not in err
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_is_one_line_and_leaves_the_earlier_video(tmp_path, sig, code):
+    """Ctrl-C or SIGTERM mid-story: exit 128 + the signal, one line, no traceback, and the video already at
+    --out byte for byte as it was (it used to be deleted; SIGTERM left a 48-byte unreadable mp4)."""
+    out = tmp_path / "keep.mp4"
+    out.write_bytes(b"last run's good video")
+    story = write_story(tmp_path, shots=400)  # far more than can finish before the signal
+    proc = subprocess.Popen([sys.executable, "-m", "shotstream_core", "generate", str(story), "--out", str(out),
+                             "--model", "micro"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = bytearray()
+    reader = threading.Thread(target=lambda: [err.extend(c) for c in iter(lambda: proc.stderr.read1(4096), b"")],
+                              daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while b"shot 2/400" not in err:  # shot 1 is in the partial file
+            assert proc.poll() is None and time.monotonic() < deadline, err.decode(errors="replace")[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=120) == code, err.decode(errors="replace")[-2000:]
+    finally:
+        proc.kill()  # nothing if it has exited
+        reader.join(timeout=10)
+        proc.stdout.close()
+        proc.stderr.close()
+    text = err.decode(errors="replace")
+    lines = [line for line in text.replace("\r", "\n").splitlines() if line.startswith("interrupted")]
+    assert lines == [f"interrupted: nothing was written; {out} left as it was"], text[-2000:]
+    assert "Traceback" not in text and text.rstrip().endswith(lines[0])
+    assert out.read_bytes() == b"last run's good video"
+    assert sorted(tmp_path.iterdir()) == sorted([out, story])  # and no partial file left beside it
 
 
 def test_backend_resolution_and_errors():

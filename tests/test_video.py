@@ -116,9 +116,38 @@ def test_a_write_that_fails_leaves_no_half_written_video(tmp_path, suffix):
         with VideoWriter(path) as w:
             w.write(np.zeros((5, 32, 32, 3), np.uint8))
             raise KeyboardInterrupt  # a cancelled run
-    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []  # neither the video nor its partial file
     path.write_bytes(b"an earlier video")  # a writer that never opened the file leaves it alone
     with pytest.raises(RuntimeError):
         with VideoWriter(path):
             raise RuntimeError("failed before the first frames")
     assert path.read_bytes() == b"an earlier video"
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webp"])
+def test_an_earlier_video_survives_a_failed_write_and_a_whole_one_replaces_it(tmp_path, suffix):
+    """The frames go to a hidden partial file beside the target (same suffix: it picks the container);
+    the target changes only when the writer closes whole. A run cut short mid-video (Ctrl-C, an error)
+    used to delete the video that was there before."""
+    path = tmp_path / f"story{suffix}"
+    path.write_bytes(b"an earlier video")
+    with pytest.raises(KeyboardInterrupt):
+        with VideoWriter(path) as w:
+            w.write(clip(9))
+            assert path.read_bytes() == b"an earlier video"  # untouched while frames are written
+            partial = w.partial_path
+            assert partial.parent == path.parent and partial.name.startswith(".") and partial.suffix == suffix
+            raise KeyboardInterrupt
+    assert path.read_bytes() == b"an earlier video" and list(tmp_path.iterdir()) == [path]
+    with VideoWriter(path) as w:
+        w.write(clip(9))
+    assert read_video(path)[0].shape == (9, 64, 80, 3) and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_video_that_cannot_take_its_place_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "story.mp4"
+    path.mkdir()  # os.replace cannot put a file there: close() fails, and cleans up
+    with pytest.raises(OSError):
+        with VideoWriter(path) as w:
+            w.write(clip(9))
+    assert list(tmp_path.iterdir()) == [path] and path.is_dir()
