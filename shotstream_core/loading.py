@@ -276,6 +276,9 @@ def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: st
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     torch_dtype, dev = DTYPES[dtype], resolve_device(device)
+    if torch_dtype == torch.float16 and dev.type == "cpu":
+        warnings.warn("fp16 on the CPU is very slow (measured 40x slower than bf16 for the tiny model): "
+                      "use fp32 or bf16 there")
     if dit_path is None:
         dit_path = bundled_path(preset, "dit")
         if not dit_path.exists():

@@ -200,10 +200,12 @@ def test_engine_latent_grid_follows_a_vae_of_another_stride():
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_engine_runs_and_stays_near_fp32(story, dtype):
     """The node's precision choice: a bf16/fp16 engine tells the same story as fp32, to rounding."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         half = load_engine(preset="micro", device="cpu", dtype=dtype)
     assert half.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    slow_note = [w for w in caught if "fp16 on the CPU is very slow" in str(w.message)]
+    assert len(slow_note) == (dtype == "fp16")  # fp16 has no fast CPU kernels: the user is told
     again = half.generate_story(G, CAPTIONS[:2], seeds=[11, 12])
     assert again.frames().shape == story.frames().shape
     # bf16 differs by about 0.006; another seed for shot 2 alone moves the story by about 0.044
