@@ -512,39 +512,119 @@ def test_preencoding_pauses_between_shards_and_goes_on(micro_latents, tmp_path, 
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_ode_pairs_pause_without_writing_a_partial_shard(micro_latents, tmp_path):
+def test_ode_pairs_pause_without_writing_a_partial_shard(micro_latents, tmp_path, monkeypatch):
     """A budget that runs out inside a shard writes none of it (a partial shard would be skipped on
-    resume, leaving fewer pairs than the recipe)."""
+    resume, leaving fewer pairs than the recipe); the shards finished stay, and the next sitting skips
+    them and samples only the rest, into the pairs of one uninterrupted run."""
+    from types import SimpleNamespace
+
     from shotstream_core.loading import save_dit
+    from training import ode_pairs
     from training.common import StageInterrupted
+    from training.data import LatentStoryDataset
     from training.ode_pairs import ODEConfig, generate
 
+    sampled = []  # the targets of each teacher batch sampled
+    sample_targets = ode_pairs.sample_targets
+
+    def counted_sample(teacher, ds, targets, *a, **kw):
+        sampled.append(list(targets))
+        return sample_targets(teacher, ds, targets, *a, **kw)
+
+    monkeypatch.setattr(ode_pairs, "sample_targets", counted_sample)
+    # a clock that reads an hour later per batch sampled: 150 minutes run out after shard 0 (two batches)
+    # and one batch of shard 1, so the cut falls inside shard 1 with part of it sampled
+    monkeypatch.setattr(ode_pairs, "time", SimpleNamespace(perf_counter=lambda: 3600.0 * len(sampled)))
     save_dit(WanDiT(get_preset("micro").dit), tmp_path / "teacher.safetensors")
     cfg = ODEConfig(out_dir=str(tmp_path / "ode"), latent_dir=str(micro_latents), preset="micro",
                     teacher_path=str(tmp_path / "teacher.safetensors"), batch_size=1, shard_size=2, steps=50,
-                    guidance=2.0, num_pairs=2, max_minutes=0.000001)
-    with pytest.raises(StageInterrupted, match="ode pairs stopped in shard 1 of 1"):
+                    guidance=2.0, num_pairs=4, max_minutes=150)
+    with pytest.raises(StageInterrupted, match="ode pairs stopped in shard 2 of 2"):
         generate(cfg, Dist())
-    assert not list((tmp_path / "ode").glob("pairs_*.safetensors"))
-    summary = generate(dataclasses.replace(cfg, max_minutes=0.0), Dist())
-    assert summary["pairs"] == 2 and summary["stop_reason"] == "done"
+    first, second = (tmp_path / "ode" / f"pairs_{n:04d}.safetensors" for n in range(2))
+    assert len(sampled) == 3 and first.is_file() and not second.exists()  # shard 1's sampled batch was dropped
+    assert sorted(p.name for p in (tmp_path / "ode").iterdir() if "pairs" in p.name) == [first.name]
+    assert not (tmp_path / "ode" / "done.json").exists()
+    kept = (first.stat().st_mtime_ns, first.read_bytes())
+    summary = generate(cfg, Dist())  # the same command
+    assert summary["pairs"] == 4 and summary["stop_reason"] == "done"
+    # shard 0 was skipped, not sampled again: the second sitting sampled shard 1's two targets only
+    t = [[target] for target in LatentStoryDataset(str(micro_latents)).targets[:4]]  # batches of one
+    assert sampled == [t[0], t[1], t[2], t[2], t[3]]
+    assert (first.stat().st_mtime_ns, first.read_bytes()) == kept
+    whole = generate(dataclasses.replace(cfg, out_dir=str(tmp_path / "whole"), max_minutes=0.0), Dist())
+    assert whole["pairs"] == 4 and sampled[5:] == t
+    for n in range(2):  # and the pairs are the uninterrupted run's
+        name = f"pairs_{n:04d}.safetensors"
+        a, b = load_file(str(tmp_path / "ode" / name)), load_file(str(tmp_path / "whole" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+_DDP_CLOCK = """
+import os, sys, time
+from types import SimpleNamespace
+sys.path.insert(0, {repo!r})
+from training import common, stage1_teacher
+steps = []
+teacher_loss = stage1_teacher.teacher_loss
+def counted_loss(*a, **kw):
+    steps.append(1)
+    return teacher_loss(*a, **kw)
+stage1_teacher.teacher_loss = counted_loss
+if os.environ["RANK"] == "0":  # rank 0 alone reads an hour later per step taken; rank 1 keeps the real clock
+    common.time = SimpleNamespace(perf_counter=lambda: 3600.0 * len(steps), time=time.time)
+summary = stage1_teacher.main(sys.argv[1:])
+print(f"[rank {{os.environ['RANK']}} finished] steps {{summary['steps']}}", flush=True)
+"""
+
+
+def _run_torchrun(cmd, timeout: float = 120):
+    """Run a torchrun command; a hang fails the test and ends the workers too. (subprocess.run's timeout
+    kills torchrun alone, and its workers, each in a session of its own, would stay stuck in a collective:
+    SIGTERM makes torchrun stop them. Output goes to files, which no orphaned worker can hold open.)"""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, text=True)
+        try:
+            proc.wait(timeout=timeout)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+            proc.terminate()  # torchrun's agent stops its workers on SIGTERM
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        res = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    if hung:
+        pytest.fail(f"torchrun hung for {timeout:g} s (a rank waiting in a collective?)\n{res.stderr[-3000:]}")
+    return res
 
 
 def test_teacher_under_two_process_torchrun(micro_latents, tmp_path):
     """2-process gloo DDP: both ranks step together; rank 0 writes the checkpoint and teacher. A sitting's
-    budget that runs out pauses both ranks at the same step (no rank left waiting in a collective), and
-    the same command then finishes the stage."""
+    budget that runs out on one rank only pauses both ranks at the same step (no rank left waiting in a
+    collective), and the same command then resumes the stage from that step on both ranks."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.stage1_teacher", *_teacher_argv(micro_latents, out, "max_steps=2", "batch_size=1",
-                                                           "num_threads=1")]
-    res = subprocess.run(cmd + ["--set", "max_minutes=0.000001"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode != 0 and "[paused] teacher stopped at step" in res.stdout, res.stderr[-3000:]
-    assert not (out / "done.json").exists()
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    script = tmp_path / "ddp_clock.py"
+    script.write_text(_DDP_CLOCK.format(repo=str(REPO)))
+    # rank 0's 30 minutes run out after its first step (rank 1's never do): the cut falls at step 1, so the
+    # second sitting's resumed_from tells a resume from a restart
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *_teacher_argv(micro_latents, out, "max_steps=2", "batch_size=1", "num_threads=1", "max_minutes=30")]
+    res = _run_torchrun(cmd)
+    assert res.returncode != 0 and "[paused] teacher stopped at step 1 of 2" in res.stdout, res.stderr[-3000:]
+    assert "finished]" not in res.stdout and not (out / "done.json").exists()
+    assert Checkpointer(out).latest_step() == 1
+    res = _run_torchrun(cmd)  # the same command
     assert res.returncode == 0, res.stderr[-3000:]
-    assert (out / "teacher.safetensors").is_file() and json.loads((out / "done.json").read_text())["steps"] == 2
+    assert "[rank 0 finished] steps 2" in res.stdout and "[rank 1 finished] steps 2" in res.stdout, res.stdout
+    done = json.loads((out / "done.json").read_text())
+    assert (done["steps"], done["resumed_from"]) == (2, 1) and (out / "teacher.safetensors").is_file()
 
 
 def test_pipeline_evaluates_the_export_as_the_committed_report_was_made():
