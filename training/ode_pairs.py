@@ -19,7 +19,6 @@ frame"). num_pairs then counts the targets sampled; the pairs stored are those k
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from shotstream_core.config import get_preset
+from shotstream_core.files import save_tensors
 from shotstream_core.model import WanDiT
 from shotstream_core.schedule import FlowSchedule
 from shotstream_core.teacher import sample_teacher
@@ -221,9 +221,7 @@ def generate(cfg: ODEConfig, dist) -> dict:
             break
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         tensors["timesteps"] = torch.tensor(student_t + [0.0])
-        tmp = out / f".tmp_{path.name}"
-        save_file(tensors, str(tmp), metadata={"guidance": str(guidance), "steps": str(cfg.steps)})
-        os.replace(tmp, path)
+        save_tensors(tensors, path, metadata={"guidance": str(guidance), "steps": str(cfg.steps)})  # whole or not at all
         if dist.is_main:
             prev_path.write_text(json.dumps({"elapsed_s": prev + time.perf_counter() - t0}))
             print(f"pairs shard {n + 1}/{len(shards)}: {len(tensors['target'])} pairs", flush=True)

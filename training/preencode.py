@@ -16,15 +16,15 @@ then holds what is done.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from shotstream_core.config import get_preset
+from shotstream_core.files import save_tensors
 from shotstream_core.loading import make_text_encoder
 from shotstream_core.text import build_shot_prompt
 from shotstream_core.vae import load_vae
@@ -109,7 +109,7 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
         neg = encoder.encode([cfg.negative_prompt])[0].float().contiguous()
-        save_file({"negative": neg}, str(out / "negative.safetensors"))
+        save_tensors({"negative": neg}, out / "negative.safetensors")
 
     records = list(read_clips(cfg.data_dir, cfg.num_stories, geometry))
     shards = [records[i:i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
@@ -127,9 +127,7 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
             stopped = True
             break
         tensors, entries = encode_shard(shard, vae, encoder, cfg, geometry, preset.sampler.context_frames)
-        tmp = out / f".tmp_{path.name}"
-        save_file(tensors, str(tmp), metadata={"stories": str(len(entries))})
-        os.replace(tmp, path)
+        save_tensors(tensors, path, metadata={"stories": str(len(entries))})  # whole or not at all
         for e in entries:
             e["shard"] = path.name
         (out / f"shard_{n:04d}.json").write_text(json.dumps(entries))
