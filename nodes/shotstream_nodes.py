@@ -47,6 +47,10 @@ def _validation_message(check, *args) -> bool | str:
     return True
 
 
+# An optional input's default in VALIDATE_INPUTS: hosts pass a connected input (as None), never an unconnected one.
+_NOT_CONNECTED = object()
+
+
 def _is_widget_value(v) -> bool:
     # Linked inputs reach VALIDATE_INPUTS as None (their value is only known at run time).
     return v is not None
@@ -242,7 +246,9 @@ class NextShotGenerate:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width=None, height=None, frames_per_shot=None):
+    def VALIDATE_INPUTS(cls, width=None, height=None, frames_per_shot=None, state=_NOT_CONNECTED):
+        if state is not _NOT_CONNECTED:  # it continues a story, whose own size wins: these widgets go unused
+            return True  # (and the editor greys them out, so an error on one could not be fixed in place)
         if _is_widget_value(width) and _is_widget_value(height):
             # The model is unknown here: Wan's 2x2 patch (the widgets' step of 16; the bundled model's too).
             # generate() checks the size again through the model's own geometry.

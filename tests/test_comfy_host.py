@@ -340,6 +340,22 @@ def test_bad_widget_values_are_clear_node_errors(comfy, node_class, field, value
     assert host.get("/queue") == {"queue_running": [], "queue_pending": []}  # nothing hangs
 
 
+def test_a_continuing_shots_unused_size_widgets_are_not_checked(comfy, reference):
+    """A shot that continues a state ignores its size widgets (the editor greys them out), so a stale value
+    there must not stop the prompt, at queue time (newer hosts validate every node; the unit test covers
+    VALIDATE_INPUTS) or when it runs: the story is the reference's."""
+    host, _ = comfy
+    api, expected = reference
+    api = copy.deepcopy(api)
+    later = ids_of(api, "NextShotGenerate")[1:]
+    assert later and all("state" in api[n]["inputs"] for n in later)
+    for node_id in later:
+        api[node_id]["inputs"].update(width=72, frames_per_shot=32)
+    result = host.run(api)
+    assert result.status == "success", result.error_message
+    assert torch.equal(saved_state(host, result, SAVE).frames(), expected.frames())
+
+
 def failing_extension(api, load_inputs=None, state_from=None):
     """`api` plus a second model and a shot generated with it from `state_from`; the extra nodes are 5x."""
     extra = {

@@ -82,6 +82,8 @@ def test_next_shot_validation_names_the_problem_and_the_fix(nodes):
     msg = cls.VALIDATE_INPUTS(width=64, height=64, frames_per_shot=32)
     assert "4k+1" in msg and "29" in msg and "33" in msg
     assert cls.VALIDATE_INPUTS(width=None, height=None, frames_per_shot=None) is True  # linked: checked later
+    # a shot that continues a state (hosts pass a connected input as None) leaves its size widgets unused
+    assert cls.VALIDATE_INPUTS(width=72, height=64, frames_per_shot=32, state=None) is True
 
 
 def test_shot_prompt_rejects_an_empty_caption(nodes):
