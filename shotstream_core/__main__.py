@@ -22,10 +22,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-# CPU threads for torch. The tiny models run fastest on 1 (torch's default of one per core was measured
-# 5-14x slower on a loaded 2-core machine); 0 keeps torch's default. scripts/run_story.py's --threads
-# follows the same rule (default 1, 0 = torch default).
-DEFAULT_THREADS = 1
+# CPU threads for torch when --threads is not given: the bundled small models run fastest on one (torch's
+# default of one a core was measured 5-14x slower on a loaded 2-core machine, as scripts/run_story.py's
+# default of 1 assumes); a user's checkpoint, or any model on a GPU, keeps torch's default (its text
+# encoder, umT5-XXL for Wan, runs on the CPU and wants every core).
+SMALL_MODEL_THREADS = 1
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 
@@ -84,6 +85,9 @@ def check_args(args, shots: int) -> None:
     if args.model not in ("tiny", "micro") and not Path(args.model).exists():
         raise ValueError(f"--model {args.model}: no such file or folder; give a DiT checkpoint or a bundled "
                          f"model (tiny)")
+    for flag, given in (("--vae", args.vae), ("--text-encoder", args.text_encoder)):
+        if given is not None and not Path(given).exists():
+            raise ValueError(f"{flag} {given}: no such file or folder")
     if args.device != "auto":
         try:
             torch.device(args.device)
@@ -102,7 +106,7 @@ def check_args(args, shots: int) -> None:
             raise ValueError(f"--frames-per-shot: {e}") from None
     if args.size:
         parse_size(args.size)  # positive numbers; the model's stride and patch are checked once it is loaded
-    if args.threads < 0:
+    if args.threads is not None and args.threads < 0:
         raise ValueError(f"--threads must be 1 or more (0: torch's default); got {args.threads}")
     out = Path(args.out)
     if out.is_dir():
@@ -123,10 +127,15 @@ def generate(args) -> int:
     global_caption, captions = read_story(Path(args.story))
     check_args(args, len(captions))
     is_preset = args.model in ("tiny", "micro")
-    if args.threads:
+    threads = args.threads
+    if threads is None:
+        from .loading import resolve_device
+
+        threads = SMALL_MODEL_THREADS if is_preset and resolve_device(args.device).type == "cpu" else 0
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     engine = load_engine(None if is_preset else args.model, args.vae, args.text_encoder,
                          preset=args.model if is_preset else "tiny", dtype=args.dtype, device=args.device)
     geo = engine.geometry  # replace() checks a new size against this model's VAE stride and DiT patch
@@ -193,9 +202,9 @@ def main(argv=None) -> int:
     g.add_argument("--frames-per-shot", type=int, default=None, help="4k+1 pixel frames (default: the model's)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     g.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: cuda if there is one)")
-    g.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                   help=f"CPU threads for torch (default {DEFAULT_THREADS}, fastest for the tiny model; "
-                        f"0 = torch's default)")
+    g.add_argument("--threads", type=int, default=None,
+                   help=f"CPU threads for torch; 0 = torch's default (default: {SMALL_MODEL_THREADS} for a bundled "
+                        f"model on the CPU, where it is fastest, else torch's default)")
     g.add_argument("--save-state", default=None,
                    help="also save the story state here (PATH.safetensors + PATH.json)")
     args = parser.parse_args(argv)
@@ -218,7 +227,7 @@ def main(argv=None) -> int:
         print(f"interrupted: {what}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     finally:
-        if in_main_thread:
+        if old_term is not None:  # None: the handler was set outside Python, and cannot be put back from here
             signal.signal(signal.SIGTERM, old_term)
 
 

@@ -85,6 +85,8 @@ def no_model(monkeypatch):
     (["--size", "0x32"], "must be positive"),
     (["--size=-32x32"], "must be positive"),
     (["--threads", "-1"], "--threads"),
+    (["--vae", "no_such_vae.pth"], "--vae no_such_vae.pth: no such file"),
+    (["--text-encoder", "no_such_umt5"], "--text-encoder no_such_umt5: no such file"),
 ])
 def test_bad_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, no_model, extra, problem):
     from shotstream_core.__main__ import main
@@ -106,14 +108,16 @@ def test_bad_out_paths_are_refused_before_any_folder_is_made(tmp_path, capsys, n
         assert "unsupported video type" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("given, expected", [
-    (None, 1), ("1", 1), ("2", 2), ("0", "torch default"),
+@pytest.mark.parametrize("given, model, expected", [
+    (None, "micro", 1), ("1", "micro", 1), ("2", "micro", 2), ("0", "micro", "torch default"),
+    (None, "user checkpoint", "torch default"), ("2", "user checkpoint", 2),
 ])
-def test_threads_default_to_one_like_run_story(tmp_path, monkeypatch, given, expected):
-    """--threads N sets torch's CPU threads before the model loads; the default is 1 (torch's own default
-    of one a core ran 5-14x slower on a loaded 2-core machine), 0 keeps torch's default."""
+def test_threads_default_to_one_for_bundled_models_on_the_cpu(tmp_path, monkeypatch, given, model, expected):
+    """--threads N sets torch's CPU threads before the model loads; 0 keeps torch's default. Not given: 1 for
+    a bundled model on the CPU (torch's own default of one a core ran 5-14x slower on a loaded 2-core
+    machine), torch's default for a user's checkpoint (a big model's text encoder wants every core)."""
     import shotstream_core.loading
-    from shotstream_core.__main__ import DEFAULT_THREADS, main
+    from shotstream_core.__main__ import SMALL_MODEL_THREADS, main
 
     seen = []
 
@@ -125,11 +129,15 @@ def test_threads_default_to_one_like_run_story(tmp_path, monkeypatch, given, exp
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
-        argv = ["generate", str(write_story(tmp_path)), "--out", str(tmp_path / "x.mp4"), "--model", "micro"]
+        if model == "user checkpoint":
+            model = tmp_path / "dit.safetensors"  # never read: load_engine stops first
+            model.write_bytes(b"")
+        argv = ["generate", str(write_story(tmp_path)), "--out", str(tmp_path / "x.mp4"), "--model", str(model),
+                "--device", "cpu"]
         assert main(argv + (["--threads", given] if given else [])) == 2
     finally:
         torch.set_num_threads(before)
-    assert DEFAULT_THREADS == 1
+    assert SMALL_MODEL_THREADS == 1
     assert seen == [3 if expected == "torch default" else expected]
 
 
