@@ -219,6 +219,9 @@ def main(argv=None) -> int:
     except ValueError as e:  # bad sizes, captions, files: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system said no (a full disk, a busy --out): it names the file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the writer has removed its partial file
         if args.wrote:
             what = f"wrote {args.wrote}, but not the story state"

@@ -49,7 +49,7 @@ class VideoWriter:
 
     .mp4: H.264, yuv420p (even width and height), CRF `crf` (18 is visually near-lossless).
     .webp: animated WebP (Pillow), frames buffered until close(); `quality` 0-100.
-    The frames are written to `partial_path` (.NAME.partial.mp4 in the same folder: the same suffix, so the
+    The frames are written to `partial_path` (.NAME.partialPID.mp4 in the same folder: the same suffix, so the
     same container) and moved onto `path` by close(); discard() (or leaving a with-block by an exception)
     removes only the partial file.
     """
@@ -57,7 +57,8 @@ class VideoWriter:
     def __init__(self, path: str | Path, fps: float = 16, crf: int = 18, quality: int = 90):
         self.path = Path(path)
         # same folder (os.replace is atomic within a file system), same suffix (it picks the container)
-        self.partial_path = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        # (and named per process, so two runs writing one target do not share a partial file)
+        self.partial_path = self.path.with_name(f".{self.path.stem}.partial{os.getpid()}{self.path.suffix}")
         if self.path.suffix.lower() not in SUFFIXES:
             raise ValueError(f"unsupported video type {self.path.suffix!r}; use one of {SUFFIXES}")
         if fps <= 0:
@@ -126,10 +127,14 @@ class VideoWriter:
                 images[0].save(self.partial_path, format="WEBP", save_all=True, append_images=images[1:], loop=0,
                                duration=_frame_durations_ms(len(images), self.fps), quality=self.quality)
                 self._buffer.clear()
-            os.replace(self.partial_path, self.path)  # only now is a file at `path` replaced
         except BaseException:
             self._remove_partial()
             raise
+        try:
+            os.replace(self.partial_path, self.path)  # only now is a file at `path` replaced
+        except OSError as e:  # the video is whole: keep it where it is and say so, rather than lose the work
+            raise OSError(f"the finished video could not replace {self.path} ({e.strerror or e}); it is kept "
+                          f"as {self.partial_path}") from e
 
     def discard(self) -> None:
         """Stop without finishing: the partial file is removed and `path` is left as it was (idempotent)."""

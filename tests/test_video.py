@@ -144,10 +144,14 @@ def test_an_earlier_video_survives_a_failed_write_and_a_whole_one_replaces_it(tm
     assert read_video(path)[0].shape == (9, 64, 80, 3) and list(tmp_path.iterdir()) == [path]
 
 
-def test_a_video_that_cannot_take_its_place_leaves_no_partial_file(tmp_path):
+def test_a_finished_video_that_cannot_take_its_place_is_kept_and_named(tmp_path):
+    """The rename is the last step (it fails on a busy or bind-mounted target): the whole video stays, and
+    the error says where, rather than the story's work being lost."""
     path = tmp_path / "story.mp4"
-    path.mkdir()  # os.replace cannot put a file there: close() fails, and cleans up
-    with pytest.raises(OSError):
+    path.mkdir()  # os.replace cannot put a file there
+    with pytest.raises(OSError, match="could not replace") as failed:
         with VideoWriter(path) as w:
             w.write(clip(9))
-    assert list(tmp_path.iterdir()) == [path] and path.is_dir()
+    kept = w.partial_path
+    assert str(kept) in str(failed.value) and path.is_dir()
+    assert read_video(kept)[0].shape[0] == 9
