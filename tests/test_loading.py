@@ -210,14 +210,16 @@ def test_written_weights_and_states_are_readable_like_any_new_file(tmp_path):
 
     from shotstream_core.files import save_tensors
 
+    mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)  # noqa: E731
     old = os.umask(0o022)
     try:
-        save_tensors({"w": torch.zeros(3)}, tmp_path / "w.safetensors")
-        (tmp_path / "plain.json").write_text("{}")
+        for umask in (0o022, 0o077, 0o002):
+            os.umask(umask)
+            save_tensors({"w": torch.zeros(3)}, tmp_path / f"w{umask}.safetensors")
+            (tmp_path / f"plain{umask}.json").write_text("{}")
+            assert mode(f"w{umask}.safetensors") == mode(f"plain{umask}.json") == 0o666 & ~umask
     finally:
         os.umask(old)
-    mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)  # noqa: E731
-    assert mode("w.safetensors") == mode("plain.json") == 0o644
 
 
 def test_loading_a_teacher_as_the_streaming_model_warns(tmp_path):

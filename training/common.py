@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from shotstream_core.config import DiTConfig, Preset
+from shotstream_core.files import save_tensors
 from shotstream_core.loading import ModelLoadError, dit_misfit, load_dit_state, save_dit
 
 
@@ -323,7 +324,7 @@ class Checkpointer:
                 save_dit(module, tmp / f"{name}.safetensors")  # with its config: heads, text length
                 continue
             sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            save_file(sd, str(tmp / f"{name}.safetensors"))
+            save_tensors(sd, tmp / f"{name}.safetensors")
         state = {"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                  "rng": _rng_state(), "extra": dict(extra or {})}
         torch.save(state, tmp / "state.pt")
