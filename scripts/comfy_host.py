@@ -335,13 +335,13 @@ class ComfyHost:
         ignored = signal.SIG_IGN in (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
         out = None if self.log_to_console else open(self.log_path, "w")
         try:
-            self.proc = subprocess.Popen(cmd, cwd=comfy_dir, env=env, stdout=out,
-                                         stderr=subprocess.STDOUT if out else None,
-                                         preexec_fn=_default_stop_signals if ignored else None)
-        finally:
-            if out:
-                out.close()  # the child holds its own descriptor
-        try:
+            try:
+                self.proc = subprocess.Popen(cmd, cwd=comfy_dir, env=env, stdout=out,
+                                             stderr=subprocess.STDOUT if out else None,
+                                             preexec_fn=_default_stop_signals if ignored else None)
+            finally:
+                if out:
+                    out.close()  # the child holds its own descriptor
             deadline = time.monotonic() + self.start_timeout
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -397,7 +397,8 @@ class ComfyHost:
                     proc.wait(timeout)
             except BaseException:
                 proc.kill()
-                proc.wait()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout)  # a child stuck in the kernel must not hang us too
                 raise
 
     def cleanup(self) -> None:

@@ -19,7 +19,11 @@ from safetensors.torch import load_file
 from .config import ShotGeometry
 from .files import save_tensors
 
-FORMAT_VERSION = 1
+# 2: the geometry records the DiT's patch (dit_patch). Format 1 states, all made under Wan's 2x2 patch,
+# still load; a build that knows only format 1 refuses a format 2 state by name instead of failing on
+# the new field.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -118,8 +122,9 @@ class StoryState:
         if not path.exists() or not meta_path.exists():
             raise FileNotFoundError(f"story state needs both {path.name} and {meta_path.name} in {path.parent}")
         meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path} is not a ShotStream story state of format {FORMAT_VERSION}")
+        if meta.get("format_version") not in READABLE_FORMATS:
+            raise ValueError(f"{meta_path} is not a ShotStream story state of format "
+                             f"{' or '.join(map(str, READABLE_FORMATS))} (a newer pack may read it)")
         tensors = load_file(str(path))
         shots = tuple(ShotRecord(frames=tensors[f"shot{i}.frames"], **s) for i, s in enumerate(meta["shots"]))
         return cls(meta["model_id"], ShotGeometry(**meta["geometry"]), shots, meta["story_id"])

@@ -266,10 +266,12 @@ def test_a_patch_1_dit_tells_a_story_at_a_size_wan_patches_cannot_tile(engine, p
 
 
 def _as_saved_before_dit_patch(path):
-    """A saved state's JSON made to look as it did before ShotGeometry had dit_patch."""
+    """A saved state's JSON made to look as it did before ShotGeometry had dit_patch (format 1)."""
     json_path = path.with_suffix(".json")
     meta = json.loads(json_path.read_text())
+    assert meta["format_version"] == 2
     del meta["geometry"]["dit_patch"]
+    meta["format_version"] = 1
     json_path.write_text(json.dumps(meta))
     return path
 
@@ -290,3 +292,8 @@ def test_states_saved_before_the_dit_patch_load_with_wans_and_continue(engine, p
         assert loaded.geometry == old.geometry.replace(dit_patch=(2, 2))
         more, _ = eng.generate_shot(loaded, ShotRequest(G, CAPTIONS[2], seed=5))
         assert more.num_shots == old.num_shots + 1
+    future = story.save(tmp_path / "future")  # a format this pack does not know is refused by name
+    meta = json.loads(future.with_suffix(".json").read_text())
+    future.with_suffix(".json").write_text(json.dumps({**meta, "format_version": 3}))
+    with pytest.raises(ValueError, match="of format 1 or 2"):
+        StoryState.load(future)
