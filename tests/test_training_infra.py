@@ -456,19 +456,19 @@ def test_pipeline_tells_a_paused_stage_from_a_failed_one(tmp_path, monkeypatch, 
     runs = {s.name: tmp_path / "runs" / s.name for s in pipeline.STAGES}
     monkeypatch.setattr(pipeline, "stage_out_dir", lambda preset, stage: runs[stage.name])
 
-    def paused_run(cmd, cwd=None):
+    def paused_run(cmd):
         pause_stage(runs["teacher"], "teacher stopped at step 7 of 9: budget ran out")
         return 1  # torchrun's status when a worker exits non-zero
 
-    monkeypatch.setattr(pipeline.subprocess, "call", paused_run)
+    monkeypatch.setattr(pipeline, "run_child", paused_run)
     assert pipeline.main(["--preset", "micro", "--only", "teacher", "--no-eval"]) == EXIT_PAUSED
     assert "teacher paused: teacher stopped at step 7 of 9" in capsys.readouterr().out
 
-    def failed_run(cmd, cwd=None):  # the next sitting starts (its pause is cleared), then fails
+    def failed_run(cmd):  # the next sitting starts (its pause is cleared), then fails
         (runs["teacher"] / "paused.json").unlink()
         return 1
 
-    monkeypatch.setattr(pipeline.subprocess, "call", failed_run)
+    monkeypatch.setattr(pipeline, "run_child", failed_run)
     assert pipeline.main(["--preset", "micro", "--only", "teacher", "--no-eval"]) == 1
     assert "teacher failed (exit 1)" in capsys.readouterr().out
 
@@ -510,6 +510,46 @@ def test_preencoding_pauses_between_shards_and_goes_on(micro_latents, tmp_path, 
         name = f"shard_{n:04d}.safetensors"
         a, b = load_file(str(tmp_path / "latents" / name)), load_file(str(micro_latents / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_preencoding_refuses_a_store_built_from_other_inputs(micro_latents, tmp_path):
+    """A store re-run with another num_stories, or after a caption was edited, would skip the shards it
+    holds and keep the old stories: it is refused by name, and the store stays as it was. The same inputs
+    go on (the resume above)."""
+    import shutil
+
+    from training.preencode import PreencodeConfig, preencode
+
+    data = tmp_path / "data"
+    shutil.copytree(micro_latents.parent / "data", data)
+    cfg = PreencodeConfig(out_dir=str(tmp_path / "latents"), data_dir=str(data), preset="micro",
+                          vae_path=str(micro_latents.parent / "vae.safetensors"), num_stories=3, shard_size=2)
+    preencode(cfg, Dist())
+    index = (tmp_path / "latents" / "index.json").read_text()
+    assert preencode(cfg, Dist())["stories"] == 3  # the same inputs: fine
+    with pytest.raises(SystemExit, match=r"pre-encoded from other inputs \(num_stories 3 -> 2\).*Delete .*latents"):
+        preencode(dataclasses.replace(cfg, num_stories=2), Dist())
+    captions = json.loads((data / "0001.json").read_text())
+    captions["shot1"] = "close-up, a purple square, standing still."
+    (data / "0001.json").write_text(json.dumps(captions))
+    with pytest.raises(SystemExit, match=r"captions of 0001 changed"):
+        preencode(cfg, Dist())
+    assert (tmp_path / "latents" / "index.json").read_text() == index
+
+
+def test_stages_leave_the_bundled_weights_alone_and_say_where_they_export(micro_latents, tmp_path, capsys):
+    """No shipped config exports (running a tiny config by hand once overwrote the git-tracked weights,
+    stage 2's interim student over dit.safetensors); a stage given export= says where it wrote."""
+    import yaml
+
+    from training import stage1_teacher
+
+    for path in sorted((REPO / "training" / "configs").glob("*.yaml")):
+        assert not (yaml.safe_load(path.read_text()) or {}).get("export"), path.name
+    copy = tmp_path / "copy" / "teacher.safetensors"
+    copy.parent.mkdir()
+    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "t", "max_steps=1", "batch_size=2", f"export={copy}"))
+    assert copy.is_file() and f"exported {copy}" in capsys.readouterr().out
 
 
 def test_ode_pairs_pause_without_writing_a_partial_shard(micro_latents, tmp_path, monkeypatch):
@@ -927,7 +967,7 @@ def test_bf16_autocast_follows_the_config_where_the_cpu_has_native_bf16(monkeypa
 def test_report_names_how_a_run_departed_from_its_config(tmp_path):
     """The training report lists the fields a run overrode (from its saved config.yaml) against its config
     file as the pipeline runs it: none for a pipeline run of the recipe (not the export the pipeline
-    always turns off), the export for a run of the file by hand, and a cut budget or a warm start."""
+    always turns off), an export asked for by hand, and a cut budget or a warm start."""
     from training.common import save_config
     from training.pipeline import STAGES, pipeline_overrides, run_overrides, stage_config_path
     from training.stage1_teacher import TeacherConfig
@@ -937,10 +977,9 @@ def test_report_names_how_a_run_departed_from_its_config(tmp_path):
     as_pipeline = pipeline_overrides(stage)
     save_config(load_stage_config(TeacherConfig, recipe, as_pipeline), tmp_path / "config.yaml")
     assert run_overrides("tiny", stage, tmp_path) == {}
-    by_hand = load_stage_config(TeacherConfig, recipe)
-    assert by_hand.export  # the file names the shipped path
+    by_hand = load_stage_config(TeacherConfig, recipe, ["export=elsewhere/teacher.safetensors"])
     save_config(by_hand, tmp_path / "config.yaml")
-    assert run_overrides("tiny", stage, tmp_path) == {"export": by_hand.export}
+    assert run_overrides("tiny", stage, tmp_path) == {"export": "elsewhere/teacher.safetensors"}
     save_config(load_stage_config(TeacherConfig, recipe, [*as_pipeline, "max_steps=7", "init_from=prev.safetensors"]),
                 tmp_path / "config.yaml")
     assert run_overrides("tiny", stage, tmp_path) == {"max_steps": 7, "init_from": "prev.safetensors"}
@@ -1011,22 +1050,20 @@ def test_training_report_keeps_the_sizes_a_stage_finished_with(tmp_path, monkeyp
 
 
 def test_pipeline_stages_leave_the_shipped_weights_to_the_export_step():
-    """The tiny configs name shipped paths in `export:` for running a stage by hand; under the pipeline
-    every stage's effective config exports nothing, so a run with --export-dir elsewhere (or one cut
-    half-way) never overwrites the committed weights: only the export step writes them."""
+    """Under the pipeline every stage's effective config exports nothing, even where a config file was
+    given an `export:` path, so a run with --export-dir elsewhere (or one cut half-way) never overwrites
+    the committed weights: only the export step writes them."""
     from training import pipeline
     from training.common import load_stage_config
 
-    by_hand = 0
     for stage in pipeline.STAGES:
         cmd = pipeline.stage_command("tiny", stage, nproc=2)
         cls = pipeline._config_class(stage.config_cls)
         config_path = cmd[cmd.index("--config") + 1]
         overrides = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"]
-        if getattr(load_stage_config(cls, config_path), "export", ""):
-            by_hand += 1
+        if hasattr(cls(), "export"):
+            assert overrides == ["export="], stage.name  # a path set in the file is turned off
         assert not getattr(load_stage_config(cls, config_path, overrides), "export", ""), stage.name
-    assert by_hand >= 4  # the teacher and the three student stages name shipped paths in their files
 
 
 def test_status_says_how_far_a_cut_run_got(tmp_path):

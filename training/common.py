@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -68,21 +70,85 @@ class StageConfig:
         return self.lr_decay_steps if self.lr_decay_steps > 0 else self.max_steps
 
 
-def _coerce(value, typ):
-    """YAML value -> the dataclass field's type (tuples from lists, floats from ints)."""
+def _coerce(value, typ, where: str = "config value"):
+    """YAML value -> the dataclass field's type, or a ValueError that names `where` (e.g. "config lr"),
+    the value and what the field takes. YAML reads 1e-3 (no dot) as a string: float fields take it, int
+    fields take whole numbers only ("2", 2 and 2.0; not 1.5), str fields take numbers as text and null
+    as "" (the pipeline's "export="). Tuples come from lists; unions, lists and dicts are kept as given."""
     origin = typing.get_origin(typ)
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ is bool and isinstance(value, str):
-        low = value.lower()
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        low = str(value).lower()
         if low in ("true", "1", "yes", "on"):
             return True
         if low in ("false", "0", "no", "off"):  # the reference parsed "False" as True; we do not
             return False
-        raise ValueError(f"{value!r} is not a boolean (use true/false)")
+        raise ValueError(f"{where}: {value!r} is not a boolean (use true/false)")
+    if typ is float or typ is int:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str):
+            for parse in (int, float):
+                try:
+                    number = parse(value.strip())
+                    break
+                except ValueError:
+                    pass
+        if number is None:
+            raise ValueError(f"{where}: {value!r} is not {'a number' if typ is float else 'a whole number'}")
+        if not math.isfinite(number):
+            raise ValueError(f"{where}: {value!r} is not a finite number")
+        if typ is float:
+            return float(number)
+        if isinstance(number, int):
+            return number
+        if not float(number).is_integer():
+            raise ValueError(f"{where}: {value!r} is not a whole number")
+        return int(number)
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: {value!r} is not text (quote it)")
     return value
+
+
+# Shared fields of every stage config that only make sense in a range: (minimum, whether the minimum
+# itself is allowed, what 0 means where 0 is allowed). Stages check their own fields themselves.
+_STAGE_RANGES = {
+    "seed": (0, True, ""),
+    "max_steps": (0, True, ""),
+    "max_minutes": (0, True, "0 = no time budget"),
+    "lr_decay_steps": (0, True, "0 = max_steps"),
+    "batch_size": (1, True, ""),
+    "lr": (0, False, ""),
+    "warmup_steps": (0, True, "0 = no warmup"),
+    "weight_decay": (0, True, ""),
+    "grad_clip": (0, True, "0 = no clipping"),
+    "ckpt_every": (1, True, ""),
+    "keep_checkpoints": (0, True, "0 = keep all"),
+    "log_every": (1, True, ""),
+    "num_threads": (0, True, "0 = torch's default"),
+    "stop_after": (0, True, "0 = never"),
+}
+
+
+def check_stage_ranges(cfg, what: str = "config") -> None:
+    """Refuse, by key and value, a shared StageConfig field out of its range (batch_size -1, ckpt_every 0)."""
+    if not isinstance(cfg, StageConfig):
+        return
+    for key, (low, inclusive, zero) in _STAGE_RANGES.items():
+        value = getattr(cfg, key)
+        if value > low or (inclusive and value == low):
+            continue
+        want = f">= {low}" if inclusive else f"> {low}"
+        raise ValueError(f"{what} {key}: {value!r} must be {want}{f' ({zero})' if zero else ''}")
 
 
 def load_stage_config(cls, path=None, overrides=()):
@@ -94,12 +160,23 @@ def load_stage_config(cls, path=None, overrides=()):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no config file at {path}")
-        values.update(yaml.safe_load(path.read_text()) or {})
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold key: value lines, not a {type(loaded).__name__}")
+        values.update(loaded)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
-        values[key.strip()] = yaml.safe_load(raw)
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ValueError(f"override {item!r}: {raw!r} is not a YAML value (quote it)") from None
     return replace_config(cls(), values)
 
 
@@ -112,7 +189,10 @@ def replace_config(cfg, values: dict, fixed=(), what: str = ""):
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} for {what or cls.__name__}; known: {sorted(names)}")
     hints = typing.get_type_hints(cls)
-    return dataclasses.replace(cfg, **{k: _coerce(v, hints[k]) for k, v in values.items()})
+    where = what or "config"
+    out = dataclasses.replace(cfg, **{k: _coerce(v, hints[k], f"{where} {k}") for k, v in values.items()})
+    check_stage_ranges(out, where)
+    return out
 
 
 def load_dit(path, cls: type[nn.Module], what: str, device, frozen: bool = False) -> nn.Module:
@@ -229,9 +309,20 @@ class Dist:
         torch_dist.gather_object(obj, out, dst=0)
         return out
 
-    def close(self) -> None:
-        if self.distributed and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+    def close(self, synchronize: bool = True) -> None:
+        """End the process group. synchronize, for a stage every rank finished (run_stage's normal return):
+        first free what still holds the group (a DDP wrapper and its reducer, kept alive by reference cycles
+        until a garbage collection that could otherwise come at interpreter exit, after the group is gone),
+        then wait for every rank, so no rank tears down its gloo connections while another still uses them
+        (rank 1 dying with "terminate called without an active exception" after done.json was written).
+        Not on an error or a pause, where the ranks may have stopped apart: a barrier there could wait for
+        a rank that never comes."""
+        if not (self.distributed and torch_dist.is_initialized()):
+            return
+        if synchronize:
+            gc.collect()
+            torch_dist.barrier()
+        torch_dist.destroy_process_group()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -612,7 +703,9 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
     step_fn does the whole optimisation step (lr, forward, backward, optimiser). Returns a summary with
     the steps done, the step this sitting started from (resumed_from: 0 for a fresh run; it also goes in
     paused.json and, through the stages, done.json, so a resume that restarted from scratch shows), the
-    final scalars and the wall time of this stage over all its resumes.
+    final scalars and the wall time of this stage over all its resumes. A sitting that resumes says from
+    which checkpoint; a stage already done (done.json, and a checkpoint at max_steps) says so, trains
+    nothing and returns the summary done.json recorded.
     """
     out = Path(cfg.out_dir)
     ckpt = Checkpointer(out, keep=cfg.keep_checkpoints)
@@ -624,6 +717,22 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
             # ("user": a checkpoint from before per-rank state, which only one-process runs resumed exactly)
             by_rank = extra.get("user_by_rank") or [extra.get("user", {})]
             extra_state.update(by_rank[dist.rank] if dist.rank < len(by_rank) else {})
+    if start >= cfg.max_steps and is_done(out):
+        # finished before: say so (not a bare progress bar), and hand back what done.json recorded, so the
+        # stage writing done.json again keeps this run's record (resumed_from, wall time, final scalars)
+        if dist.is_main:
+            print(f"already done at step {start} ({out / 'done.json'}): delete the folder to train it again",
+                  flush=True)
+        try:
+            done = json.loads((out / "done.json").read_text())
+        except (OSError, ValueError):
+            done = {}
+        summary = {"steps": start, "resumed_from": start, "stop_reason": "max_steps", "wall_s": elapsed,
+                   "final": {}}
+        summary.update({k: done[k] for k in summary if k in done})
+        return summary
+    if start > 0 and dist.is_main:
+        print(f"resumed from {ckpt.path(start)} (step {start} of {cfg.max_steps})", flush=True)
     clear_pause(out, dist.is_main)
     logger = Logger(out, cfg.max_steps, enabled=dist.is_main, start=start, desc=desc)
     t0 = time.perf_counter()
@@ -674,17 +783,147 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
     return {"steps": step, "resumed_from": start, "stop_reason": "max_steps", "wall_s": total, "final": last}
 
 
+def config_changes(cfg, saved_path) -> list[str]:
+    """"key: saved -> now" for each field in which cfg differs from the config a run saved at saved_path
+    (its config.yaml), leaving out the settings of one sitting (max_minutes, stop_after, num_threads)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(Path(saved_path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(saved, dict):
+        return []
+    names = {f.name for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    changes = []
+    for key in sorted(set(saved) & names - {"max_minutes", "stop_after", "num_threads"}):
+        try:
+            old = _coerce(saved[key], hints[key])
+        except ValueError:
+            old = saved[key]
+        if old != getattr(cfg, key):
+            changes.append(f"{key}: {old!r} -> {getattr(cfg, key)!r}")
+    return changes
+
+
+def warn_config_changes(cfg) -> None:
+    """One line naming the keys in which cfg differs from the config.yaml of the run in cfg.out_dir."""
+    saved = Path(cfg.out_dir) / "config.yaml"
+    if saved.is_file():
+        changes = config_changes(cfg, saved)
+        if changes:
+            print(f"warning: this config differs from the one {cfg.out_dir} was run with ({saved}): "
+                  f"{'; '.join(changes)}", flush=True)
+
+
+# Exit status of a stage run from the command line that stopped on a user error (a config value, a
+# missing or malformed file, an unreadable video, weights that do not fit): one line on stderr, no traceback.
+EXIT_USER_ERROR = 2
+# How long a rank other than 0 waits for rank 0 to report the same error before it reports its own.
+USER_ERROR_GRACE_S = 5.0
+_ERROR_KEY = "shotstream/user_error/rank{}"
+
+
+def user_error_types() -> tuple:
+    types = [ValueError, FileNotFoundError, ModelLoadError]  # JSONDecodeError is a ValueError
+    try:
+        import av.error
+
+        types.append(av.error.FFmpegError)  # InvalidDataError and the rest of PyAV's decoding errors
+    except (ImportError, AttributeError):
+        pass
+    return tuple(types)
+
+
+def _default_store():
+    """The torchrun rendezvous store of this process group (None before the group, or where unavailable)."""
+    try:
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            return _get_default_store()
+    except Exception:  # a private API: without it the ranks just do not coordinate their messages
+        pass
+    return None
+
+
+def _store_has(store, key: str, wait_s: float = 0.0) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if store.check([key]):
+                return True
+        except Exception:  # the store went away with its host: nothing more to learn
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _report_cli_error(exc: Exception) -> int | None:
+    """For a stage run from the command line that raised exc: print what the user needs and return the exit
+    status, or return None (not a user error: the traceback shows). Under torchrun one rank prints: rank 0
+    when it has the error too (the same config or file fails on every rank), else the rank that has it; a
+    rank that fails only because another one stopped on a user error (its collective lost a peer) exits
+    with the same status quietly."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    user = isinstance(exc, user_error_types())
+    store = _default_store() if world > 1 else None
+    if user and (rank == 0 or world == 1):
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if store is not None:
+            try:
+                store.set(_ERROR_KEY.format(rank), "1")
+            except Exception:
+                pass
+        return EXIT_USER_ERROR
+    if user:
+        if store is None:  # before the process group: every rank read the same argv, rank 0 says it
+            time.sleep(USER_ERROR_GRACE_S)  # and is not stopped by torchrun before it can
+            return EXIT_USER_ERROR
+        try:
+            store.set(_ERROR_KEY.format(rank), "1")
+        except Exception:
+            pass
+        if not _store_has(store, _ERROR_KEY.format(0), USER_ERROR_GRACE_S):
+            print(f"error: {exc} (on rank {rank})", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    if store is not None and any(_store_has(store, _ERROR_KEY.format(r)) for r in range(world) if r != rank):
+        return EXIT_USER_ERROR
+    return None
+
+
 def run_stage(train_fn: Callable, config_cls, argv=None):
-    """Entry point of every stage: --config YAML, --set key=value (repeatable) -> train_fn(cfg, dist)."""
+    """Entry point of every stage: --config YAML, --set key=value (repeatable) -> train_fn(cfg, dist).
+
+    From the command line (argv None), a user error ends the stage with one line `error: ...` on stderr
+    and exit status EXIT_USER_ERROR, from one rank under torchrun (_report_cli_error); a bug (RuntimeError
+    and the rest) keeps its traceback. Called from Python with an argv list, every error is raised as is."""
     parser = argparse.ArgumentParser(description=(train_fn.__doc__ or "").strip().splitlines()[0] if train_fn.__doc__ else None)
     parser.add_argument("--config", help="YAML file of the stage's config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config field (repeatable)")
     args = parser.parse_args(argv)
-    cfg = load_stage_config(config_cls, args.config, args.overrides)
-    setup_threads(cfg)
-    dist = Dist.init(cfg.device)
+    dist = None
     try:
-        return train_fn(cfg, dist)
-    finally:
-        dist.close()
+        cfg = load_stage_config(config_cls, args.config, args.overrides)
+        setup_threads(cfg)
+        dist = Dist.init(cfg.device)
+        if dist.is_main:
+            warn_config_changes(cfg)
+        result = train_fn(cfg, dist)
+    except Exception as e:
+        code = _report_cli_error(e) if argv is None else None
+        if dist is not None:
+            dist.close(synchronize=False)
+        if code is None:
+            raise
+        raise SystemExit(code) from None
+    except BaseException:  # a pause (StageInterrupted) or Ctrl-C: the ranks may have stopped apart
+        if dist is not None:
+            dist.close(synchronize=False)
+        raise
+    dist.close()  # every rank finished: they leave the group together
+    return result

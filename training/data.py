@@ -59,11 +59,15 @@ def shot_frames(clip, geometry: ShotGeometry) -> list[np.ndarray]:
     """The clip's shots at the geometry's frames per shot (4k+1), by fit_shot; a shorter one is an error."""
     out = []
     n = geometry.frames_per_shot
+    source = getattr(clip, "source", "")
     for k in range(clip.num_shots):
         frames = clip.shot(k)
         if len(frames) < n:
-            raise ValueError(f"shot {k} has {len(frames)} frames; the preset needs {n} "
-                             f"(re-render the data for this preset or pick a preset with shorter shots)")
+            raise ValueError(
+                f"{source + ': ' if source else ''}shot {k + 1} (caption key shot{k + 1}) has {len(frames)} "
+                f"frames; the preset needs {n} per shot: drop shots shorter than {n} frames from index.csv "
+                f"(their range in frame_number, renumbering the caption JSON's shot keys to match), or use "
+                f"a preset with shorter shots (Story World data: write it again for this preset)")
         out.append(fit_shot(frames, n))
     return out
 

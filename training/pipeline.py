@@ -7,7 +7,9 @@ stage 2 -> stage 3 -> stage 4 -> export and training report (-> evaluation).
 Each stage is its own command (`python -m training.<stage> --config training/configs/<preset>-<stage>.yaml`)
 run as a subprocess; a stage whose out_dir holds done.json is skipped, a cut one resumes from its last
 checkpoint (the stage itself does that); --status says where each stage stands. --nproc N runs the
-stages under torchrun with N processes.
+stages under torchrun with N processes. A finished stage is stale when a stage it was built from ran again
+after it (DEPENDS; OUT/built_from.json records what it was built from): the pipeline then stops before
+running anything and names the stages to delete, or deletes and rebuilds them with --rebuild-stale.
 At the end the shipped files are copied to the export folder (shotstream_core/weights/<preset>/ for tiny)
 with training_report.md: wall time, steps and final losses of each stage, checkpoint sizes, loss plots.
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,6 +55,28 @@ STAGES = (
     Stage("stage3", "training.stage3_dmd", "training.stage3_dmd:DMDStageConfig"),
     Stage("stage4", "training.stage4_dmd", "training.stage4_dmd:Stage4Config"),
 )
+
+# What each stage is built from: the stages whose out_dir its config reads (data_dir, init_from, vae_path,
+# latent_dir, teacher_path, ode_dir, student_path; a test checks this against the configs). "data" is the
+# pipeline's Story World set (runs/<preset>/data).
+DEPENDS = {
+    "vae": ("data",),
+    "decoder": ("data", "vae"),
+    "preencode": ("data", "decoder"),
+    "teacher": ("preencode", "decoder"),
+    "ode": ("preencode", "teacher", "decoder"),
+    "stage2": ("ode", "preencode", "teacher"),
+    "stage3": ("stage2", "preencode", "teacher"),
+    "stage4": ("stage3", "preencode", "teacher", "decoder"),
+}
+
+# OUT/built_from.json: {upstream stage: fingerprint of its done.json}, written by the pipeline when it
+# launches a stage (and for a finished stage from before these records, once it is found not stale).
+BUILT_FROM = "built_from.json"
+# A finished stage without that record (a run from before it, or one run by hand) is stale when an upstream
+# stage's done.json is newer than its own by more than this (a copied run folder gets copy-order times).
+# The data set is left out of this fallback: it is regenerated to the same stories.
+MTIME_SLACK_S = 5.0
 
 # What the engine loads, and what the report / ablation needs: (file in the export folder, stage, file in
 # the stage's out_dir).
@@ -89,6 +115,10 @@ def _config_class(spec: str):
     return getattr(importlib.import_module(module), cls)
 
 
+def data_out_dir(preset: str) -> Path:
+    return ROOT / "runs" / preset / "data"
+
+
 def stage_config_path(preset: str, stage: Stage) -> Path:
     return CONFIGS / f"{preset}-{stage.name}.yaml"
 
@@ -98,6 +128,131 @@ def stage_out_dir(preset: str, stage: Stage) -> Path | None:
     if not path.is_file():
         return None
     return Path(load_stage_config(_config_class(stage.config_cls), path).out_dir)
+
+
+def _out_dirs(preset: str) -> dict[str, Path]:
+    """Run folder of "data" and of every stage the preset has."""
+    outs = {"data": data_out_dir(preset)}
+    for stage in STAGES:
+        out = stage_out_dir(preset, stage)
+        if out is not None:
+            outs[stage.name] = Path(out)
+    return outs
+
+
+def _fingerprint(out: Path, name: str = "") -> str | None:
+    """Which finished run a folder holds: a hash of its done.json (None while not done). done.json is
+    written once per finished run, so a stage run again gets a new one. The data set is written again to
+    the same stories (seeded, reproducible mp4s), so its wall time is left out."""
+    done = Path(out) / "done.json"
+    if not done.is_file():
+        return None
+    text = done.read_bytes()
+    if name == "data":
+        try:
+            text = json.dumps({k: v for k, v in json.loads(text).items() if k != "wall_s"}, sort_keys=True).encode()
+        except (ValueError, AttributeError):
+            pass
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def _read_built_from(out: Path) -> dict:
+    try:
+        return json.loads((out / BUILT_FROM).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_built_from(preset: str, name: str) -> None:
+    """OUT/built_from.json of stage `name`: the fingerprints of the finished stages it is built from."""
+    outs = _out_dirs(preset)
+    out = outs[name]
+    record = _read_built_from(out)
+    record.update({up: fp for up in DEPENDS[name] if up in outs and (fp := _fingerprint(outs[up], up)) is not None})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BUILT_FROM).write_text(json.dumps(record, indent=2))
+
+
+@dataclass(frozen=True)
+class Stale:
+    reason: str  # for --status: "teacher was retrained after it"
+    roots: tuple[str, ...]  # the stages whose new run made it stale
+
+
+def stale_stages(preset: str) -> dict[str, Stale]:
+    """The stages whose run folder was built from another run of an upstream stage than the one there now
+    (directly, or through a stale upstream stage). Reads the run folders only."""
+    outs = _out_dirs(preset)
+    prints = {name: _fingerprint(out, name) for name, out in outs.items()}
+    stale: dict[str, Stale] = {}
+    for stage in STAGES:
+        out = outs.get(stage.name)
+        if out is None or not out.is_dir():
+            continue
+        record = _read_built_from(out)
+        changed, via, roots = [], [], []
+        for up in DEPENDS[stage.name]:
+            if up not in outs:
+                continue
+            if up in stale:
+                via.append(up)
+                roots += [r for r in stale[up].roots if r not in roots]
+                continue
+            was = record.get(up)
+            if was is not None:
+                hit = was != prints[up]
+            else:  # no record: a finished run from before them (or run by hand) goes by the done.json times
+                hit = (up != "data" and is_done(out) and prints[up] is not None
+                       and (outs[up] / "done.json").stat().st_mtime
+                       > (out / "done.json").stat().st_mtime + MTIME_SLACK_S)
+            if hit:
+                changed.append(up)
+                if up not in roots:
+                    roots.append(up)
+        if changed:
+            reason = "; ".join(("the data set was written again, with other stories, after it" if up == "data"
+                                else f"{up} was retrained after it") if prints[up] is not None
+                               else f"{up} was deleted or restarted since it was built" for up in changed)
+        elif via:
+            reason = f"built from {', '.join(via)}, which {'is' if len(via) == 1 else 'are'} stale"
+        else:
+            continue
+        stale[stage.name] = Stale(reason, tuple(roots))
+    return stale
+
+
+def stale_message(preset: str, stale: dict[str, Stale]) -> str:
+    """One line: which stages are stale, from what, and how to rebuild them."""
+    outs = _out_dirs(preset)
+    roots = []
+    for s in stale.values():
+        roots += [r for r in s.roots if r not in roots]
+    names = list(stale)
+    paths = " ".join(_shown(outs[n]) for n in names)
+    return (f"{', '.join(names)} {'was' if len(names) == 1 else 'were'} built from an older "
+            f"{' and '.join(roots)}: delete {paths} to rebuild {'it' if len(names) == 1 else 'them'} "
+            f"(or run with --rebuild-stale)")
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _upstream_closure(names) -> set[str]:
+    todo, seen = list(names), set()
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += DEPENDS.get(n, ())
+    return seen
+
+
+class StaleChain(RuntimeError):
+    """export(): the finished files come from runs built on different runs of an upstream stage."""
 
 
 def pipeline_overrides(stage: Stage) -> list[str]:
@@ -140,7 +295,8 @@ def export(preset: str, export_dir: Path) -> list[str]:
     """Copy the shipped files of the finished stages; returns the names copied.
 
     Nothing is copied until a student stage is done: a new VAE or teacher alone would not match the
-    shipped student (it was trained on the old latents), and the package must always load as one model."""
+    shipped student (it was trained on the old latents), and the package must always load as one model.
+    Nor is a mixed chain (a stage retrained after the ones built on it): StaleChain names the stale stages."""
     stages = {s.name: s for s in STAGES}
     found = {}
     for name, candidates, src in SHIPPED:
@@ -151,6 +307,11 @@ def export(preset: str, export_dir: Path) -> list[str]:
                 break
     if "dit.safetensors" not in found:
         return []
+    stale = stale_stages(preset)
+    mixed = {n: st for n, st in stale.items() if n in _upstream_closure(stage for _, stage in found.values())}
+    if mixed:
+        raise StaleChain(f"not exported, {export_dir} is unchanged: the finished runs do not form one chain. "
+                         + stale_message(preset, mixed))
     export_dir.mkdir(parents=True, exist_ok=True)
     for name, (path, _) in found.items():
         copy_file(path, export_dir / name)
@@ -159,6 +320,10 @@ def export(preset: str, export_dir: Path) -> list[str]:
 
 def _step_progress(out: Path, max_steps: int) -> str:
     step = Checkpointer(out).latest_step()
+    try:  # a paused sitting's own target (its config, --set overrides included)
+        max_steps = json.loads((out / "paused.json").read_text()).get("max_steps", max_steps)
+    except (OSError, ValueError):
+        pass
     return "not started" if step is None else f"at step {step} of {max_steps or '?'}"
 
 
@@ -171,7 +336,9 @@ def stage_status(preset: str, stage: Stage) -> str:
 
 def run_status(cfg) -> str:
     """One line on where the run of a stage config stands: done, how far a cut run got (from its
-    checkpoints or output files), or not started. Reads the run folder only; runs nothing."""
+    checkpoints or output files), or not started. Reads the run folder only; runs nothing. Where the run
+    saved its own config (OUT/config.yaml, with the --set overrides it ran with), that is the one read."""
+    cfg = _run_config(cfg)
     out = Path(cfg.out_dir)
     if is_done(out):
         d = json.loads((out / "done.json").read_text())
@@ -181,6 +348,18 @@ def run_status(cfg) -> str:
         return "not started"
     paused = " (paused; run it again to go on)" if paused_message(out) else ""
     return _where_it_stands(cfg, out) + paused
+
+
+def _run_config(cfg):
+    """The config a run saved when it started (OUT/config.yaml), in its folder; else cfg."""
+    saved = Path(cfg.out_dir) / "config.yaml"
+    if not saved.is_file():
+        return cfg
+    try:
+        ran = load_stage_config(type(cfg), saved)
+    except (OSError, ValueError, TypeError):  # a config of an older version of the stage
+        return cfg
+    return dataclasses.replace(ran, out_dir=cfg.out_dir)
 
 
 def _where_it_stands(cfg, out: Path) -> str:
@@ -291,6 +470,22 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
     return path
 
 
+def run_child(cmd: list[str]) -> int:
+    """Run a stage's command and return its exit status. On Ctrl-C (which the child, in the same process
+    group, gets too) wait for the child to finish its own handling, then raise KeyboardInterrupt; a second
+    Ctrl-C while waiting stops the child at once."""
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        raise
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", choices=sorted(DATA))
@@ -303,28 +498,62 @@ def main(argv=None) -> int:
     p.add_argument("--no-eval", action="store_true", help="skip python -m training.evaluate at the end")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--status", action="store_true",
-                   help="print where each stage stands (done, how far a cut run got), run nothing")
+                   help="print where each stage stands (done, how far a cut run got, stale), run nothing")
+    p.add_argument("--rebuild-stale", action="store_true",
+                   help="DELETE the run folders of stale stages (built from an older run of a stage they depend "
+                        "on) and train them again; without it the pipeline stops and names them")
     args = p.parse_args(argv)
 
     preset = args.preset
     export_dir = args.export_dir or (ROOT / "shotstream_core" / "weights" / preset if preset == "tiny"
                                      else ROOT / "runs" / preset / "export")
-    data_dir = ROOT / "runs" / preset / "data"
+    data_dir = data_out_dir(preset)
     wanted = set(args.only) if args.only else None
     known = ["data"] + [s.name for s in STAGES]
     unknown = sorted(wanted - set(known)) if wanted is not None else []
     if unknown:
         p.error(f"--only: unknown stage(s) {unknown}; choose from {known}")
     if args.status:
+        stale = stale_stages(preset)
         print(f"data: {'done' if is_done(data_dir) else 'not made'} ({data_dir})")
         for stage in STAGES:
             if wanted is None or stage.name in wanted:
-                print(f"{stage.name}: {stage_status(preset, stage)}")
+                where = stage_status(preset, stage)
+                if stage.name in stale:
+                    where = f"stale ({stale[stage.name].reason}); {where}"
+                print(f"{stage.name}: {where}")
         return 0
 
+    running = ["the pipeline"]  # what a Ctrl-C interrupts
+    try:
+        return _run(args, preset, export_dir, data_dir, wanted, running)
+    except KeyboardInterrupt:
+        print(f"\n[pipeline] interrupted during {running[0]}: run the same command to resume", flush=True)
+        return 130
+
+
+def _stop_or_rebuild(preset: str, stale: dict, args) -> bool:
+    """Stale stages: with --rebuild-stale delete their run folders (True: go on), else say which and how to
+    rebuild them (False: stop)."""
+    if not args.rebuild_stale:
+        print(f"[pipeline] stopped: {stale_message(preset, stale)}", flush=True)
+        return False
+    outs = _out_dirs(preset)
+    for name, st in stale.items():
+        print(f"[pipeline] --rebuild-stale: deleting {_shown(outs[name])} ({name}: {st.reason})", flush=True)
+        if not args.dry_run:
+            shutil.rmtree(outs[name], ignore_errors=True)
+    return True
+
+
+def _run(args, preset: str, export_dir: Path, data_dir: Path, wanted, running: list) -> int:
+    stale = {n: st for n, st in stale_stages(preset).items() if wanted is None or n in wanted}
+    if stale and not _stop_or_rebuild(preset, stale, args):
+        return 1
     if (wanted is None or "data" in wanted) and not is_done(data_dir):
         print(f"[pipeline] data -> {data_dir}", flush=True)
         if not args.dry_run:
+            running[0] = "data"
             make_data(preset, data_dir)
     for stage in STAGES:
         if wanted is not None and stage.name not in wanted:
@@ -334,7 +563,13 @@ def main(argv=None) -> int:
             print(f"[pipeline] {stage.name}: no {cfg.name}, skipped", flush=True)
             continue
         out = stage_out_dir(preset, stage)
-        if is_done(out):
+        stale = {n: st for n, st in stale_stages(preset).items() if n == stage.name}
+        if stale:  # a stage this run trained again made it stale (no record of its own to tell it earlier)
+            if not _stop_or_rebuild(preset, stale, args):
+                return 1
+        elif is_done(out):
+            if not (out / BUILT_FROM).is_file() and not args.dry_run:
+                record_built_from(preset, stage.name)  # a run from before these records, found not stale
             print(f"[pipeline] {stage.name}: done ({out}), skipped", flush=True)
             continue
         nproc = args.nproc if args.nproc is not None else DEFAULT_NPROC.get(preset, {}).get(stage.name, 1)
@@ -342,7 +577,10 @@ def main(argv=None) -> int:
         print(f"[pipeline] {stage.name}: {' '.join(cmd)}", flush=True)
         if args.dry_run:
             continue
-        rc = subprocess.call(cmd, cwd=ROOT)
+        record_built_from(preset, stage.name)
+        running[0] = stage.name
+        rc = run_child(cmd)
+        running[0] = "the pipeline"
         paused = paused_message(out) if rc != 0 else None
         if paused:
             print(f"[pipeline] {stage.name} paused: {paused}. Run the pipeline again to go on: finished stages "
@@ -353,10 +591,17 @@ def main(argv=None) -> int:
                   f"this one resumes from its last checkpoint", flush=True)
             return rc
         if stage.name == "stage2":  # the product works with trained weights even if DMD is late
-            export(preset, export_dir)
+            try:
+                export(preset, export_dir)
+            except StaleChain:
+                pass  # said at the end
     if args.dry_run:
         return 0
-    copied = export(preset, export_dir)
+    try:
+        copied = export(preset, export_dir)
+    except StaleChain as e:
+        print(f"[pipeline] {e}", flush=True)
+        return 1
     if not copied:
         print(f"[pipeline] no student stage is done yet: nothing exported, {export_dir} is unchanged", flush=True)
         return 0
@@ -365,9 +610,22 @@ def main(argv=None) -> int:
     if not args.no_eval:
         cmd = [sys.executable, *evaluation_args(preset, export_dir)]
         print(f"[pipeline] evaluate: {' '.join(cmd)}", flush=True)
-        return subprocess.call(cmd, cwd=ROOT)
+        running[0] = "the evaluation"
+        return run_child(cmd)
     return 0
 
 
+def cli(argv=None) -> int:
+    """main(), quiet when stdout is closed early (`--status | head`)."""
+    try:
+        rc = main(argv)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

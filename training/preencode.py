@@ -11,11 +11,16 @@ for the story's later shots are encoded (on 2 CPU cores the VAE, not the DiT, is
 
 Resumable: shards are written whole (temp file + rename) and skipped when present. Under torchrun each
 process encodes every world_size-th shard. The time budget stops after the current shard; the index
-then holds what is done.
+then holds what is done. OUT/inputs.json records what the store is built from (data_dir, the config
+fields that change the shards, the VAE file's hash and each story's ranges, caption-JSON hash and video
+size and time): a later run with other inputs is refused by name (InputsChanged), since the shards it
+would skip hold the old ones; a resume with the same inputs goes on.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +51,89 @@ class PreencodeConfig(StageConfig):
     frame_batch: int = 64  # single frames per VAE call
     negative_prompt: str = ""
     detail_radius: int = 3  # pixels; the per-shot detail maps the teacher's detail_weight reads (training.detail)
+
+
+# The config fields that change what the shards hold (not batch sizes, threads, budgets or the device).
+OUTPUT_FIELDS = ("preset", "num_stories", "shard_size", "all_frames", "negative_prompt", "detail_radius")
+INPUTS = "inputs.json"
+
+
+class InputsChanged(SystemExit):
+    """A store re-run with other inputs than it was built from: exits with the message, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _sha(path) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()[:16]
+
+
+def store_inputs(cfg: PreencodeConfig) -> dict:
+    """What a store built with cfg holds: the config fields that change it, the data set's index path, the
+    VAE file's hash, and per story its ranges, a hash of its caption JSON and its video's size and time."""
+    from .storyworld.storage import read_index
+
+    stories = []
+    for rec in read_index(Path(cfg.data_dir))[:cfg.num_stories]:
+        video = rec.video_path.stat() if rec.video_path is not None and rec.video_path.is_file() else None
+        stories.append({"name": rec.name, "ranges": [list(r) for r in rec.ranges], "captions": _sha(rec.json_path),
+                        "video": [video.st_size, video.st_mtime_ns] if video else None})
+    return {"data_dir": os.path.normpath(cfg.data_dir), **{k: getattr(cfg, k) for k in OUTPUT_FIELDS},
+            "vae": _sha(cfg.vae_path), "stories": stories}
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def inputs_changes(was: dict, now: dict) -> list[str]:
+    """What differs between two store_inputs() records, in words."""
+    changes = [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in ("data_dir", *OUTPUT_FIELDS) if was.get(k) != now.get(k)]
+    if was.get("vae") != now.get("vae"):
+        changes.append("the VAE file (vae_path) is another one")
+    old = {s["name"]: s for s in was.get("stories", [])}
+    new = {s["name"]: s for s in now.get("stories", [])}
+    for key, what in (("captions", "captions"), ("ranges", "shot ranges"), ("video", "video")):
+        diff = [n for n in new if n in old and old[n].get(key) != new[n].get(key)]
+        if diff:
+            changes.append(f"{what} of {_names(diff)} changed")
+    if was.get("num_stories") == now.get("num_stories"):
+        gone, added = [n for n in old if n not in new], [n for n in new if n not in old]
+        if gone:
+            changes.append(f"stories {_names(gone)} are no longer in the data")
+        if added:
+            changes.append(f"stories {_names(added)} are new")
+    if not changes and [s["name"] for s in was.get("stories", [])] != [s["name"] for s in now.get("stories", [])]:
+        changes.append("the stories' order changed")
+    return changes
+
+
+def check_inputs(cfg: PreencodeConfig, out: Path, is_main: bool = True) -> None:
+    """Refuse a store built from other inputs; record them in a new one (or one from before the record)."""
+    now = store_inputs(cfg)
+    path = out / INPUTS
+    if path.is_file():
+        changes = inputs_changes(json.loads(path.read_text()), now)
+        if changes:
+            raise InputsChanged(
+                f"{out} was pre-encoded from other inputs ({'; '.join(changes)}); its shards would be kept as they "
+                f"are. Delete {out} (and the stages trained on it) to encode it again, or set another out_dir")
+    elif is_main:  # whole or not at all: another rank may be reading it
+        tmp = out / f".{INPUTS}.tmp"
+        tmp.write_text(json.dumps(now))
+        os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -104,6 +192,7 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
     vae_path = Path(cfg.vae_path)
     if not vae_path.is_file():
         raise FileNotFoundError(f"no trained VAE at {vae_path}; run python -m training.vae_stage first")
+    check_inputs(cfg, out, dist.is_main)
     vae = load_vae(vae_path, device=dist.device)
     encoder = make_text_encoder(preset.text_encoder, None, preset.dit.text_dim, preset.dit.text_len)
     if dist.is_main:

@@ -231,6 +231,7 @@ def train(cfg: TeacherConfig, dist) -> dict:
         save_dit(shipped, out / "teacher.safetensors")
         if cfg.export:
             save_dit(shipped, cfg.export)
+            print(f"exported {cfg.export}", flush=True)
         if cfg.sample_stories > 0 and Path(cfg.vae_path).is_file():
             from .ode_pairs import teacher_sheet
 

@@ -113,6 +113,7 @@ def train(cfg: Stage2Config, dist) -> dict:
         save_dit(student, out / "student.safetensors")
         if cfg.export:
             save_dit(student, cfg.export)
+            print(f"exported {cfg.export}", flush=True)
         mark_done(out, **summary)
     dist.barrier()
     return summary

@@ -146,6 +146,7 @@ class DMDSetup:
         path = save_dit(model, Path(self.cfg.out_dir) / "student.safetensors")
         if self.cfg.export:
             save_dit(model, self.cfg.export)
+            print(f"exported {self.cfg.export}", flush=True)
         return path
 
 

@@ -160,13 +160,17 @@ class ClipRecord:
     json_path: Path
     video_path: Path | None
     ranges: list[tuple[int, int]]
+    where: str = ""  # "DIR/index.csv row N", for errors
 
     @property
     def name(self) -> str:
         return self.json_path.stem
 
     def read(self, **kw) -> "StoryClip":
-        return read_story_clip(self.video_path, self.json_path, self.ranges, **kw)
+        if self.video_path is None:
+            raise ValueError(f"{self.where or self.json_path}: no video_path; training needs the video of "
+                             f"every row")
+        return read_story_clip(self.video_path, self.json_path, self.ranges, where=self.where, **kw)
 
 
 @dataclass
@@ -177,6 +181,7 @@ class StoryClip:
     shot_captions: list[str]  # caption of shot k (0-based) = JSON key shot{k+1}
     shot_flags: np.ndarray  # [N] int64: shot index of each frame, -1 in gaps
     fps: float
+    source: str = ""  # where it was read from ("DIR/index.csv row N (DIR/0001.json)"), for errors
 
     @property
     def num_shots(self) -> int:
@@ -203,46 +208,80 @@ def read_index(csv_path) -> list[ClipRecord]:
         raise FileNotFoundError(f"no story index at {csv_path} (expected a CSV with columns {CSV_FIELDS})")
     base = csv_path.parent
     records = []
+    needs = (f"a header row {','.join(CSV_FIELDS)} and one row per story, e.g. "
+             f'1,0001.json,0001.mp4,"[[0, 49], [49, 98]]" (video_path may be left out for captions alone)')
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise ValueError(f"{csv_path} is empty: it needs {needs}")
         missing = {"json_path", "frame_number"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{csv_path} lacks column(s) {sorted(missing)}; expected {CSV_FIELDS}")
         for i, row in enumerate(reader):
             where = f"{csv_path} row {i + 2}: "
+            if not (row.get("json_path") or "").strip():
+                raise ValueError(f"{where}json_path is empty; every row needs its caption JSON")
             try:
-                ranges = ast.literal_eval(row["frame_number"])
+                ranges = ast.literal_eval(row["frame_number"] or "")
             except (ValueError, SyntaxError):
                 raise ValueError(f"{where}frame_number {row['frame_number']!r} is not a list of pairs") from None
             video = row.get("video_path")
             records.append(ClipRecord(_resolve(base, row["json_path"]),
                                       _resolve(base, video) if video else None,
-                                      validate_ranges(ranges, where=where)))
+                                      validate_ranges(ranges, where=where), where=f"{csv_path} row {i + 2}"))
+    if not records:
+        raise ValueError(f"{csv_path} has a header but no stories: it needs {needs}")
     return records
 
 
 def read_captions(json_path, num_shots: int) -> tuple[str, list[str]]:
-    with open(json_path, encoding="utf-8") as f:
-        d = json.load(f)
+    """global_caption and shot1..shotN of a caption JSON; every problem is a ValueError naming the file."""
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{json_path}: not a UTF-8 text file (a caption JSON)") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{json_path}: holds a {type(d).__name__}, not an object with global_caption and "
+                         f"shot1..shotN")
     missing = [k for k in ["global_caption"] + [f"shot{i + 1}" for i in range(num_shots)] if k not in d]
     if missing:
         raise ValueError(f"{json_path} lacks {missing}: the caption JSON needs global_caption and "
                          f"shot1..shot{num_shots} (1-based), one per range in frame_number")
+    for key in ["global_caption"] + [f"shot{i + 1}" for i in range(num_shots)]:
+        if not isinstance(d[key], str):
+            raise ValueError(f"{json_path}: {key} must be text, got {type(d[key]).__name__}")
+        if key != "global_caption" and not d[key].strip():
+            raise ValueError(f"{json_path}: {key} is empty; describe what happens in that shot")
     return d["global_caption"], [d[f"shot{i + 1}"] for i in range(num_shots)]
 
 
-def read_story_clip(video_path, json_path, ranges, *, size: tuple[int, int] | None = None) -> StoryClip:
+def read_story_clip(video_path, json_path, ranges, *, size: tuple[int, int] | None = None,
+                    where: str = "") -> StoryClip:
     """Decode a clip (PyAV) up to the end of its last shot, with captions and absolute-range shot flags.
 
     size=(H, W) resizes frames while decoding (the caller picks the training geometry); None keeps the
     video's own size. Frames in gaps between shots are kept, with flag -1: the caller decides to drop them.
+    where (e.g. "DIR/index.csv row 3") goes in front of errors about the video.
     """
-    ranges = validate_ranges(ranges, where=f"{json_path}: ")
+    at = f"{where}: " if where else ""
+    ranges = validate_ranges(ranges, where=f"{at}{json_path}: ")
     end = ranges[-1][1]
-    frames, fps = read_mp4(video_path, size=size, max_frames=end)
-    validate_ranges(ranges, len(frames), where=f"{video_path}: ")
+    try:
+        frames, fps = read_mp4(video_path, size=size, max_frames=end)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{at}{e}") from None
+    except av.error.FFmpegError as e:  # (some are ValueErrors too)
+        raise ValueError(f"{at}{video_path} is not a readable video ({e.strerror or e}); re-export it as an "
+                         f"mp4 (H.264) or drop the row") from None
+    except ValueError as e:  # no frames
+        raise ValueError(f"{at}{e}") from None
+    validate_ranges(ranges, len(frames), where=f"{at}{video_path}: ")
     global_caption, shot_captions = read_captions(json_path, len(ranges))
-    return StoryClip(frames, ranges, global_caption, shot_captions, shot_flags(ranges, len(frames)), fps)
+    return StoryClip(frames, ranges, global_caption, shot_captions, shot_flags(ranges, len(frames)), fps,
+                     source=f"{where} ({json_path})" if where else str(json_path))
 
 
 def read_truth(path) -> tuple[Story, ShotGeometry, list[tuple[int, int]]]:

@@ -1,0 +1,327 @@
+"""The training stages as a user meets them on the command line: config values checked by key, user errors
+as one line (one rank under torchrun), reference-format data errors that name the file and the CSV row,
+resume and already-done messages, and a process group that every rank leaves together."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from training import common
+from training.common import (Checkpointer, Dist, StageConfig, StageInterrupted, load_stage_config, mark_done,
+                             run_stage, save_config, train_loop)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- 1. config values are coerced to the field's type, and checked ---------------------------------
+
+@dataclass
+class _Cfg(StageConfig):
+    sizes: tuple[int, ...] = (1, 2)
+    name: str = "x"
+    extra: dict | None = None
+
+
+def test_config_values_take_the_fields_type(tmp_path):
+    """PyYAML reads 1e-4 (no dot) as a string: the float field still gets a float; an int field takes
+    whole numbers in any spelling; str fields take numbers as text; unions and dicts stay as given."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\nmax_steps: '20'\nbatch_size: 2.0\nname: 2024\nextra: {a: 1}\n")
+    cfg = load_stage_config(_Cfg, path)
+    assert cfg.lr == 1e-4 and type(cfg.lr) is float
+    assert (cfg.max_steps, cfg.batch_size) == (20, 2) and type(cfg.max_steps) is type(cfg.batch_size) is int
+    assert cfg.name == "2024" and cfg.extra == {"a": 1}
+    cfg = load_stage_config(_Cfg, None, ["lr=1e-3", "warmup_steps=1e2", "max_minutes=3", "name="])
+    assert (cfg.lr, cfg.warmup_steps, cfg.max_minutes, cfg.name) == (1e-3, 100, 3.0, "")
+    assert type(cfg.warmup_steps) is int
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=abc", "config lr: 'abc' is not a number"),
+    ("max_steps=abc", "config max_steps: 'abc' is not a whole number"),
+    ("max_steps=1.5", "config max_steps: 1.5 is not a whole number"),
+    ("max_steps=true", "config max_steps: True is not a whole number"),
+    ("lr=.inf", "config lr: inf is not a finite number"),
+    ("flag=maybe", None),  # not a field: refused as before
+    ("batch_size=-1", "config batch_size: -1 must be >= 1"),
+    ("ckpt_every=0", "config ckpt_every: 0 must be >= 1"),
+    ("log_every=0", "config log_every: 0 must be >= 1"),
+    ("lr=0", "config lr: 0.0 must be > 0"),
+    ("max_steps=-1", "config max_steps: -1 must be >= 0"),
+    ("max_minutes=-2", r"config max_minutes: -2.0 must be >= 0 \(0 = no time budget\)"),
+    ("seed=-1", "config seed: -1 must be >= 0"),
+])
+def test_config_values_are_refused_by_key_value_and_expectation(override, message):
+    with pytest.raises(ValueError, match=message or "unknown config key"):
+        load_stage_config(_Cfg, None, [override])
+
+
+def test_a_malformed_config_file_or_override_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1,\n")
+    with pytest.raises(ValueError, match=f"{bad} is not valid YAML at line 2, column 1"):
+        load_stage_config(_Cfg, bad)
+    bad.write_text("- lr\n")
+    with pytest.raises(ValueError, match=f"{bad} must hold key: value lines, not a list"):
+        load_stage_config(_Cfg, bad)
+    with pytest.raises(ValueError, match=r"override 'lr=\[1,': '\[1,' is not a YAML value"):
+        load_stage_config(_Cfg, None, ["lr=[1,"])
+
+
+def test_zero_means_none_where_the_field_says_so():
+    cfg = load_stage_config(_Cfg, None, ["max_minutes=0", "keep_checkpoints=0", "grad_clip=0", "max_steps=0",
+                                         "lr_decay_steps=0", "warmup_steps=0", "stop_after=0"])
+    assert cfg.max_steps == 0 and cfg.max_minutes == 0.0
+
+
+# --- 2. user errors from the command line -----------------------------------------------------------
+
+def _fails_with(exc):
+    def train(cfg, dist):
+        raise exc
+    return train
+
+
+def test_a_user_error_on_the_command_line_is_one_line_and_status_2(tmp_path, monkeypatch, capsys):
+    """argv None (the command line): ValueError, FileNotFoundError, ModelLoadError, a JSON or PyAV error
+    print `error: <message>` alone and exit 2; a bug keeps its traceback; from Python (an argv list)
+    every error is raised as is."""
+    import av
+
+    from shotstream_core.loading import ModelLoadError
+
+    monkeypatch.setattr(sys, "argv", ["stage", "--set", f"out_dir={tmp_path}"])
+    for exc in (ValueError("bad value"), FileNotFoundError("no file at x"), ModelLoadError("does not fit"),
+                json.JSONDecodeError("Expecting value", "{,", 1),
+                av.error.InvalidDataError(1094995529, "Invalid data found when processing input", "v.mp4")):
+        with pytest.raises(SystemExit) as stop:
+            run_stage(_fails_with(exc), StageConfig)
+        assert stop.value.code == common.EXIT_USER_ERROR == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {exc}\n", err
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_stage(_fails_with(RuntimeError("a bug")), StageConfig)
+    with pytest.raises(ValueError, match="bad value"):  # from Python
+        run_stage(_fails_with(ValueError("bad value")), StageConfig, ["--set", f"out_dir={tmp_path}"])
+    with pytest.raises(StageInterrupted):  # a pause is no error
+        run_stage(_fails_with(StageInterrupted("paused")), StageConfig)
+
+
+def test_a_stage_refuses_a_bad_config_value_in_one_line():
+    """The real entry point, in a process of its own: `--set lr=abc` was a 25-line TypeError in torch.optim."""
+    res = subprocess.run([sys.executable, "-m", "training.stage2_ode", "--config",
+                          str(REPO / "training/configs/micro-stage2.yaml"), "--set", "lr=abc"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr == "error: config lr: 'abc' is not a number\n", res.stderr[-3000:]
+
+
+_TWO_RANKS = """
+import os, sys
+sys.path.insert(0, {repo!r})
+from training import common
+mode = sys.argv[1]
+def train(cfg, dist):
+    if mode == "both" or mode == f"rank{{dist.rank}}":
+        raise FileNotFoundError("no video at story.mp4" + ("" if mode == "both" else f" (seen by rank {{dist.rank}})"))
+    dist.barrier()  # the other rank waits for this one here
+    print(f"[rank {{dist.rank}} finished]", flush=True)
+    return {{}}
+sys.argv = [sys.argv[0], *sys.argv[2:]]
+common.run_stage(train, common.StageConfig)
+"""
+
+
+@pytest.mark.parametrize("mode", ["config", "both", "rank0", "rank1", "none"])
+def test_a_user_error_under_torchrun_is_one_line_from_one_rank(tmp_path, mode):
+    """2-process gloo: an error every rank has (a config value, before the group exists; a file, after)
+    is printed by rank 0 alone; an error one rank alone has is printed by that rank, and the other rank,
+    whose barrier lost its peer, stops quietly with no traceback; nobody hangs. A run without an error
+    finishes on both ranks (they leave the group through a barrier)."""
+    from test_training_infra import _run_torchrun
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS.format(repo=str(REPO)))
+    sets = ["--set", f"out_dir={tmp_path / 'out'}", "--set", "num_threads=1"]
+    if mode == "config":
+        sets += ["--set", "ckpt_every=0"]
+    res = _run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                         str(script), mode, *sets], timeout=90)
+    if mode == "none":
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "[rank 0 finished]" in res.stdout and "[rank 1 finished]" in res.stdout
+        return
+    assert res.returncode != 0
+    ours = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    want = {"config": "error: config ckpt_every: 0 must be >= 1",
+            "both": "error: no video at story.mp4",
+            "rank0": "error: no video at story.mp4 (seen by rank 0)",
+            "rank1": "error: no video at story.mp4 (seen by rank 1) (on rank 1)"}[mode]
+    assert ours == [want], res.stderr[-3000:]
+    # no worker's traceback: neither the error's own nor a lost peer's (torchrun adds its own summary)
+    for text in ("FileNotFoundError", "ValueError", "Connection closed", "gloo"):
+        assert text not in res.stderr, res.stderr[-3000:]
+    assert "finished]" not in res.stdout
+    assert "exitcode  : 2" in res.stderr or "exitcode: 2" in res.stderr, res.stderr[-3000:]
+
+
+# --- 3. reference-format data errors name the file and the row ------------------------------------
+
+@pytest.fixture
+def one_story(tmp_path):
+    """A one-story data set in the reference's format (Story World writes it as a user's data would be)."""
+    from shotstream_core.config import get_preset
+    from training.storyworld import make_story
+    from training.storyworld.storage import write_index, write_story
+
+    geometry = get_preset("micro").geometry
+    row = write_story(make_story(3, 2), tmp_path, "0001", geometry)
+    write_index(tmp_path, [row])
+    return tmp_path, geometry
+
+
+def _rows(data_dir):
+    from training.storyworld.storage import read_index
+
+    return read_index(data_dir)
+
+
+def test_malformed_or_empty_captions_name_the_file_and_key(one_story):
+    data, _ = one_story
+    caps = data / "0001.json"
+    good = json.loads(caps.read_text())
+    (rec,) = _rows(data)
+    caps.write_text("{,")
+    with pytest.raises(ValueError, match=f"{caps}: not valid JSON"):
+        rec.read()
+    caps.write_text(json.dumps({**good, "shot2": "  "}))
+    with pytest.raises(ValueError, match=f"{caps}: shot2 is empty"):
+        rec.read()
+    caps.write_text(json.dumps({**good, "shot1": 5}))
+    with pytest.raises(ValueError, match=f"{caps}: shot1 must be text"):
+        rec.read()
+    caps.write_text(json.dumps({**good, "global_caption": ""}))  # a story may have no global caption
+    assert rec.read().global_caption == ""
+
+
+def test_an_unreadable_video_names_the_csv_row_and_the_file(one_story):
+    data, _ = one_story
+    (data / "0001.mp4").write_text("not a video")
+    (rec,) = _rows(data)
+    with pytest.raises(ValueError, match=rf"{data / 'index.csv'} row 2: {data / '0001.mp4'} is not a readable "
+                                         rf"video"):
+        rec.read()
+    (data / "0001.mp4").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{data / 'index.csv'} row 2: no video at"):
+        rec.read()
+
+
+def test_a_short_shot_is_numbered_like_its_caption_key_and_named_by_row(one_story):
+    """Shot 1 is the JSON's shot1 (the message said "shot 0"), the story and row are named, and the fix
+    fits a user's own data, not only Story World's."""
+    import dataclasses
+
+    from training.data import read_clips, shot_frames
+
+    data, geometry = one_story
+    (rec, clip), = read_clips(data, 1, geometry)
+    longer = dataclasses.replace(geometry, frames_per_shot=clip.ranges[0][1] - clip.ranges[0][0] + 4)
+    with pytest.raises(ValueError) as err:
+        shot_frames(clip, longer)
+    msg = str(err.value)
+    assert msg.startswith(f"{data / 'index.csv'} row 2 ({data / '0001.json'}): shot 1 (caption key shot1) has "), msg
+    assert f"drop shots shorter than {longer.frames_per_shot} frames from index.csv" in msg
+    assert "use a preset with shorter shots" in msg
+
+
+def test_an_empty_index_says_so_and_what_it_needs(tmp_path):
+    from training.storyworld.storage import CSV_FIELDS
+
+    (tmp_path / "index.csv").write_text("")
+    with pytest.raises(ValueError, match=r"index.csv is empty: it needs a header row " + ",".join(CSV_FIELDS)):
+        _rows(tmp_path)
+    (tmp_path / "index.csv").write_text(",".join(CSV_FIELDS) + "\n")
+    with pytest.raises(ValueError, match="index.csv has a header but no stories: it needs a header row"):
+        _rows(tmp_path)
+
+
+# --- 4. resume, already done, and a config that changed -------------------------------------------
+
+def _tiny_run(out, capsys, **kw):
+    torch.manual_seed(0)
+    net = nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def step_fn(step):
+        opt.zero_grad()
+        loss = net(torch.ones(1, 2)).pow(2).sum()
+        loss.backward()
+        opt.step()
+        return {"loss": float(loss.detach())}
+
+    cfg = StageConfig(out_dir=str(out), max_steps=3, ckpt_every=1, **kw)
+    summary = train_loop(cfg, Dist(), {"net": net}, {"net": opt}, step_fn, desc="tiny")
+    captured = capsys.readouterr()
+    return summary, captured.out, captured.err
+
+
+def test_resume_and_already_done_say_where_they_stand(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(StageInterrupted):
+        _tiny_run(out, capsys, stop_after=2)
+    capsys.readouterr()
+    summary, stdout, _ = _tiny_run(out, capsys)
+    assert f"resumed from {Checkpointer(out).path(2)} (step 2 of 3)\n" in stdout
+    mark_done(out, **summary)
+    recorded = json.loads((out / "done.json").read_text())
+    again, stdout, err = _tiny_run(out, capsys)
+    assert stdout == f"already done at step 3 ({out / 'done.json'}): delete the folder to train it again\n"
+    assert "tiny" not in err and "%" not in err  # no bare progress bar
+    # a stage that writes done.json again from this summary keeps the run's record
+    assert {k: again[k] for k in again} == {k: recorded[k] for k in again}
+    assert again["resumed_from"] == 2
+
+
+def test_a_changed_config_is_named_key_by_key_when_the_run_goes_on(tmp_path, capsys):
+    def train(cfg, dist):
+        save_config(cfg, Path(cfg.out_dir) / "config.yaml")
+        return {}
+
+    out = tmp_path / "run"
+    out.mkdir()
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr=1e-3"])
+    assert "warning" not in capsys.readouterr().out  # a fresh run
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr=1e-3", "--set", "max_minutes=5"])
+    assert "warning" not in capsys.readouterr().out  # a sitting's budget changes no model
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "batch_size=4", "--set", "sizes=[3]"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert lines == [f"warning: this config differs from the one {out} was run with ({out / 'config.yaml'}): "
+                     f"batch_size: 8 -> 4; lr: 0.001 -> 0.0002; sizes: (1, 2) -> (3,)"], lines
+
+
+# --- 5. every rank leaves the process group together ------------------------------------------------
+
+def test_closing_the_group_waits_for_every_rank_first(monkeypatch):
+    """A finished stage frees what still holds the group (DDP lives in a reference cycle, so without a
+    collection its reducer and gloo threads outlive the group, to be freed at some later point, perhaps
+    at exit), waits for every rank, then destroys the group; an error or a pause destroys it at once."""
+    calls = []
+    monkeypatch.setattr(common.torch_dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(common.torch_dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(common.torch_dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(common.gc, "collect", lambda: calls.append("gc"))
+    Dist(1, 2).close()
+    assert calls == ["gc", "barrier", "destroy"]
+    calls.clear()
+    Dist(1, 2).close(synchronize=False)  # an error or a pause: the ranks may have stopped apart
+    assert calls == ["destroy"]
+    calls.clear()
+    Dist().close()
+    assert calls == []
