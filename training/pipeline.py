@@ -331,7 +331,8 @@ def stage_status(preset: str, stage: Stage) -> str:
     path = stage_config_path(preset, stage)
     if not path.is_file():
         return "no config for this preset"
-    return run_status(load_stage_config(_config_class(stage.config_cls), path))
+    cfg = load_stage_config(_config_class(stage.config_cls), path)
+    return run_status(dataclasses.replace(cfg, out_dir=str(stage_out_dir(preset, stage))))  # the folder the run uses
 
 
 def run_status(cfg) -> str:
