@@ -1,8 +1,9 @@
 # ShotStream for ComfyUI: common tasks.
 PYTHON ?= .venv/bin/python
-# Exit status of make train-tiny / train-micro when a stage pauses on its sitting's time budget (the
-# pipeline's own is 75, EX_TEMPFAIL): 0 by default, as a pause is no failure; PAUSE_STATUS=75 passes it on.
-PAUSE_STATUS ?= 0
+# Exit status of make train-tiny / train-micro when a stage pauses on its sitting's time budget: the
+# pipeline's own 75 (EX_TEMPFAIL), so `make train-tiny && next` stops at an unfinished model; the message
+# says it is a pause. PAUSE_STATUS=0 makes a pause exit 0.
+PAUSE_STATUS ?= 75
 
 .PHONY: test test-all train-tiny status-tiny train-micro
 

@@ -112,6 +112,9 @@ def test_a_user_error_on_the_command_line_is_one_line_and_status_2(tmp_path, mon
         run_stage(_fails_with(ValueError("bad value")), StageConfig, ["--set", f"out_dir={tmp_path}"])
     with pytest.raises(StageInterrupted):  # a pause is no error
         run_stage(_fails_with(StageInterrupted("paused")), StageConfig)
+    monkeypatch.setenv("SHOTSTREAM_TRACEBACK", "1")  # to find a bug that raises a ValueError: the traceback
+    with pytest.raises(ValueError, match="bad value"):
+        run_stage(_fails_with(ValueError("bad value")), StageConfig)
 
 
 def test_a_stage_refuses_a_bad_config_value_in_one_line():

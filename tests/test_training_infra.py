@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -527,6 +528,14 @@ def test_preencoding_refuses_a_store_built_from_other_inputs(micro_latents, tmp_
     preencode(cfg, Dist())
     index = (tmp_path / "latents" / "index.json").read_text()
     assert preencode(cfg, Dist())["stories"] == 3  # the same inputs: fine
+    video = data / "0002.mp4"
+    os.utime(video, ns=(1, 1))  # the same bytes at another time (written again, copied): still the same inputs
+    assert preencode(cfg, Dist())["stories"] == 3
+    original = video.read_bytes()
+    video.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # other bytes: another video
+    with pytest.raises(SystemExit, match=r"video of 0002 changed"):
+        preencode(cfg, Dist())
+    video.write_bytes(original)
     with pytest.raises(SystemExit, match=r"pre-encoded from other inputs \(num_stories 3 -> 2\).*Delete .*latents"):
         preencode(dataclasses.replace(cfg, num_stories=2), Dist())
     captions = json.loads((data / "0001.json").read_text())

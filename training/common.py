@@ -646,14 +646,32 @@ def stage_sizes(out_dir) -> dict:
             "output_bytes": sum(folder_bytes(p) for p in out.glob("*.safetensors"))}
 
 
+# done.json fields that differ between sittings or re-runs of one finished run (its time, where the last
+# sitting began, file sizes a re-save may change by metadata bytes): not part of which run it records.
+SITTING_KEYS = ("wall_s", "resumed_from", "output_bytes", "checkpoint_bytes")
+
+
+def done_record(out_dir) -> dict | None:
+    """A finished run's done.json without SITTING_KEYS: what identifies the run (None while not done)."""
+    try:
+        info = json.loads((Path(out_dir) / "done.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in info.items() if k not in SITTING_KEYS} if isinstance(info, dict) else {"done": info}
+
+
 def mark_done(out_dir, **info) -> None:
     """Write done.json, the mark that a stage finished; it records the checkpoints' and outputs' sizes as
     the stage left them, so the training report stays right after checkpoints are pruned or a finished
-    run is moved without them."""
+    run is moved without them. A finished stage run again to the same record keeps its done.json (and its
+    time): the stages built on it stay what they were built from."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clear_pause(out)
     info = {**stage_sizes(out), **info}
+    unchanged = {k: v for k, v in json.loads(json.dumps(info)).items() if k not in SITTING_KEYS}
+    if done_record(out) == unchanged:
+        return
     (out / "done.json").write_text(json.dumps(info, indent=2))
 
 
@@ -869,7 +887,8 @@ def _report_cli_error(exc: Exception) -> int | None:
     with the same status quietly."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    user = isinstance(exc, user_error_types())
+    # SHOTSTREAM_TRACEBACK=1: every error keeps its traceback (a bug can raise a ValueError too)
+    user = isinstance(exc, user_error_types()) and not os.environ.get("SHOTSTREAM_TRACEBACK")
     store = _default_store() if world > 1 else None
     if user and (rank == 0 or world == 1):
         print(f"error: {exc}", file=sys.stderr, flush=True)

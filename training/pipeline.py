@@ -29,8 +29,8 @@ from pathlib import Path
 
 from shotstream_core.files import copy_file
 
-from .common import (EXIT_PAUSED, Checkpointer, folder_bytes, is_done, load_stage_config, mark_done, paused_message,
-                     read_log, stage_sizes)
+from .common import (EXIT_PAUSED, Checkpointer, done_record, folder_bytes, is_done, load_stage_config, mark_done,
+                     paused_message, read_log, stage_sizes)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -141,19 +141,14 @@ def _out_dirs(preset: str) -> dict[str, Path]:
 
 
 def _fingerprint(out: Path, name: str = "") -> str | None:
-    """Which finished run a folder holds: a hash of its done.json (None while not done). done.json is
-    written once per finished run, so a stage run again gets a new one. The data set is written again to
-    the same stories (seeded, reproducible mp4s), so its wall time is left out."""
-    done = Path(out) / "done.json"
-    if not done.is_file():
+    """Which finished run a folder holds: a hash of its done.json record (None while not done), less what
+    differs between sittings of one run (common.SITTING_KEYS: times, sizes). A finished stage run again
+    to the same result keeps its record, so the stages built on it stay fresh; a retrained one ends on
+    other losses or counts."""
+    record = done_record(out)
+    if record is None:
         return None
-    text = done.read_bytes()
-    if name == "data":
-        try:
-            text = json.dumps({k: v for k, v in json.loads(text).items() if k != "wall_s"}, sort_keys=True).encode()
-        except (ValueError, AttributeError):
-            pass
-    return hashlib.sha256(text).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _read_built_from(out: Path) -> dict:
@@ -199,7 +194,9 @@ def stale_stages(preset: str) -> dict[str, Stale]:
                 roots += [r for r in stale[up].roots if r not in roots]
                 continue
             was = record.get(up)
-            if was is not None:
+            if up == "data" and prints[up] is None:
+                hit = False  # a missing data set is written again, to the same stories, before it is read
+            elif was is not None:
                 hit = was != prints[up]
             else:  # no record: a finished run from before them (or run by hand) goes by the done.json times
                 hit = (up != "data" and is_done(out) and prints[up] is not None
