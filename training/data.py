@@ -15,6 +15,7 @@ Pre-encoded stories (runs/<preset>/latents, written by training.preencode) are s
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,34 @@ def read_clips(data_dir, limit: int | None = None, geometry: ShotGeometry | None
 
     records = read_index(Path(data_dir))
     size = (geometry.height, geometry.width) if geometry is not None else None
+    if geometry is not None and records:
+        note_fitting(records[0], geometry)
     for rec in records[:limit]:
         yield rec, rec.read(size=size)
+
+
+def note_fitting(rec, geometry: ShotGeometry) -> None:
+    """Warn, once, when a data set's videos (judged by its first) are fitted to the preset with a change
+    a user may not expect: another aspect ratio (frames are resized, not cropped), another frame rate
+    (each shot is sampled to frames_per_shot whatever its length, so a long shot plays faster)."""
+    import av
+
+    try:
+        with av.open(str(rec.video_path)) as container:
+            stream = container.streams.video[0]
+            width, height = stream.width, stream.height
+            fps = float(stream.average_rate or stream.base_rate or 0)
+    except (OSError, av.error.FFmpegError, IndexError):
+        return  # an unreadable video is reported, with its row, when it is read
+    target = geometry.width / geometry.height
+    if width and height and abs(width / height - target) > 0.02 * target:
+        warnings.warn(f"{rec.video_path.name}: {width}x{height} frames are resized to the preset's "
+                      f"{geometry.width}x{geometry.height} without cropping, which changes their aspect ratio; "
+                      f"crop the videos to {geometry.width}:{geometry.height} first to keep it", stacklevel=2)
+    if fps and abs(fps - geometry.fps) > 0.5:
+        warnings.warn(f"{rec.video_path.name}: {fps:g} fps; each shot is sampled evenly to the preset's "
+                      f"{geometry.frames_per_shot} frames whatever its length, and played at {geometry.fps} fps",
+                      stacklevel=2)
 
 
 def fit_shot(frames: np.ndarray, n: int) -> np.ndarray:
