@@ -546,6 +546,33 @@ def test_preencoding_refuses_a_store_built_from_other_inputs(micro_latents, tmp_
     assert (tmp_path / "latents" / "index.json").read_text() == index
 
 
+def test_a_store_rebuilt_from_other_data_is_another_run_for_the_stages_on_it(micro_latents, tmp_path):
+    """Pre-encoding's done.json counts stories and shots; from other data with the same counts it must still
+    read as another run (the pipeline's staleness compares these records), and from the same data as the
+    same one."""
+    import shutil
+
+    from training.common import done_record
+    from training.preencode import PreencodeConfig, preencode
+
+    data = tmp_path / "data"
+    shutil.copytree(micro_latents.parent / "data", data)
+    cfg = PreencodeConfig(out_dir=str(tmp_path / "latents"), data_dir=str(data), preset="micro",
+                          vae_path=str(micro_latents.parent / "vae.safetensors"), num_stories=2, shard_size=2)
+    preencode(cfg, Dist())
+    first = done_record(tmp_path / "latents")
+    shutil.rmtree(tmp_path / "latents")
+    preencode(cfg, Dist())
+    assert done_record(tmp_path / "latents") == first  # encoded again from the same data
+    captions = json.loads((data / "0001.json").read_text())
+    captions["shot1"] = "close-up, a purple square, standing still."
+    (data / "0001.json").write_text(json.dumps(captions))
+    shutil.rmtree(tmp_path / "latents")
+    preencode(cfg, Dist())
+    other = done_record(tmp_path / "latents")
+    assert other["stories"] == first["stories"] and other != first
+
+
 def test_stages_leave_the_bundled_weights_alone_and_say_where_they_export(micro_latents, tmp_path, capsys):
     """No shipped config exports (running a tiny config by hand once overwrote the git-tracked weights,
     stage 2's interim student over dit.safetensors); a stage given export= says where it wrote."""

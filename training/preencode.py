@@ -259,6 +259,8 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
         wall = prev + time.perf_counter() - t0
         summary = {"stories": len(stories), "shots": sum(s["num_shots"] for s in stories),
                    "wall_s": wall, "stop_reason": "done"}
+        if (out / INPUTS).is_file():  # which inputs: the same counts from other data are another store
+            summary["inputs"] = hashlib.sha256((out / INPUTS).read_bytes()).hexdigest()[:16]
         mark_done(out, **summary)
         print(json.dumps(summary), flush=True)
     dist.barrier()
