@@ -265,6 +265,7 @@ def test_make_reports_a_paused_pipeline_as_a_pause():
 
     res = make(75)
     assert res.returncode == 2 and "paused: run make train-micro again to go on" in res.stdout, res  # make's own
+    assert "Error 75" in res.stderr, res.stderr  # the pipeline's pause status, passed on
     res = make(75, "PAUSE_STATUS=0")
     assert res.returncode == 0 and "paused: run make train-micro again" in res.stdout and "Error" not in res.stderr
     res = make(3)
@@ -291,3 +292,41 @@ def test_a_deleted_data_set_or_a_finished_stage_run_again_stales_nothing(fake_ru
     assert not any(v.startswith("stale") for v in _status(capsys).values())
     mark_done(teacher, **{**record, "steps": record["steps"] + 1})  # another run: what it built goes stale
     assert _status(capsys)["ode"].startswith("stale (teacher was retrained after it)")
+
+
+def test_a_runs_record_tells_configs_apart_and_keeps_older_records(tmp_path):
+    """Counts alone (ODE pairs: {"pairs": N}) cannot tell a run with another seed from the last one: the
+    record carries a hash of the config it ran with (less one sitting's settings). A done.json from before
+    that field is compared without it, so a finished old stage run again keeps it."""
+    import yaml
+
+    from training.common import done_record
+
+    def run(folder, **config):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "steps": 50, "max_minutes": 0, **config}))
+        mark_done(folder, pairs=8, wall_s=1.0)
+        return done_record(folder)
+
+    base = run(tmp_path / "a")
+    assert run(tmp_path / "b", max_minutes=30) == base  # another sitting's budget: the same run
+    assert run(tmp_path / "c", seed=7) != base  # another seed: another run, though the counts agree
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "done.json").write_text(json.dumps({"pairs": 8, "wall_s": 5.0}))  # written before the field
+    before = (old / "done.json").read_text()
+    run(old)
+    assert (old / "done.json").read_text() == before
+
+
+def test_built_from_records_of_another_formula_count_as_none(fake_runs, capsys):
+    """A built_from.json written by an earlier formula of the fingerprints cannot be compared: it is read
+    as no record (the done.json times decide), not as a chain of changed stages."""
+    from training.pipeline import main
+
+    assert main(["--preset", "micro", "--no-eval"]) == 0
+    for out in fake_runs.iterdir():
+        record = out / "built_from.json"
+        if record.is_file():
+            record.write_text(json.dumps({k: "0" * 16 for k in json.loads(record.read_text()) if k != "format"}))
+    assert not any(v.startswith("stale") for v in _status(capsys).values())

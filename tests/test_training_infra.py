@@ -533,15 +533,15 @@ def test_preencoding_refuses_a_store_built_from_other_inputs(micro_latents, tmp_
     assert preencode(cfg, Dist())["stories"] == 3
     original = video.read_bytes()
     video.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # other bytes: another video
-    with pytest.raises(SystemExit, match=r"video of 0002 changed"):
+    with pytest.raises(ValueError, match=r"video of 0002 changed"):
         preencode(cfg, Dist())
     video.write_bytes(original)
-    with pytest.raises(SystemExit, match=r"pre-encoded from other inputs \(num_stories 3 -> 2\).*Delete .*latents"):
+    with pytest.raises(ValueError, match=r"pre-encoded from other inputs \(num_stories 3 -> 2\).*Delete .*latents"):
         preencode(dataclasses.replace(cfg, num_stories=2), Dist())
     captions = json.loads((data / "0001.json").read_text())
     captions["shot1"] = "close-up, a purple square, standing still."
     (data / "0001.json").write_text(json.dumps(captions))
-    with pytest.raises(SystemExit, match=r"captions of 0001 changed"):
+    with pytest.raises(ValueError, match=r"captions of 0001 changed"):
         preencode(cfg, Dist())
     assert (tmp_path / "latents" / "index.json").read_text() == index
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import gc
+import hashlib
 import json
 import math
 import os
@@ -649,6 +650,26 @@ def stage_sizes(out_dir) -> dict:
 # done.json fields that differ between sittings or re-runs of one finished run (its time, where the last
 # sitting began, file sizes a re-save may change by metadata bytes): not part of which run it records.
 SITTING_KEYS = ("wall_s", "resumed_from", "output_bytes", "checkpoint_bytes")
+# Config fields of one sitting, or of where the result goes: not part of what a run computes.
+SITTING_CONFIG = ("max_minutes", "stop_after", "num_threads", "out_dir", "export", "device")
+# done.json fields added later to tell runs apart (a stage's config, pre-encoding's inputs): an older
+# done.json without one is compared without it, so running a finished old stage again keeps it.
+IDENTITY_KEYS = ("config", "inputs")
+
+
+def config_digest(out_dir) -> str | None:
+    """A hash of the config a run computed with (OUT/config.yaml less SITTING_CONFIG): runs with other
+    seeds, steps or weights but the same counts (ODE pairs, say) record differently."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((Path(out_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    kept = {k: v for k, v in cfg.items() if k not in SITTING_CONFIG}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def done_record(out_dir) -> dict | None:
@@ -668,10 +689,14 @@ def mark_done(out_dir, **info) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clear_pause(out)
-    info = {**stage_sizes(out), **info}
-    unchanged = {k: v for k, v in json.loads(json.dumps(info)).items() if k not in SITTING_KEYS}
-    if done_record(out) == unchanged:
-        return
+    digest = config_digest(out)
+    info = {**stage_sizes(out), **({"config": digest} if digest else {}), **info}
+    new = {k: v for k, v in json.loads(json.dumps(info)).items() if k not in SITTING_KEYS}
+    old = done_record(out)
+    if old is not None:
+        new = {k: v for k, v in new.items() if k in old or k not in IDENTITY_KEYS}
+        if old == new:
+            return
     (out / "done.json").write_text(json.dumps(info, indent=2))
 
 
@@ -888,7 +913,7 @@ def _report_cli_error(exc: Exception) -> int | None:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # SHOTSTREAM_TRACEBACK=1: every error keeps its traceback (a bug can raise a ValueError too)
-    user = isinstance(exc, user_error_types()) and not os.environ.get("SHOTSTREAM_TRACEBACK")
+    user = isinstance(exc, user_error_types()) and os.environ.get("SHOTSTREAM_TRACEBACK", "") in ("", "0")
     store = _default_store() if world > 1 else None
     if user and (rank == 0 or world == 1):
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -15,7 +15,8 @@ Pre-encoded stories (runs/<preset>/latents, written by training.preencode) are s
 from __future__ import annotations
 
 import json
-import warnings
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def read_clips(data_dir, limit: int | None = None, geometry: ShotGeometry | None
 
 
 def note_fitting(rec, geometry: ShotGeometry) -> None:
-    """Warn, once, when a data set's videos (judged by its first) are fitted to the preset with a change
+    """Say, once, when a data set's videos (judged by its first) are fitted to the preset with a change
     a user may not expect: another aspect ratio (frames are resized, not cropped), another frame rate
     (each shot is sampled to frames_per_shot whatever its length, so a long shot plays faster)."""
     import av
@@ -66,14 +67,17 @@ def note_fitting(rec, geometry: ShotGeometry) -> None:
     except (OSError, av.error.FFmpegError, IndexError):
         return  # an unreadable video is reported, with its row, when it is read
     target = geometry.width / geometry.height
+    notes = []
     if width and height and abs(width / height - target) > 0.02 * target:
-        warnings.warn(f"{rec.video_path.name}: {width}x{height} frames are resized to the preset's "
-                      f"{geometry.width}x{geometry.height} without cropping, which changes their aspect ratio; "
-                      f"crop the videos to {geometry.width}:{geometry.height} first to keep it", stacklevel=2)
+        notes.append(f"{rec.video_path.name}: {width}x{height} frames are resized to the preset's "
+                     f"{geometry.width}x{geometry.height} without cropping, which changes their aspect ratio; "
+                     f"crop the videos to {geometry.width}:{geometry.height} first to keep it")
     if fps and abs(fps - geometry.fps) > 0.5:
-        warnings.warn(f"{rec.video_path.name}: {fps:g} fps; each shot is sampled evenly to the preset's "
-                      f"{geometry.frames_per_shot} frames whatever its length, and played at {geometry.fps} fps",
-                      stacklevel=2)
+        notes.append(f"{rec.video_path.name}: {fps:g} fps; each shot is sampled evenly to the preset's "
+                     f"{geometry.frames_per_shot} frames whatever its length, and played at {geometry.fps} fps")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
 
 
 def fit_shot(frames: np.ndarray, n: int) -> np.ndarray:

@@ -151,11 +151,18 @@ def _fingerprint(out: Path, name: str = "") -> str | None:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The fingerprints' formula: records of another one cannot be compared, and count as no record.
+BUILT_FROM_FORMAT = 2
+
+
 def _read_built_from(out: Path) -> dict:
     try:
-        return json.loads((out / BUILT_FROM).read_text())
+        record = json.loads((out / BUILT_FROM).read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(record, dict) or record.pop("format", None) != BUILT_FROM_FORMAT:
+        return {}
+    return record
 
 
 def record_built_from(preset: str, name: str) -> None:
@@ -165,7 +172,7 @@ def record_built_from(preset: str, name: str) -> None:
     record = _read_built_from(out)
     record.update({up: fp for up in DEPENDS[name] if up in outs and (fp := _fingerprint(outs[up], up)) is not None})
     out.mkdir(parents=True, exist_ok=True)
-    (out / BUILT_FROM).write_text(json.dumps(record, indent=2))
+    (out / BUILT_FROM).write_text(json.dumps({"format": BUILT_FROM_FORMAT, **record}, indent=2))
 
 
 @dataclass(frozen=True)
@@ -566,7 +573,7 @@ def _run(args, preset: str, export_dir: Path, data_dir: Path, wanted, running: l
             if not _stop_or_rebuild(preset, stale, args):
                 return 1
         elif is_done(out):
-            if not (out / BUILT_FROM).is_file() and not args.dry_run:
+            if not _read_built_from(out) and not args.dry_run:
                 record_built_from(preset, stage.name)  # a run from before these records, found not stale
             print(f"[pipeline] {stage.name}: done ({out}), skipped", flush=True)
             continue

@@ -13,7 +13,7 @@ Resumable: shards are written whole (temp file + rename) and skipped when presen
 process encodes every world_size-th shard. The time budget stops after the current shard; the index
 then holds what is done. OUT/inputs.json records what the store is built from (data_dir, the config
 fields that change the shards, the VAE file's hash and each story's ranges, caption-JSON hash and video
-size and time): a later run with other inputs is refused by name (InputsChanged), since the shards it
+content digest): a later run with other inputs is refused by name (InputsChanged), since the shards it
 would skip hold the old ones; a resume with the same inputs goes on.
 """
 from __future__ import annotations
@@ -58,8 +58,8 @@ OUTPUT_FIELDS = ("preset", "num_stories", "shard_size", "all_frames", "negative_
 INPUTS = "inputs.json"
 
 
-class InputsChanged(SystemExit):
-    """A store re-run with other inputs than it was built from: exits with the message, no traceback."""
+class InputsChanged(ValueError):
+    """A store re-run with other inputs than it was built from: a user error (one line, exit 2)."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -120,7 +120,9 @@ def inputs_changes(was: dict, now: dict) -> list[str]:
     old = {s["name"]: s for s in was.get("stories", [])}
     new = {s["name"]: s for s in now.get("stories", [])}
     for key, what in (("captions", "captions"), ("ranges", "shot ranges"), ("video", "video")):
-        diff = [n for n in new if n in old and old[n].get(key) != new[n].get(key)]
+        # a video recorded as [size, time] (the first version of this record) cannot be compared
+        diff = [n for n in new if n in old and old[n].get(key) != new[n].get(key)
+                and not (key == "video" and isinstance(old[n].get(key), list))]
         if diff:
             changes.append(f"{what} of {_names(diff)} changed")
     if was.get("num_stories") == now.get("num_stories"):
