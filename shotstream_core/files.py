@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -73,15 +74,17 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap (no copy of a large file in memory) needs the zip format; older torch.save files load whole
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except SafetensorError as e:
         raise ModelLoadError(f"{path.name} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     except pickle.UnpicklingError as e:
         raise ModelLoadError(
             f"{path.name} is a pickle that needs code to load; ShotStream only loads tensors "
             f"(safetensors, or torch.save of plain tensor dicts): {str(e).splitlines()[0]}") from None
-    except RuntimeError as e:
-        raise ModelLoadError(f"{path.name} could not be read as a torch checkpoint (truncated or not a checkpoint?): {e}") from None
+    except (RuntimeError, KeyError, EOFError, ValueError) as e:  # what torch raises on bytes that are no checkpoint
+        raise ModelLoadError(f"{path.name} could not be read as a torch checkpoint (truncated or not a checkpoint?): "
+                             f"{type(e).__name__}: {e}") from None
     return _unwrap(obj, path)
 
 

@@ -238,3 +238,17 @@ def test_loading_a_teacher_as_the_streaming_model_warns(tmp_path):
         warnings.simplefilter("always")
         load_engine(dit_path=tmp_path / "student.safetensors", preset="micro", device="cpu")
     assert not [w for w in caught if "teacher" in str(w.message)]
+
+
+def test_torch_files_of_the_old_format_load_and_junk_is_named(tmp_path):
+    """torch.save's pre-1.6 format (no zip) cannot be memory-mapped but is a checkpoint all the same; bytes
+    that are no checkpoint at all are a ModelLoadError naming the file."""
+    from shotstream_core.files import ModelLoadError, read_tensors
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.arange(3.0)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_tensors(legacy)["w"], torch.arange(3.0))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk\n")
+    with pytest.raises(ModelLoadError, match="junk.pt could not be read as a torch checkpoint"):
+        read_tensors(junk)
