@@ -10,6 +10,8 @@ untouched state of shot 2.
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,12 +283,18 @@ class NextShotGenerate:
                 progress = host.Progress(total)
             progress.update(done)
 
-        stream = model.stream_shot(state, prompt.request, on_step=on_step)  # checks model / state match
-        for block in stream:
-            if progress is not None:  # stream this block's pixels as the node's preview
-                progress.update(progress.value, preview=_preview_strip(block.frames))
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a caption cut to the model's text length
+            warnings.simplefilter("always")
+            stream = model.stream_shot(state, prompt.request, on_step=on_step)  # checks model / state match
+            for block in stream:
+                if progress is not None:  # stream this block's pixels as the node's preview
+                    progress.update(progress.value, preview=_preview_strip(block.frames))
         self.last_progress = progress  # for tests: how many previews this shot sent
-        return (stream.state, stream.frames)
+        # Shown on the node (the web extension) and in the host's log: the user sees what the model did not read.
+        notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
+        for note in notes:
+            print(f"[ShotStream] note: {note}", file=sys.stderr, flush=True)
+        return {"ui": {"text": notes}, "result": (stream.state, stream.frames)}
 
 
 # --- files under the output folder -------------------------------------------------------------------

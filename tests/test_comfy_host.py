@@ -356,6 +356,20 @@ def test_a_continuing_shots_unused_size_widgets_are_not_checked(comfy, reference
     assert torch.equal(saved_state(host, result, SAVE).frames(), expected.frames())
 
 
+def test_a_cut_caption_reaches_the_editor_as_the_shots_note(comfy, reference):
+    """A caption longer than the model reads is cut; the host sends the shot's note to the editor (its
+    `executed` output), which the web extension shows on the node."""
+    host, _ = comfy
+    api = copy.deepcopy(reference[0])
+    first = ids_of(api, "NextShotGenerate")[0]
+    prompt_id = api[first]["inputs"]["prompt"][0]
+    api[prompt_id]["inputs"]["caption"] = "wide shot, " + " ".join(["the circle rolls slowly across the meadow"] * 4)
+    result = host.run(api)
+    assert result.status == "success", result.error_message
+    (note,) = result.outputs[first]["text"]
+    assert note.startswith("shot 1:") and "exceeds" in note
+
+
 def failing_extension(api, load_inputs=None, state_from=None):
     """`api` plus a second model and a shot generated with it from `state_from`; the extra nodes are 5x."""
     extra = {

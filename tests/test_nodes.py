@@ -46,7 +46,7 @@ def prompt(nodes, caption="wide shot, still.", seed=0, **kw):
 
 def shot(nodes, engine, p, state=None, geometry=None):
     g = geometry or engine.geometry
-    return nodes["NextShotGenerate"]().generate(engine, p, g.width, g.height, g.frames_per_shot, state=state)
+    return nodes["NextShotGenerate"]().generate(engine, p, g.width, g.height, g.frames_per_shot, state=state)["result"]
 
 
 # --- the pack as a host sees it --------------------------------------------------------------------
@@ -154,6 +154,20 @@ def test_first_shot_starts_a_story_and_streams_previews(nodes, micro):
     blocks = math.ceil(g.latent_frames / micro.sampler.block_frames)
     assert node.last_progress.previews == blocks  # one preview per decoded block
     assert node.last_progress.value == node.last_progress.total  # the bar reached the end
+
+
+def test_a_caption_cut_to_the_models_text_length_is_shown_on_the_node(nodes, micro, capsys):
+    """The tiny model reads 48 tokens and micro 16: a longer caption is cut, and the node says so (its UI
+    text, which the web extension shows, and the host's log), numbering shots from 1; a short one says
+    nothing."""
+    g = micro.geometry
+    out = nodes["NextShotGenerate"]().generate(micro, prompt(nodes), g.width, g.height, g.frames_per_shot)
+    assert out["ui"]["text"] == [] and out["result"][0].num_shots == 1
+    long = prompt(nodes, "wide shot, " + " ".join(["the red circle rolls slowly across the meadow"] * 4) + ".")
+    out = nodes["NextShotGenerate"]().generate(micro, long, g.width, g.height, g.frames_per_shot)
+    (note,) = out["ui"]["text"]
+    assert note.startswith("shot 1:") and "exceeds" in note
+    assert f"[ShotStream] note: {note}" in capsys.readouterr().err
 
 
 def test_shots_never_mutate_the_incoming_state_and_are_deterministic(nodes, micro):

@@ -2,7 +2,7 @@
 //  * ?load=<workflow> in the page address loads one of the pack's workflows (served by the pack at
 //    /shotstream/workflows/<name>.json) or any same-server URL starting with "/". Tests and docs use it:
 //    http://127.0.0.1:8188/?load=story_3shot_starter.json
-//  * Story State nodes show their summary text after they run.
+//  * Story State nodes show their summary text after they run; Next Shot nodes their notes, if any.
 //  * Next Shot's size widgets are greyed out while a story state is connected: the story's own size
 //    wins then, and a widget that cannot be edited cannot re-run a shot for nothing.
 import { app } from "../../scripts/app.js";
@@ -55,6 +55,7 @@ async function loadFromAddress() {
 
 function showText(node, lines) {
   let widget = node.widgets?.find((w) => w.name === "summary");
+  if (!widget && !lines.length) return;  // nothing to say, and no earlier text to clear
   if (!widget) {
     widget = ComfyWidgets.STRING(node, "summary", ["STRING", { multiline: true }], app).widget;
     widget.options.serialize = false;  // display only: never sent as an input
@@ -89,9 +90,10 @@ app.registerExtension({
         onConnectionsChange?.apply(this, arguments);
         syncNewStoryWidgets(this);
       };
+    } else if (nodeData.name !== "CacheState") {
       return;
     }
-    if (nodeData.name !== "CacheState") return;
+    // Story State shows its summary, Next Shot its notes (a caption cut to the model's text length)
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
