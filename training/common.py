@@ -650,15 +650,17 @@ def stage_sizes(out_dir) -> dict:
 # done.json fields that differ between sittings or re-runs of one finished run (its time, where the last
 # sitting began, file sizes a re-save may change by metadata bytes): not part of which run it records.
 SITTING_KEYS = ("wall_s", "resumed_from", "output_bytes", "checkpoint_bytes")
-# Config fields of one sitting, or of where the result goes: not part of what a run computes.
-SITTING_CONFIG = ("max_minutes", "stop_after", "num_threads", "out_dir", "export", "device")
+# Config fields of one sitting: a run resumed with others is the same run.
+SITTING_CONFIG = ("max_minutes", "stop_after", "num_threads")
+# ... and of where a run goes: with those, not part of what a run computes.
+PLACE_CONFIG = ("out_dir", "export", "device")
 # done.json fields added later to tell runs apart (a stage's config, pre-encoding's inputs): an older
 # done.json without one is compared without it, so running a finished old stage again keeps it.
 IDENTITY_KEYS = ("config", "inputs")
 
 
 def config_digest(out_dir) -> str | None:
-    """A hash of the config a run computed with (OUT/config.yaml less SITTING_CONFIG): runs with other
+    """A hash of the config a run computed with (OUT/config.yaml less SITTING_CONFIG and PLACE_CONFIG): runs with other
     seeds, steps or weights but the same counts (ODE pairs, say) record differently."""
     import yaml
 
@@ -668,7 +670,7 @@ def config_digest(out_dir) -> str | None:
         return None
     if not isinstance(cfg, dict):
         return None
-    kept = {k: v for k, v in cfg.items() if k not in SITTING_CONFIG}
+    kept = {k: v for k, v in cfg.items() if k not in SITTING_CONFIG + PLACE_CONFIG}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -828,7 +830,7 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
 
 def config_changes(cfg, saved_path) -> list[str]:
     """"key: saved -> now" for each field in which cfg differs from the config a run saved at saved_path
-    (its config.yaml), leaving out the settings of one sitting (max_minutes, stop_after, num_threads)."""
+    (its config.yaml), leaving out the settings of one sitting (SITTING_CONFIG)."""
     import yaml
 
     try:
@@ -840,7 +842,7 @@ def config_changes(cfg, saved_path) -> list[str]:
     names = {f.name for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
     changes = []
-    for key in sorted(set(saved) & names - {"max_minutes", "stop_after", "num_threads"}):
+    for key in sorted(set(saved) & names - set(SITTING_CONFIG)):
         try:
             old = _coerce(saved[key], hints[key])
         except ValueError:
@@ -915,22 +917,18 @@ def _report_cli_error(exc: Exception) -> int | None:
     # SHOTSTREAM_TRACEBACK=1: every error keeps its traceback (a bug can raise a ValueError too)
     user = isinstance(exc, user_error_types()) and os.environ.get("SHOTSTREAM_TRACEBACK", "") in ("", "0")
     store = _default_store() if world > 1 else None
+    if user and store is not None:  # tell the other ranks that this one stopped on a user error
+        try:
+            store.set(_ERROR_KEY.format(rank), "1")
+        except Exception:
+            pass
     if user and (rank == 0 or world == 1):
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        if store is not None:
-            try:
-                store.set(_ERROR_KEY.format(rank), "1")
-            except Exception:
-                pass
         return EXIT_USER_ERROR
     if user:
         if store is None:  # before the process group: every rank read the same argv, rank 0 says it
             time.sleep(USER_ERROR_GRACE_S)  # and is not stopped by torchrun before it can
             return EXIT_USER_ERROR
-        try:
-            store.set(_ERROR_KEY.format(rank), "1")
-        except Exception:
-            pass
         if not _store_has(store, _ERROR_KEY.format(0), USER_ERROR_GRACE_S):
             print(f"error: {exc} (on rank {rank})", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
@@ -958,16 +956,12 @@ def run_stage(train_fn: Callable, config_cls, argv=None):
         if dist.is_main:
             warn_config_changes(cfg)
         result = train_fn(cfg, dist)
-    except Exception as e:
-        code = _report_cli_error(e) if argv is None else None
+    except BaseException as e:  # an error, a pause (StageInterrupted) or Ctrl-C: the ranks may have stopped apart
+        code = _report_cli_error(e) if argv is None and isinstance(e, Exception) else None
         if dist is not None:
             dist.close(synchronize=False)
         if code is None:
             raise
         raise SystemExit(code) from None
-    except BaseException:  # a pause (StageInterrupted) or Ctrl-C: the ranks may have stopped apart
-        if dist is not None:
-            dist.close(synchronize=False)
-        raise
     dist.close()  # every rank finished: they leave the group together
     return result

@@ -140,7 +140,7 @@ def _out_dirs(preset: str) -> dict[str, Path]:
     return outs
 
 
-def _fingerprint(out: Path, name: str = "") -> str | None:
+def _fingerprint(out: Path) -> str | None:
     """Which finished run a folder holds: a hash of its done.json record (None while not done), less what
     differs between sittings of one run (common.SITTING_KEYS: times, sizes). A finished stage run again
     to the same result keeps its record, so the stages built on it stay fresh; a retrained one ends on
@@ -170,7 +170,7 @@ def record_built_from(preset: str, name: str) -> None:
     outs = _out_dirs(preset)
     out = outs[name]
     record = _read_built_from(out)
-    record.update({up: fp for up in DEPENDS[name] if up in outs and (fp := _fingerprint(outs[up], up)) is not None})
+    record.update({up: fp for up in DEPENDS[name] if up in outs and (fp := _fingerprint(outs[up])) is not None})
     out.mkdir(parents=True, exist_ok=True)
     (out / BUILT_FROM).write_text(json.dumps({"format": BUILT_FROM_FORMAT, **record}, indent=2))
 
@@ -185,7 +185,7 @@ def stale_stages(preset: str) -> dict[str, Stale]:
     """The stages whose run folder was built from another run of an upstream stage than the one there now
     (directly, or through a stale upstream stage). Reads the run folders only."""
     outs = _out_dirs(preset)
-    prints = {name: _fingerprint(out, name) for name, out in outs.items()}
+    prints = {name: _fingerprint(out) for name, out in outs.items()}
     stale: dict[str, Stale] = {}
     for stage in STAGES:
         out = outs.get(stage.name)

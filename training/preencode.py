@@ -61,13 +61,6 @@ INPUTS = "inputs.json"
 class InputsChanged(ValueError):
     """A store re-run with other inputs than it was built from: a user error (one line, exit 2)."""
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
 
 def _sha(path) -> str | None:
     h = hashlib.sha256()
@@ -261,8 +254,9 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
         wall = prev + time.perf_counter() - t0
         summary = {"stories": len(stories), "shots": sum(s["num_shots"] for s in stories),
                    "wall_s": wall, "stop_reason": "done"}
-        if (out / INPUTS).is_file():  # which inputs: the same counts from other data are another store
-            summary["inputs"] = hashlib.sha256((out / INPUTS).read_bytes()).hexdigest()[:16]
+        inputs = _sha(out / INPUTS)  # which inputs: the same counts from other data are another store
+        if inputs is not None:
+            summary["inputs"] = inputs
         mark_done(out, **summary)
         print(json.dumps(summary), flush=True)
     dist.barrier()
