@@ -152,7 +152,7 @@ def generate(args) -> int:
     state = engine.new_story(geo)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    blocks_per_shot = -(-geo.latent_frames // engine.sampler.block_frames)
+    blocks_per_shot = len(engine.sampler.block_spans(geo.latent_frames))
     start = time.perf_counter()
     first_frame_at = None
     with VideoWriter(out, fps=geo.fps) as writer, tqdm(total=len(captions) * blocks_per_shot, unit="block") as bar:

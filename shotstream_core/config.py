@@ -110,8 +110,35 @@ class SamplerConfig:
     shift: float = 8.0
     num_train_timesteps: int = 1000
     block_frames: int = 3  # latent frames denoised together
+    # Latent frames of a shot's first block; None: block_frames, as in the reference. A student trained
+    # with 1 draws its first latent frame alone, so the frames after it lean on a finished frame, as later
+    # blocks do (Self-Forcing's independent first frame). A student file records its own (loading.py).
+    first_block_frames: int | None = None
     context_frames: int = 6  # latent frames of global (earlier-shot) context
     rope_shot_phase: float = 1.0 / 6.0  # radians added to temporal angles per unit of shot flag
+
+    def __post_init__(self):
+        for name in ("block_frames", "first_block_frames"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 latent frame, got {value}")
+
+    def block_spans(self, frames: int) -> list[tuple[int, int]]:
+        """[(f0, f1)] latent-frame ranges of a shot's blocks, in order; the last may be shorter."""
+        if frames <= 0:
+            return []
+        first = min(self.first_block_frames or self.block_frames, frames)
+        starts = [0] + list(range(first, frames, self.block_frames))
+        return [(f0, min(f0 + (first if i == 0 else self.block_frames), frames)) for i, f0 in enumerate(starts)]
+
+    def block_ids(self, frames: int):
+        """LongTensor [frames]: the block each latent frame of a shot belongs to."""
+        import torch
+
+        ids = torch.empty(frames, dtype=torch.long)
+        for b, (f0, f1) in enumerate(self.block_spans(frames)):
+            ids[f0:f1] = b
+        return ids
 
 
 @dataclass(frozen=True)

@@ -218,8 +218,8 @@ class ShotStreamEngine:
 
         gen = torch.Generator().manual_seed(int(request.seed))
         noise = torch.randn(1, cfg.in_channels, frames_total, h, w, generator=gen)
-        block_starts = list(range(0, frames_total, sampler.block_frames))
-        steps_total = 1 + len(block_starts) * (len(self.timesteps) + 1)
+        spans = sampler.block_spans(frames_total)
+        steps_total = 1 + len(spans) * (len(self.timesteps) + 1)
         steps_done = 0
 
         def step_done():
@@ -241,8 +241,7 @@ class ShotStreamEngine:
             decoder = StreamingDecoder(self.vae)
             decoder.reset()
             shot_latents, shot_frames = [], []
-            for b, f0 in enumerate(block_starts):
-                f1 = min(f0 + sampler.block_frames, frames_total)
+            for b, (f0, f1) in enumerate(spans):
                 sl = slice(ctx_frames + f0, ctx_frames + f1)
                 x = noise[:, :, f0:f1].to(self.device, self.dtype)
                 for k, t in enumerate(self.timesteps):
@@ -264,7 +263,7 @@ class ShotStreamEngine:
                 frames = ((pixels[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()  # [n, H, W, 3]
                 shot_latents.append(x0)
                 shot_frames.append(frames)
-                yield BlockOutput(state.num_shots, b, len(block_starts), x0, frames)
+                yield BlockOutput(state.num_shots, b, len(spans), x0, frames)
             decoder.finish()
 
         frames = torch.cat(shot_frames)

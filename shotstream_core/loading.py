@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open
 
 from .attention import resolve_backend
-from .config import PRESETS, DiTConfig, Preset, get_preset
+from .config import PRESETS, DiTConfig, Preset, SamplerConfig, get_preset
 from .files import ModelLoadError, describe_checkpoint, read_tensors, save_tensors
 from .model import CausalWanDiT
 
@@ -29,6 +29,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 DIT_MARKER = "patch_embedding.weight"
 BUNDLED_DIR = Path(__file__).parent / "weights"
+BLOCKS_KEY = "shotstream_blocks"  # a student's block layout, in its file's metadata
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
@@ -193,13 +194,32 @@ def build_dit(sd, cfg: DiTConfig, dtype=torch.float32, device="cpu", attention="
     return model.to(device).eval().requires_grad_(False)
 
 
-def save_dit(model, path: str | Path) -> Path:
+def save_dit(model, path: str | Path, sampler: SamplerConfig | None = None) -> Path:
     """Safetensors with the config in the metadata, so loading needs no guessing, and the model's role: a
-    teacher and a student share one state dict, and only the student streams in a few steps."""
+    teacher and a student share one state dict, and only the student streams in a few steps. A student
+    trained on blocks other than the reference's (`sampler`) records them, for sampler_for_dit."""
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     role = "student" if isinstance(model, CausalWanDiT) else "teacher"
-    return save_tensors(sd, path, metadata={"shotstream_config": json.dumps(dataclasses.asdict(model.config)),
-                                            "shotstream_role": role})
+    metadata = {"shotstream_config": json.dumps(dataclasses.asdict(model.config)), "shotstream_role": role}
+    if role == "student" and sampler is not None and sampler.first_block_frames is not None:
+        metadata[BLOCKS_KEY] = json.dumps({"block_frames": sampler.block_frames,
+                                           "first_block_frames": sampler.first_block_frames})
+    return save_tensors(sd, path, metadata=metadata)
+
+
+def sampler_for_dit(path: str | Path, sampler: SamplerConfig) -> SamplerConfig:
+    """`sampler` with the blocks the student at `path` was trained on, where its file records them; other
+    files (the reference's, Wan's, students on the reference's blocks) keep `sampler`'s."""
+    recorded = _safetensors_metadata(Path(path)).get(BLOCKS_KEY)
+    if recorded is None:
+        return sampler
+    try:
+        blocks = json.loads(recorded)
+        return dataclasses.replace(sampler, block_frames=int(blocks["block_frames"]),
+                                   first_block_frames=int(blocks["first_block_frames"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{Path(path).name} records an unreadable block layout {recorded!r} ({e}): "
+                             f"re-save it with training's save_dit, or load a student without one") from None
 
 
 def warn_if_teacher(path: str | Path) -> None:
@@ -294,6 +314,8 @@ def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: st
     if lora_path is not None:
         sd = merge_lora(sd, read_tensors(lora_path), lora_strength)
     p = match_preset(cfg, family=preset)
+    if Path(dit_path).exists():  # not for the random stand-in
+        p = dataclasses.replace(p, sampler=sampler_for_dit(dit_path, p.sampler))
     dit = build_dit(sd, cfg, torch_dtype, dev, attention)
 
     if vae_path is None:

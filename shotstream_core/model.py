@@ -304,9 +304,10 @@ class CausalWanDiT(WanDiT):
         return self._run(x, t, text_kv, flags, prompt_ids, positions, None, cache, start_frame * tpf, shot_phase)
 
 
-def block_causal_mask(context_frames: int, frames: int, block_frames: int, tokens_per_frame: int, device=None):
-    """Bool [L, L] over [context | shot] tokens: context sees only context; block b sees context + blocks <= b."""
-    block_of = torch.cat([torch.full((context_frames,), -1), torch.arange(frames) // block_frames])  # [Fc+F]
+def block_causal_mask(context_frames: int, block_ids: torch.Tensor, tokens_per_frame: int, device=None):
+    """Bool [L, L] over [context | shot] tokens: context sees only context; block b sees context + blocks <= b.
+    block_ids: LongTensor [F], the block of each shot frame (SamplerConfig.block_ids)."""
+    block_of = torch.cat([torch.full((context_frames,), -1), block_ids])  # [Fc+F]
     allowed = block_of[None, :] <= block_of[:, None]  # key block <= query block; context is block -1
     allowed = allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
     return allowed.to(device) if device is not None else allowed

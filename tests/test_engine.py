@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from shotstream_core.engine import ShotInterrupted, ShotRequest
+from shotstream_core.engine import ShotInterrupted, ShotRequest, ShotStreamEngine
 from shotstream_core.loading import load_engine
 from shotstream_core.model import block_causal_mask
 from shotstream_core.state import StoryState
@@ -27,13 +27,29 @@ def story(engine):
     return engine.generate_story(G, CAPTIONS[:2], seeds=[11, 12])
 
 
-def test_blocks_stream_and_match_block_causal_masked_forward(engine, story):
-    """Second shot through the engine: each block equals a masked full forward over [ctx | clean blocks | block]."""
+def engine_with_blocks(engine, first_block_frames):
+    """`engine`'s weights sampling a shot's first block of `first_block_frames` latent frames."""
+    sampler = dataclasses.replace(engine.sampler, first_block_frames=first_block_frames)
+    return ShotStreamEngine(engine.dit, engine.vae, engine.prompts.encoder,
+                            dataclasses.replace(engine.preset, sampler=sampler), engine.model_id)
+
+
+@pytest.mark.parametrize("first_block_frames", [None, 1])
+def test_blocks_stream_and_match_block_causal_masked_forward(engine, story, first_block_frames):
+    """Second shot through the engine: each block equals a masked full forward over [ctx | clean blocks | block],
+    for the reference's blocks of 3 and for a first block of one latent frame."""
+    if first_block_frames is not None:
+        engine = engine_with_blocks(engine, first_block_frames)
+        story = engine.generate_story(G, CAPTIONS[:2], seeds=[11, 12])
     dit, sch = engine.dit, engine.schedule
     geo = story.geometry
+    spans = engine.sampler.block_spans(geo.latent_frames)
     stream = engine.stream_shot(story.truncate(1), ShotRequest(G, CAPTIONS[1], seed=12))
     blocks = list(stream)
-    assert [b.block_index for b in blocks] == list(range(blocks[0].num_blocks))
+    assert [b.block_index for b in blocks] == list(range(len(spans))) and blocks[0].num_blocks == len(spans)
+    assert [b.latents.shape[2] for b in blocks] == [f1 - f0 for f0, f1 in spans]
+    # Pixel frames per block follow the VAE: 1 for latent frame 0, 4 for each later one.
+    assert [b.frames.shape[0] for b in blocks] == [4 * (f1 - f0) - 3 * (f0 == 0) for f0, f1 in spans]
     assert sum(b.frames.shape[0] for b in blocks) == geo.frames_per_shot
     torch.testing.assert_close(stream.frames, story.shot_frames(1), atol=1 / 255, rtol=0)
 
@@ -45,26 +61,26 @@ def test_blocks_stream_and_match_block_causal_masked_forward(engine, story):
     flags = torch.tensor([list(plan.flags) + [plan.shot_flag] * geo.latent_frames])
     text, ids = engine.shot_text(story.truncate(1), ShotRequest(G, CAPTIONS[1], seed=12), flags)
     tpf = dit.config.tokens_per_frame(geo.latent_height, geo.latent_width)
+    block_ids = engine.sampler.block_ids(geo.latent_frames)
     clean = [b.latents for b in blocks]
-    t_last = float(engine.timesteps[-1])
     # The last step's input is x0 of step 3 re-noised; recover it by running the engine's own noise stream.
     gen = torch.Generator().manual_seed(12)
     noise = torch.randn(1, 16, geo.latent_frames, geo.latent_height, geo.latent_width, generator=gen)
     with torch.no_grad():
-        for b, f0 in enumerate(range(0, geo.latent_frames, 3)):
-            x = noise[:, :, f0:f0 + 3]
+        for b, (f0, f1) in enumerate(spans):
+            x = noise[:, :, f0:f1]
             for k, t in enumerate(engine.timesteps):
                 tf = torch.full((1, x.shape[2]), float(t))
                 seq = torch.cat([ctx, *clean[:b], x], 2)
                 t_all = torch.cat([torch.zeros(1, 6 + f0), tf], 1)
                 n = seq.shape[2]
-                mask = block_causal_mask(6, n - 6, 3, tpf)
+                mask = block_causal_mask(6, block_ids[:f1], tpf)
                 flow = dit(seq, t_all, text, flags[:, :n], ids[:, :n], mask=mask)[:, :, -x.shape[2]:]
                 x0 = sch.x0_from_flow(x, flow, tf)
                 if k + 1 < len(engine.timesteps):
                     x = sch.add_noise(x0, torch.randn(x.shape, generator=gen), torch.full_like(tf, float(engine.timesteps[k + 1])))
             rel = ((x0 - clean[b]).norm() / clean[b].norm()).item()
-            assert rel <= 1e-5, (b, rel, t_last)
+            assert rel <= 1e-5, (b, rel)
 
 
 def test_global_cache_holds_the_picked_history_frames_each_encoded_alone(engine, story, monkeypatch):

@@ -252,3 +252,31 @@ def test_torch_files_of_the_old_format_load_and_junk_is_named(tmp_path):
     junk.write_bytes(b"junk\n")
     with pytest.raises(ModelLoadError, match="junk.pt could not be read as a torch checkpoint"):
         read_tensors(junk)
+
+
+def test_a_student_file_records_its_blocks_and_the_engine_samples_on_them(tmp_path):
+    """A student trained with a first block of one latent frame says so in its file; the engine, stages
+    3-4 and the evaluation read it back. Files without the record (the reference's, Wan's, a teacher's)
+    keep the preset's blocks."""
+    from shotstream_core.engine import ShotRequest
+    from shotstream_core.loading import load_engine, sampler_for_dit
+
+    preset = get_preset("micro")
+    own = dataclasses.replace(preset.sampler, first_block_frames=1)
+    student = save_dit(CausalWanDiT(preset.dit), tmp_path / "student.safetensors", own)
+    plain = save_dit(CausalWanDiT(preset.dit), tmp_path / "plain.safetensors", preset.sampler)
+    teacher = save_dit(WanDiT(preset.dit), tmp_path / "teacher.safetensors", own)
+    assert sampler_for_dit(student, preset.sampler) == own
+    assert sampler_for_dit(plain, preset.sampler) == preset.sampler
+    assert sampler_for_dit(teacher, preset.sampler) == preset.sampler
+    engine = load_engine(dit_path=student, preset="micro", device="cpu")
+    assert engine.sampler.first_block_frames == 1
+    state = engine.new_story()
+    blocks = list(engine.stream_shot(state, ShotRequest("a meadow.", "a red circle", seed=1)))
+    assert [b.latents.shape[2] for b in blocks] == [1, 3, 2]  # micro: 6 latent frames
+    assert load_engine(dit_path=plain, preset="micro", device="cpu").sampler.first_block_frames is None
+
+    sd = {k: v.contiguous() for k, v in CausalWanDiT(preset.dit).state_dict().items()}
+    save_file(sd, tmp_path / "broken.safetensors", metadata={"shotstream_blocks": "{not json"})
+    with pytest.raises(ModelLoadError, match="broken.safetensors records an unreadable block layout"):
+        sampler_for_dit(tmp_path / "broken.safetensors", preset.sampler)

@@ -52,7 +52,7 @@ def streaming_vs_masked(student, ctx, noise, text, flags, block_frames, timestep
             # Reference: full sequence [ctx | earlier clean blocks | this block], block-causal mask.
             seq = torch.cat([ctx, *clean, x], 2)
             t_all = torch.cat([torch.zeros(1, ctx_frames + f0), tf], 1)
-            mask = block_causal_mask(ctx_frames, f1, block_frames, tpf)
+            mask = block_causal_mask(ctx_frames, torch.arange(f1) // block_frames, tpf)
             full = student(seq, t_all, text, flags[:, : sl.stop], prompt_ids[:, : sl.stop], mask=mask)[:, :, sl]
             worst = max(worst, ((flow - full).norm() / full.norm()).item())
             x0 = schedule.x0_from_flow(x, flow, tf)
@@ -96,7 +96,7 @@ def test_streaming_detects_a_wrong_mask():
     x = torch.randn(1, 16, 6 + 6, h, w)
     t = torch.zeros(1, 12)
     flags = torch.zeros(1, 12, dtype=torch.long)
-    causal = student(x, t, rand_text(), flags, mask=block_causal_mask(6, 6, 3, tpf))
+    causal = student(x, t, rand_text(), flags, mask=block_causal_mask(6, torch.arange(6) // 3, tpf))
     full = student(x, t, rand_text(), flags)
     assert (causal[:, :, 6:9] - full[:, :, 6:9]).abs().max() > 1e-3
 
@@ -170,7 +170,7 @@ def test_pooled_text_follows_the_prompt_and_ignores_padding():
     other = two.clone()
     other[:, 1] *= 2
     ids = torch.tensor([[0, 1, 1]])
-    mask = block_causal_mask(0, 3, 1, CFG.tokens_per_frame(4, 4))
+    mask = block_causal_mask(0, torch.arange(3), CFG.tokens_per_frame(4, 4))
     a, b = model(x, t, two, flags, ids, mask=mask), model(x, t, other, flags, ids, mask=mask)
     torch.testing.assert_close(a[:, :, :1], b[:, :, :1])
     assert (a[:, :, 1:] - b[:, :, 1:]).abs().max() > 1e-3
@@ -185,7 +185,7 @@ def test_per_frame_timesteps_change_only_their_frames_modulation():
     flags = torch.zeros(1, 3, dtype=torch.long)
     t1 = torch.tensor([[500.0, 500.0, 500.0]])
     t2 = torch.tensor([[500.0, 500.0, 100.0]])
-    mask = block_causal_mask(0, 3, 1, CFG.tokens_per_frame(4, 4))  # frame-causal: frame 2 cannot leak back
+    mask = block_causal_mask(0, torch.arange(3), CFG.tokens_per_frame(4, 4))  # frame-causal: frame 2 cannot leak back
     a = student(x, t1, rand_text(), flags, mask=mask)
     b = student(x, t2, rand_text(), flags, mask=mask)
     torch.testing.assert_close(a[:, :, :2], b[:, :, :2])
@@ -293,10 +293,10 @@ def test_per_shot_cross_attention_isolates_captions():
     flags = torch.tensor([[0, 0, 0, 1, 1, 1]])
     text = rand_text(2)
     ids = prompt_ids_from_flags(flags, 2)
-    base = student(x, torch.full((1, 6), 400.0), text, flags, ids, mask=block_causal_mask(3, 3, 3, 4))
+    base = student(x, torch.full((1, 6), 400.0), text, flags, ids, mask=block_causal_mask(3, torch.zeros(3, dtype=torch.long), 4))
     other = text.clone()
     other[0, 1] = torch.randn_like(other[0, 1])  # change shot 1's caption
-    out = student(x, torch.full((1, 6), 400.0), other, flags, ids, mask=block_causal_mask(3, 3, 3, 4))
+    out = student(x, torch.full((1, 6), 400.0), other, flags, ids, mask=block_causal_mask(3, torch.zeros(3, dtype=torch.long), 4))
     torch.testing.assert_close(out[:, :, :3], base[:, :, :3])  # shot-0 frames do not see it
     assert (out[:, :, 3:] - base[:, :, 3:]).abs().max() > 1e-4  # its own frames do
 
@@ -375,3 +375,45 @@ def test_teacher_euler_steps_apply_cfg_toward_the_prompt():
         called_t = [t for name, t, _, _ in teacher.calls if name == branch]
         assert called_t == pytest.approx([1000 * s for s in sigmas[:-1]], rel=1e-6), branch
     assert all(f is flags and p is ids for _, _, f, p in teacher.calls)
+
+
+@pytest.mark.parametrize("first, frames, spans", [
+    (None, 9, [(0, 3), (3, 6), (6, 9)]),          # the reference: blocks of 3
+    (None, 7, [(0, 3), (3, 6), (6, 7)]),          # a short last block
+    (1, 9, [(0, 1), (1, 4), (4, 7), (7, 9)]),     # the first latent frame alone
+    (1, 1, [(0, 1)]),
+    (4, 2, [(0, 2)]),                             # a first block longer than the shot
+])
+def test_block_spans_cover_the_shot_in_order(first, frames, spans):
+    from shotstream_core.config import SamplerConfig
+
+    sampler = SamplerConfig(block_frames=3, first_block_frames=first)
+    assert sampler.block_spans(frames) == spans
+    ids = sampler.block_ids(frames)
+    assert [int(ids[f0:f1].unique().item()) for f0, f1 in spans] == list(range(len(spans)))
+
+
+def test_block_sizes_under_one_frame_are_refused():
+    from shotstream_core.config import SamplerConfig
+
+    with pytest.raises(ValueError, match="first_block_frames must be at least 1"):
+        SamplerConfig(first_block_frames=0)
+    with pytest.raises(ValueError, match="block_frames must be at least 1"):
+        SamplerConfig(block_frames=0)
+
+
+def test_mask_with_a_first_block_of_one_frame():
+    """Frame 0 alone sees the context and itself; frames 1-3 see each other, frame 0 and the context."""
+    from shotstream_core.config import SamplerConfig
+
+    ids = SamplerConfig(block_frames=3, first_block_frames=1).block_ids(4)  # [0, 1, 1, 1]
+    got = block_causal_mask(2, ids, tokens_per_frame=1).int()
+    expected = torch.tensor([
+        [1, 1, 0, 0, 0, 0],  # context
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],  # frame 0
+        [1, 1, 1, 1, 1, 1],  # frames 1-3
+        [1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 1],
+    ])
+    assert torch.equal(got, expected)

@@ -1,5 +1,6 @@
 """Stages 3-4: self-forcing rollout, DMD / critic losses, LoRA, and the stage entry points (micro preset)."""
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,11 @@ def micro_student(seed=0):
     return CausalWanDiT(CFG).eval()
 
 
-def micro_engine(student):
+def micro_engine(student, sampler=SAMPLER):
     torch.manual_seed(0)
     vae = WanVAE(PRESET.vae).eval().requires_grad_(False)
     text = RandomTextEncoder(CFG.text_dim, CFG.text_len)
-    return ShotStreamEngine(student, vae, text, PRESET, "micro-test")
+    return ShotStreamEngine(student, vae, text, dataclasses.replace(PRESET, sampler=sampler), "micro-test")
 
 
 def first_shot_cond(text_seed=0, batch=1):
@@ -62,12 +63,14 @@ def engine_cond(engine, state, request):
     return make_conditioning(ctx, [prompts], [list(plan.flags)], [plan.shot_flag], F)
 
 
-@pytest.mark.parametrize("shots_before", [0, 2, 8])
-def test_rollout_equals_engine_sampling(shots_before):
-    """Grad off, exit = last step, no refresh noise: the rollout is the engine's sampler, noise for noise.
+@pytest.mark.parametrize("shots_before, first_block_frames", [(0, None), (2, None), (8, None), (2, 1)])
+def test_rollout_equals_engine_sampling(shots_before, first_block_frames):
+    """Grad off, exit = last step, no refresh noise: the rollout is the engine's sampler, noise for noise,
+    on the reference's blocks and with the first latent frame as a block of its own.
     After 8 shots the first two have left the context: the engine no longer encodes their prompts, and
     still samples what training's conditioning (all prompts) gives."""
-    engine = micro_engine(micro_student())
+    sampler = dataclasses.replace(SAMPLER, first_block_frames=first_block_frames)
+    engine = micro_engine(micro_student(), sampler)
     state = engine.new_story()
     for i in range(shots_before):
         state, _ = engine.generate_shot(state, ShotRequest("a story", f"shot number {i}", seed=10 + i))
@@ -75,7 +78,7 @@ def test_rollout_equals_engine_sampling(shots_before):
     blocks = [b.latents for b in engine.stream_shot(state, request)]
     expected = torch.cat(blocks, 2)
 
-    rollout = SelfForcingRollout(SAMPLER, refresh_sigma=0.0)
+    rollout = SelfForcingRollout(sampler, refresh_sigma=0.0)
     gen = torch.Generator().manual_seed(7)
     noise = torch.randn(1, C, F, H, W, generator=gen)  # drawn first, as the engine does
     with torch.no_grad():

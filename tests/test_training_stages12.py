@@ -464,7 +464,7 @@ def test_ode_pairs_hold_the_teacher_trajectory(ode_run):
 def test_block_levels_are_constant_inside_blocks():
     from training.stage2_ode import block_levels
 
-    lv = block_levels(8, 7, 3, 5, torch.Generator().manual_seed(0))
+    lv = block_levels(8, torch.arange(7) // 3, 5, torch.Generator().manual_seed(0))
     assert lv.shape == (8, 7) and lv.max() < 5
     assert (lv[:, 0:3] == lv[:, :1]).all() and (lv[:, 3:6] == lv[:, 3:4]).all()
 
@@ -477,10 +477,10 @@ def test_stage2_overfits_a_fixed_batch(ode_run):
 
     store, _ = ode_run
     pairs, ds = ODEPairs(store / "ode"), LatentStoryDataset(store / "latents")
-    batch = ode_batch(pairs, ds, [0, 1, 2, 3], SAMPLER.block_frames, DIT.text_len, torch.Generator().manual_seed(1))
+    batch = ode_batch(pairs, ds, [0, 1, 2, 3], SAMPLER, DIT.text_len, torch.Generator().manual_seed(1))
     t = batch[1]
     assert (t > 0).any()
-    mask = block_causal_mask(FC, GEO.latent_frames, SAMPLER.block_frames,
+    mask = block_causal_mask(FC, SAMPLER.block_ids(GEO.latent_frames),
                              DIT.tokens_per_frame(GEO.latent_height, GEO.latent_width))
     schedule = FlowSchedule(SAMPLER.num_train_timesteps, SAMPLER.shift)
     student = load_dit(store / "teacher.safetensors", CausalWanDiT, "teacher", "cpu")
@@ -499,11 +499,11 @@ def test_stage2_loss_ignores_clean_frames(ode_run):
 
     store, _ = ode_run
     pairs, ds = ODEPairs(store / "ode"), LatentStoryDataset(store / "latents")
-    batch = list(ode_batch(pairs, ds, [0, 1], SAMPLER.block_frames, DIT.text_len, torch.Generator().manual_seed(3)))
+    batch = list(ode_batch(pairs, ds, [0, 1], SAMPLER, DIT.text_len, torch.Generator().manual_seed(3)))
     batch[1][:, :3] = 0.0  # make the first block clean in both samples
     student = load_dit(store / "teacher.safetensors", CausalWanDiT, "teacher", "cpu")
     schedule = FlowSchedule()
-    mask = block_causal_mask(FC, GEO.latent_frames, SAMPLER.block_frames,
+    mask = block_causal_mask(FC, SAMPLER.block_ids(GEO.latent_frames),
                              DIT.tokens_per_frame(GEO.latent_height, GEO.latent_width))
     base = ode_loss(student, schedule, tuple(batch), mask, "cpu", SAMPLER.rope_shot_phase)
     batch[2] = batch[2].clone()
@@ -631,3 +631,33 @@ def test_a_vae_of_another_stride_carries_its_latent_grid_through_every_stage(tmp
     state, frames = engine.generate_shot(engine.new_story(), ShotRequest("a red circle in a meadow",
                                                                          "wide shot, the circle moves left"))
     assert tuple(frames.shape) == (GEO.frames_per_shot, GEO.height, GEO.width, 3)
+
+
+def test_a_first_block_of_one_frame_carries_from_stage_2_to_stage_3(ode_run, tmp_path, monkeypatch):
+    """Stage 2's first_block_frames trains on that block layout (its mask and levels), records it in the
+    student file, and stage 3 rolls the student out on the blocks the file records."""
+    from shotstream_core.loading import sampler_for_dit
+    from training import rollout, stage2_ode, stage3_dmd
+
+    store, _ = ode_run
+    configs = Path(__file__).resolve().parents[1] / "training" / "configs"
+    masks, spans = [], []
+    real_mask, real_spans = stage2_ode.block_causal_mask, rollout.SelfForcingRollout.__call__
+    monkeypatch.setattr(stage2_ode, "block_causal_mask", lambda fc, ids, *a: masks.append(ids.tolist()) or real_mask(fc, ids, *a))
+
+    def spy(self, *args, **kwargs):
+        spans.append(self.sampler.block_spans(GEO.latent_frames))
+        return real_spans(self, *args, **kwargs)
+
+    monkeypatch.setattr(rollout.SelfForcingRollout, "__call__", spy)
+    common = ["--set", f"latent_dir={store / 'latents'}", "--set", f"teacher_path={store / 'teacher.safetensors'}",
+              "--set", "max_steps=2"]
+    stage2_ode.main(["--config", str(configs / "micro-stage2.yaml"), "--set", f"out_dir={tmp_path / 's2'}",
+                     "--set", f"ode_dir={store / 'ode'}", "--set", "first_block_frames=1", *common])
+    student2 = tmp_path / "s2" / "student.safetensors"
+    assert masks == [[0, 1, 1, 1, 2, 2]]  # micro: 6 latent frames
+    assert sampler_for_dit(student2, SAMPLER).first_block_frames == 1
+    stage3_dmd.main(["--config", str(configs / "micro-stage3.yaml"), "--set", f"out_dir={tmp_path / 's3'}",
+                     "--set", f"student_path={student2}", *common])
+    assert spans and all(s == [(0, 1), (1, 4), (4, 6)] for s in spans)
+    assert sampler_for_dit(tmp_path / "s3" / "student.safetensors", SAMPLER).first_block_frames == 1

@@ -101,14 +101,14 @@ def diagnose(model, ds: LatentStoryDataset, preset: Preset, num_targets: int = 4
     out = {}
     if by_frame:
         out.update({f"latent_std:frame{f}": batch.x0[:, :, f].std().item() for f in range(batch.x0.shape[2])})
-    bf = preset.sampler.block_frames
+    spans = preset.sampler.block_spans(batch.x0.shape[2])
     for sigma in sigmas:
         t = torch.full((len(targets),), sigma * preset.sampler.num_train_timesteps)
         x_t = schedule.add_noise(batch.x0, noise, t)
         out[f"flow_mse@{sigma}"], out[f"char_mse@{sigma}"], per_frame = errors(t, x_t, batch.text)
         if by_block:
-            for b, f0 in enumerate(range(0, len(per_frame), bf)):
-                out[f"flow_mse@{sigma}:block{b}"] = per_frame[f0:f0 + bf].mean().item()
+            for b, (f0, f1) in enumerate(spans):
+                out[f"flow_mse@{sigma}:block{b}"] = per_frame[f0:f1].mean().item()
         if by_frame:
             for f, e in enumerate(per_frame.tolist()):
                 out[f"flow_mse@{sigma}:frame{f}"] = e

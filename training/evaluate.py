@@ -34,7 +34,7 @@ from shotstream_core.config import get_preset
 from shotstream_core.context import plan_context
 from shotstream_core.engine import BlockOutput, ShotRequest, ShotStream, ShotStreamEngine
 from shotstream_core.loading import (BUNDLED_DIR, ModelLoadError, build_dit, fingerprint, load_dit_state,
-                                     load_engine)
+                                     load_engine, sampler_for_dit)
 from shotstream_core.model import CausalWanDiT
 from shotstream_core.state import ShotRecord, StoryState
 from shotstream_core.teacher import sample_teacher
@@ -199,14 +199,14 @@ class TeacherStoryEngine:
         decoder = StreamingDecoder(eng.vae)
         decoder.reset()
         vae_dtype = next(eng.vae.parameters()).dtype
-        starts = list(range(0, frames_total, sampler.block_frames))
+        spans = sampler.block_spans(frames_total)
         shot_frames = []
-        for b, f0 in enumerate(starts):
-            block = x0[:, :, f0:f0 + sampler.block_frames]
+        for b, (f0, f1) in enumerate(spans):
+            block = x0[:, :, f0:f1]
             pixels = decoder.feed(block.to(vae_dtype))  # [1, 3, n, H, W] in [-1, 1]
             frames = ((pixels[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()  # [n, H, W, 3]
             shot_frames.append(frames)
-            yield BlockOutput(state.num_shots, b, len(starts), block, frames)
+            yield BlockOutput(state.num_shots, b, len(spans), block, frames)
         decoder.finish()
         frames = torch.cat(shot_frames)
         stream.frames = frames
@@ -266,9 +266,12 @@ class ModelZoo:
         if dcfg != self.base.dit.config:
             return None, f"not available: {name}.safetensors is a {dcfg.dim}x{dcfg.num_layers} DiT, not {self.cfg.model}'s"
         dit = build_dit(sd, dcfg, self.base.dtype, self.base.device)
+        # Each student samples on the blocks its own file records (a stage-3 student beside a later one).
+        path = self.cfg.weights_dir / f"{name}.safetensors"
+        sampler = sampler_for_dit(path, self.preset.sampler) if path.is_file() else self.preset.sampler
+        preset = dataclasses.replace(self.base.preset, sampler=sampler)
         # Same VAE and text encoder as the base engine; a fresh prompt cache per variant (fair timing).
-        engine = ShotStreamEngine(dit, self.base.vae, self.base.prompts.encoder, self.base.preset,
-                                  fingerprint(sd, dcfg))
+        engine = ShotStreamEngine(dit, self.base.vae, self.base.prompts.encoder, preset, fingerprint(sd, dcfg))
         return engine, desc
 
     def load(self, variant: Variant) -> Loaded:

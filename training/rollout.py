@@ -112,8 +112,7 @@ class SelfForcingRollout:
                                    pids[:, :fc], shot_phase=sampler.rope_shot_phase)
 
         outputs = []
-        for f0 in range(0, frames, sampler.block_frames):
-            f1 = min(f0 + sampler.block_frames, frames)
+        for f0, f1 in sampler.block_spans(frames):
             sl = slice(fc + f0, fc + f1)
             x = noise[:, :, f0:f1]
             for k, t in enumerate(self.timesteps):

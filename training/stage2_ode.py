@@ -3,7 +3,7 @@
     python -m training.stage2_ode --config training/configs/tiny-stage2.yaml
 
 The student (CausalWanDiT, initialised from the teacher's weights) sees [context at t = 0 | the target shot
-where every block of `block_frames` latent frames sits at its own random level among the 5 stored ODE
+where every block (SamplerConfig.block_spans) sits at its own random level among the 5 stored ODE
 levels (the 4 few-step times and the clean end)], under the block-causal mask: context frames see only
 context, block b sees the context and blocks 0..b. It regresses the teacher's x0 (x0 = x_t - sigma v) with
 MSE on the frames whose t > 0.
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from shotstream_core.config import get_preset
+import dataclasses
+
+from shotstream_core.config import SamplerConfig, get_preset
 from shotstream_core.loading import save_dit
 from shotstream_core.model import CausalWanDiT, block_causal_mask
 from shotstream_core.schedule import FlowSchedule
@@ -37,20 +39,22 @@ class Stage2Config(StageConfig):
     weight_decay: float = 0.01
     batch_size: int = 16
     export: str = ""  # optional copy of student.safetensors (the interim shipped dit.safetensors)
+    # Latent frames of a shot's first block (0: the preset's block_frames, as the reference). The student
+    # file records it, so stages 3-4 and the engine run the blocks it was trained on.
+    first_block_frames: int = 0
 
 
-def block_levels(batch: int, frames: int, block_frames: int, num_levels: int, g) -> torch.Tensor:
-    """[B, F] level index per frame, constant inside each block."""
-    blocks = -(-frames // block_frames)
-    per_block = torch.randint(0, num_levels, (batch, blocks), generator=g)
-    return per_block.repeat_interleave(block_frames, dim=1)[:, :frames]
+def block_levels(batch: int, block_ids: torch.Tensor, num_levels: int, g) -> torch.Tensor:
+    """[B, F] level index per frame, constant inside each block (block_ids [F]: each frame's block)."""
+    per_block = torch.randint(0, num_levels, (batch, int(block_ids.max()) + 1), generator=g)
+    return per_block[:, block_ids]
 
 
-def ode_batch(pairs: ODEPairs, ds: LatentStoryDataset, idx: list[int], block_frames: int, text_len: int, g):
+def ode_batch(pairs: ODEPairs, ds: LatentStoryDataset, idx: list[int], sampler: SamplerConfig, text_len: int, g):
     """-> x_t [B, C, F, h, w], t [B, F], x0, context, flags, prompt ids, text."""
     lat = pairs.latents[idx]  # [B, L, C, F, h, w]
     b, num_levels, _, f = lat.shape[:4]
-    level = block_levels(b, f, block_frames, num_levels, g)  # [B, F]
+    level = block_levels(b, sampler.block_ids(f), num_levels, g)  # [B, F]
     gather = level[:, None, None, :, None, None].expand(-1, 1, *lat.shape[2:])
     x_t = lat.gather(1, gather)[:, 0]  # [B, C, F, h, w]
     t = pairs.timesteps[level]  # [B, F]
@@ -83,6 +87,8 @@ def train(cfg: Stage2Config, dist) -> dict:
         save_config(cfg, out / "config.yaml")
     preset = get_preset(cfg.preset)
     sampler = preset.sampler
+    if cfg.first_block_frames:
+        sampler = dataclasses.replace(sampler, first_block_frames=cfg.first_block_frames)
     schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
     pairs = ODEPairs(cfg.ode_dir)
     ds = LatentStoryDataset(cfg.latent_dir)
@@ -95,12 +101,12 @@ def train(cfg: Stage2Config, dist) -> dict:
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     batches = StepBatches(len(pairs), cfg.batch_size, dist, cfg.seed)
     _, _, _, f, h, w = pairs.latents.shape
-    mask = block_causal_mask(pairs.context.shape[2], f, sampler.block_frames,
-                             preset.dit.tokens_per_frame(h, w), dist.device)
+    mask = block_causal_mask(pairs.context.shape[2], sampler.block_ids(f), preset.dit.tokens_per_frame(h, w),
+                             dist.device)
 
     def step_fn(step: int) -> dict:
         g = step_generator(cfg.seed, step, dist.rank)
-        batch = ode_batch(pairs, ds, batches.indices(step), sampler.block_frames, preset.dit.text_len, g)
+        batch = ode_batch(pairs, ds, batches.indices(step), sampler, preset.dit.text_len, g)
         set_lr(opt, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_horizon))
         with autocast(cfg, dist.device):
             loss = ode_loss(model, schedule, batch, mask, dist.device, sampler.rope_shot_phase)
@@ -110,9 +116,9 @@ def train(cfg: Stage2Config, dist) -> dict:
     summary = train_loop(cfg, dist, {"student": student}, {"student": opt}, step_fn, desc="stage2")
     if dist.is_main:
         student.eval()
-        save_dit(student, out / "student.safetensors")
+        save_dit(student, out / "student.safetensors", sampler)
         if cfg.export:
-            save_dit(student, cfg.export)
+            save_dit(student, cfg.export, sampler)
             print(f"exported {cfg.export}", flush=True)
         mark_done(out, **summary)
     dist.barrier()

@@ -17,13 +17,14 @@ OUT/done.json, and a copy at `export` when set.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from shotstream_core.config import get_preset
-from shotstream_core.loading import ModelLoadError, save_dit
+from shotstream_core.loading import ModelLoadError, sampler_for_dit, save_dit
 from shotstream_core.model import CausalWanDiT, WanDiT
 
 from .common import (Dist, StageConfig, autocast, describe_dit, enable_grad_checkpointing, load_dit, mark_done,
@@ -78,6 +79,8 @@ class DMDSetup:
         student = load_dit(cfg.student_path, CausalWanDiT, "student", dev)
         # The teacher's shape is the run's (a teacher trained with dit: changes); the student must share it.
         self.preset = preset_for_weights(get_preset(cfg.preset), teacher.config, cfg.teacher_path)
+        # The student rolls out on the blocks stage 2 trained it on (its file records them).
+        self.preset = dataclasses.replace(self.preset, sampler=sampler_for_dit(cfg.student_path, self.preset.sampler))
         if student.config != teacher.config:
             raise ModelLoadError(f"{cfg.student_path} is a {describe_dit(student.config)} DiT but the teacher "
                                  f"{cfg.teacher_path} is a {describe_dit(teacher.config)} one: start the student "
@@ -143,9 +146,9 @@ class DMDSetup:
         """OUT/student.safetensors (+ the `export` copy) from the generator's weights."""
         model = CausalWanDiT(self.preset.dit)
         model.load_state_dict(generator_state if generator_state is not None else unwrap(self.student).state_dict())
-        path = save_dit(model, Path(self.cfg.out_dir) / "student.safetensors")
+        path = save_dit(model, Path(self.cfg.out_dir) / "student.safetensors", self.preset.sampler)
         if self.cfg.export:
-            save_dit(model, self.cfg.export)
+            save_dit(model, self.cfg.export, self.preset.sampler)
             print(f"exported {self.cfg.export}", flush=True)
         return path
 
