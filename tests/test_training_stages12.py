@@ -661,3 +661,6 @@ def test_a_first_block_of_one_frame_carries_from_stage_2_to_stage_3(ode_run, tmp
                      "--set", f"student_path={student2}", *common])
     assert spans and all(s == [(0, 1), (1, 4), (4, 6)] for s in spans)
     assert sampler_for_dit(tmp_path / "s3" / "student.safetensors", SAMPLER).first_block_frames == 1
+    with pytest.raises(ValueError, match="first_block_frames: -1 must be >= 0"):
+        stage2_ode.main(["--config", str(configs / "micro-stage2.yaml"), "--set", f"out_dir={tmp_path / 'bad'}",
+                         "--set", f"ode_dir={store / 'ode'}", "--set", "first_block_frames=-1", *common])

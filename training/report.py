@@ -296,7 +296,8 @@ def write_report(metrics: dict, out_dir, samples: dict | None = None) -> Path:
         "A spurious cut at the opening frames is the video's first frame jumping against the next: the model "
         "draws its first latent frame unlike the rest (its teacher's denoising error there is 2-3x the later "
         "frames'). Coding the VAE's first latent frames like the others does not remove it, nor does more "
-        "loss weight on that frame (docs/EXPERIMENTS.md). Later shots have the same jump, but it falls on their "
+        "loss weight on that frame, nor training the student to draw that frame as a block of its own "
+        "(docs/EXPERIMENTS.md). Later shots have the same jump, but it falls on their "
         "true cut.",
         "",
         "## Plots",

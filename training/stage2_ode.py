@@ -81,6 +81,9 @@ def ode_loss(model, schedule, batch, mask, device, shot_phase: float) -> torch.T
 
 def train(cfg: Stage2Config, dist) -> dict:
     """Regress the teacher's ODE endpoints with the block-causal student."""
+    if cfg.first_block_frames < 0:
+        raise ValueError(f"config first_block_frames: {cfg.first_block_frames} must be >= 0 (0: the preset's "
+                         f"blocks; 1: the first latent frame as a block of its own)")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
