@@ -277,3 +277,26 @@ def test_development_split_is_apart_from_training_and_evaluation():
     assert "--split dev" in ev.command_line(cfg) and "--split" not in ev.command_line(ev.EvalConfig(out=Path("x")))
     with pytest.raises(ValueError, match="eval or dev"):
         ev.EvalConfig(out=Path("x"), split="test")
+
+
+def test_each_row_samples_on_the_blocks_its_own_file_records(tmp_path):
+    """A student that records a first block of one latent frame runs on it; a stage-3 file without the
+    record beside it runs on the preset's blocks, not on the base model's."""
+    import dataclasses
+
+    preset = get_preset("micro")
+    weights = tmp_path / "weights"
+    torch.manual_seed(3)
+    save_dit(CausalWanDiT(preset.dit), weights / "dit.safetensors",
+             dataclasses.replace(preset.sampler, first_block_frames=1))
+    save_dit(CausalWanDiT(preset.dit), weights / "student_stage3.safetensors")
+    zoo = ev.ModelZoo(ev.EvalConfig(model="micro", out=str(tmp_path / "out"), weights_dir=str(weights),
+                                    stories=1, stories10=0))
+    student, _ = zoo.engine("dit")
+    stage3, _ = zoo.engine("student_stage3")
+    frames = preset.geometry.latent_frames
+    assert student.sampler.block_spans(frames) == [(0, 1), (1, 4), (4, 6)]
+    assert stage3.sampler.block_spans(frames) == [(0, 3), (3, 6)]
+    state = student.new_story()
+    blocks = list(student.stream_shot(state, ShotRequest("a meadow.", "a red circle", seed=1)))
+    assert [b.latents.shape[2] for b in blocks] == [1, 3, 2]

@@ -469,6 +469,22 @@ def test_block_levels_are_constant_inside_blocks():
     assert (lv[:, 0:3] == lv[:, :1]).all() and (lv[:, 3:6] == lv[:, 3:4]).all()
 
 
+def test_ode_batch_levels_follow_a_first_block_of_one_frame(ode_run):
+    """With the first latent frame as a block of its own, frame 0 draws its noise level apart from frames 1-3."""
+    from training.data import LatentStoryDataset
+    from training.ode_pairs import ODEPairs
+    from training.stage2_ode import ode_batch
+
+    store, _ = ode_run
+    pairs, ds = ODEPairs(store / "ode"), LatentStoryDataset(store / "latents")
+    sampler = dataclasses.replace(SAMPLER, first_block_frames=1)
+    t = torch.cat([ode_batch(pairs, ds, [0, 1, 2, 3, 4, 5], sampler, DIT.text_len,
+                             torch.Generator().manual_seed(s))[1] for s in range(8)])  # [48, 6]
+    for f0, f1 in sampler.block_spans(GEO.latent_frames):  # [(0, 1), (1, 4), (4, 6)]
+        assert (t[:, f0:f1] == t[:, f0:f0 + 1]).all()
+    assert (t[:, 0] != t[:, 1]).any()  # uniform blocks of 3 would tie frame 0 to frames 1-2
+
+
 def test_stage2_overfits_a_fixed_batch(ode_run):
     from training.common import load_dit
     from training.data import LatentStoryDataset
@@ -657,10 +673,14 @@ def test_a_first_block_of_one_frame_carries_from_stage_2_to_stage_3(ode_run, tmp
     student2 = tmp_path / "s2" / "student.safetensors"
     assert masks == [[0, 1, 1, 1, 2, 2]]  # micro: 6 latent frames
     assert sampler_for_dit(student2, SAMPLER).first_block_frames == 1
+    checkpointed = list((tmp_path / "s2" / "checkpoints").glob("step_*/student.safetensors"))
+    assert checkpointed and all(sampler_for_dit(p, SAMPLER).first_block_frames == 1 for p in checkpointed)
     stage3_dmd.main(["--config", str(configs / "micro-stage3.yaml"), "--set", f"out_dir={tmp_path / 's3'}",
                      "--set", f"student_path={student2}", *common])
     assert spans and all(s == [(0, 1), (1, 4), (4, 6)] for s in spans)
     assert sampler_for_dit(tmp_path / "s3" / "student.safetensors", SAMPLER).first_block_frames == 1
+    generators = list((tmp_path / "s3" / "checkpoints").glob("step_*/generator.safetensors"))
+    assert generators and all(sampler_for_dit(p, SAMPLER).first_block_frames == 1 for p in generators)
     with pytest.raises(ValueError, match="first_block_frames: -1 must be >= 0"):
         stage2_ode.main(["--config", str(configs / "micro-stage2.yaml"), "--set", f"out_dir={tmp_path / 'bad'}",
                          "--set", f"ode_dir={store / 'ode'}", "--set", "first_block_frames=-1", *common])

@@ -386,9 +386,10 @@ class Checkpointer:
     """out_dir/checkpoints/step_XXXXXXXX/{<module>.safetensors, state.pt}; written to a temp folder and
     renamed, so a run killed mid-save leaves the previous checkpoint intact."""
 
-    def __init__(self, out_dir, keep: int = 2):
+    def __init__(self, out_dir, keep: int = 2, sampler=None):
         self.root = Path(out_dir) / "checkpoints"
         self.keep = keep
+        self.sampler = sampler  # a student's blocks, recorded in its checkpointed file as in its final one
 
     def _dirs(self) -> list[Path]:
         if not self.root.is_dir():
@@ -413,7 +414,7 @@ class Checkpointer:
         for name, module in modules.items():
             module = unwrap(module)
             if isinstance(getattr(module, "config", None), DiTConfig):
-                save_dit(module, tmp / f"{name}.safetensors")  # with its config: heads, text length
+                save_dit(module, tmp / f"{name}.safetensors", self.sampler)  # with its config and blocks
                 continue
             sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
             save_tensors(sd, tmp / f"{name}.safetensors")
@@ -741,19 +742,21 @@ def paused_message(out_dir) -> str | None:
 
 
 def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
-               step_fn: Callable[[int], dict], *, desc: str = "", extra_state: dict | None = None) -> dict:
+               step_fn: Callable[[int], dict], *, desc: str = "", extra_state: dict | None = None,
+               sampler=None) -> dict:
     """Resume, run step_fn(step) -> scalars until max_steps, checkpoint, log, plot. When the sitting's
     time budget (cfg.max_minutes) or cfg.stop_after ends it first: checkpoint, and raise StageInterrupted.
 
     step_fn does the whole optimisation step (lr, forward, backward, optimiser). Returns a summary with
     the steps done, the step this sitting started from (resumed_from: 0 for a fresh run; it also goes in
     paused.json and, through the stages, done.json, so a resume that restarted from scratch shows), the
-    final scalars and the wall time of this stage over all its resumes. A sitting that resumes says from
+    final scalars and the wall time of this stage over all its resumes. `sampler`: the blocks a student
+    trains on, recorded in its checkpointed weights. A sitting that resumes says from
     which checkpoint; a stage already done (done.json, and a checkpoint at max_steps) says so, trains
     nothing and returns the summary done.json recorded.
     """
     out = Path(cfg.out_dir)
-    ckpt = Checkpointer(out, keep=cfg.keep_checkpoints)
+    ckpt = Checkpointer(out, keep=cfg.keep_checkpoints, sampler=sampler)
     start, elapsed = 0, 0.0
     if ckpt.latest_step() is not None:
         start, extra = ckpt.load(modules, optimizers)

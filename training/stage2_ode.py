@@ -116,7 +116,8 @@ def train(cfg: Stage2Config, dist) -> dict:
         gn = optimizer_step(loss, opt, student.parameters(), cfg.grad_clip)
         return {"loss": float(dist.all_mean(loss.detach())), "grad_norm": float(gn), "lr": opt.param_groups[0]["lr"]}
 
-    summary = train_loop(cfg, dist, {"student": student}, {"student": opt}, step_fn, desc="stage2")
+    summary = train_loop(cfg, dist, {"student": student}, {"student": opt}, step_fn, desc="stage2",
+                         sampler=sampler)
     if dist.is_main:
         student.eval()
         save_dit(student, out / "student.safetensors", sampler)

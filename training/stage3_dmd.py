@@ -190,7 +190,8 @@ def train(cfg: DMDStageConfig, dist: Dist) -> dict:
         stats, _ = setup.train_step(step, *intra_shot_batch(setup, gen), gen)
         return stats
 
-    summary = train_loop(cfg, dist, setup.modules, setup.optimizers, step_fn, desc="stage3 dmd")
+    summary = train_loop(cfg, dist, setup.modules, setup.optimizers, step_fn, desc="stage3 dmd",
+                         sampler=setup.preset.sampler)
     if dist.is_main:
         summary["student"] = str(setup.export())
         mark_done(out, **summary)

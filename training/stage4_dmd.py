@@ -123,7 +123,7 @@ def train(cfg: Stage4Config, dist: Dist) -> dict:
         return {**stats, "shot": k}
 
     summary = train_loop(cfg, dist, setup.modules, setup.optimizers, step_fn, desc="stage4 dmd",
-                         extra_state=clip)
+                         extra_state=clip, sampler=setup.preset.sampler)
     if dist.is_main:
         summary["student"] = str(setup.export(setup.export_lora() if cfg.lora_rank > 0 else None))
         mark_done(out, **summary)
