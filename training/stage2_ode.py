@@ -10,12 +10,11 @@ MSE on the frames whose t > 0.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-import dataclasses
 
 from shotstream_core.config import SamplerConfig, get_preset
 from shotstream_core.loading import save_dit
