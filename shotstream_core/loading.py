@@ -201,15 +201,23 @@ def save_dit(model, path: str | Path, sampler: SamplerConfig | None = None) -> P
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     role = "student" if isinstance(model, CausalWanDiT) else "teacher"
     metadata = {"shotstream_config": json.dumps(dataclasses.asdict(model.config)), "shotstream_role": role}
-    if role == "student" and sampler is not None and sampler.first_block_frames is not None:
-        metadata[BLOCKS_KEY] = json.dumps({"block_frames": sampler.block_frames,
-                                           "first_block_frames": sampler.first_block_frames})
+    if role == "student":
+        metadata.update(blocks_metadata(sampler))
     return save_tensors(sd, path, metadata=metadata)
 
 
+def blocks_metadata(sampler: SamplerConfig | None) -> dict[str, str]:
+    """The metadata entry that records a student's blocks, where they are not the reference's ({} else)."""
+    if sampler is None or sampler.first_block_frames is None:
+        return {}
+    return {BLOCKS_KEY: json.dumps({"block_frames": sampler.block_frames,
+                                    "first_block_frames": sampler.first_block_frames})}
+
+
 def sampler_for_dit(path: str | Path, sampler: SamplerConfig) -> SamplerConfig:
-    """`sampler` with the blocks the student at `path` was trained on, where its file records them; other
-    files (the reference's, Wan's, students on the reference's blocks) keep `sampler`'s."""
+    """`sampler` with the blocks the student at `path` (or the stage-4 LoRA that makes it) was trained on,
+    where its file records them; other files (the reference's, Wan's, students on the reference's blocks)
+    keep `sampler`'s."""
     recorded = _safetensors_metadata(Path(path)).get(BLOCKS_KEY)
     if recorded is None:
         return sampler
@@ -316,6 +324,8 @@ def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: st
     p = match_preset(cfg, family=preset)
     if Path(dit_path).exists():  # not for the random stand-in
         p = dataclasses.replace(p, sampler=sampler_for_dit(dit_path, p.sampler))
+    if lora_path is not None:  # the merged model is the student the adapter was trained as
+        p = dataclasses.replace(p, sampler=sampler_for_dit(lora_path, p.sampler))
     dit = build_dit(sd, cfg, torch_dtype, dev, attention)
 
     if vae_path is None:

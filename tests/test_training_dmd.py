@@ -444,6 +444,29 @@ def test_stage4_lora_trains_adapters_and_exports_merged_weights(micro_run, tmp_p
         torch.testing.assert_close(via_loader[k], merged[k], rtol=1e-5, atol=1e-6)
 
 
+def test_stage4_lora_records_the_blocks_of_the_student_it_makes(micro_run, tmp_path):
+    """An adapter trained on a first-block-1 student says so; merged onto a base file without the record,
+    the engine samples on the adapter's blocks."""
+    import warnings
+
+    from shotstream_core.loading import build_dit, load_dit_state, load_engine, sampler_for_dit, save_dit
+    from training import stage4_dmd
+
+    sd, cfg = load_dit_state(micro_run / "stage2.safetensors")
+    blocks = dataclasses.replace(SAMPLER, first_block_frames=1)
+    student = save_dit(build_dit(sd, cfg), tmp_path / "student_fb1.safetensors", blocks)
+    out = tmp_path / "lora"
+    stage4_dmd.main(stage_args(micro_run, 4, out, "max_steps=1", "lora_rank=2", "lora_alpha=4",
+                               f"student_path={student}"))
+    assert sampler_for_dit(out / "lora.safetensors", SAMPLER) == blocks
+    assert sampler_for_dit(out / "student.safetensors", SAMPLER) == blocks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = load_engine(dit_path=micro_run / "stage2.safetensors", lora_path=out / "lora.safetensors",
+                             vae_path=micro_run / "vae.safetensors", preset="micro", device="cpu")
+    assert engine.sampler.block_spans(F) == [(0, 1), (1, 4), (4, 6)]
+
+
 def torchrun(stage, argv):
     import subprocess
     import sys

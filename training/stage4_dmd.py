@@ -25,6 +25,7 @@ import torch
 
 from shotstream_core.context import plan_context
 from shotstream_core.files import save_tensors
+from shotstream_core.loading import blocks_metadata
 from shotstream_core.vae import load_vae
 
 from .common import Dist, mark_done, run_stage, save_config, step_generator, train_loop, unwrap
@@ -82,7 +83,8 @@ class InterShotSetup(DMDSetup):
     def export_lora(self) -> dict:
         """Merged generator weights; the adapter itself goes to OUT/lora.safetensors."""
         student = unwrap(self.student)
-        save_tensors(adapter_state_dict(student), Path(self.cfg.out_dir) / "lora.safetensors")
+        save_tensors(adapter_state_dict(student), Path(self.cfg.out_dir) / "lora.safetensors",
+                     metadata=blocks_metadata(self.preset.sampler) or None)
         return merged_state_dict(student)
 
 
