@@ -322,10 +322,10 @@ def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: st
     if lora_path is not None:
         sd = merge_lora(sd, read_tensors(lora_path), lora_strength)
     p = match_preset(cfg, family=preset)
-    if Path(dit_path).exists():  # not for the random stand-in
-        p = dataclasses.replace(p, sampler=sampler_for_dit(dit_path, p.sampler))
-    if lora_path is not None:  # the merged model is the student the adapter was trained as
-        p = dataclasses.replace(p, sampler=sampler_for_dit(lora_path, p.sampler))
+    # The blocks the student's file records; a LoRA's, if it records them, are those of the student it makes.
+    for source in (dit_path, lora_path):
+        if source is not None:
+            p = dataclasses.replace(p, sampler=sampler_for_dit(source, p.sampler))
     dit = build_dit(sd, cfg, torch_dtype, dev, attention)
 
     if vae_path is None:

@@ -240,20 +240,21 @@ class ModelZoo:
         self._dits: dict[str, tuple | str] = {}
 
     def _dit(self, name: str):
-        """(state dict, config, description) of weights file `name`, or the reason it is not available."""
+        """(state dict, config, description, sampler) of weights file `name`, or the reason it is not
+        available. The sampler has the blocks the file records (a stage-3 student beside a later one)."""
         if name not in self._dits:
             path = self.cfg.weights_dir / f"{name}.safetensors"
             if path.is_file():
                 try:
                     sd, dcfg = load_dit_state(path)
-                    self._dits[name] = (sd, dcfg, _describe_file(path))
+                    self._dits[name] = (sd, dcfg, _describe_file(path), sampler_for_dit(path, self.preset.sampler))
                 except ModelLoadError as e:
                     self._dits[name] = f"{path.name} could not be loaded: {e}"
             elif name == "dit":
                 # Before training has exported a student, the table still runs on the random model.
                 torch.manual_seed(0)
                 sd = CausalWanDiT(self.preset.dit).state_dict()
-                self._dits[name] = (sd, self.preset.dit, f"RANDOM weights (no {_rel(path)})")
+                self._dits[name] = (sd, self.preset.dit, f"RANDOM weights (no {_rel(path)})", self.preset.sampler)
             else:
                 self._dits[name] = f"not available: no {path.name} in {_rel(self.cfg.weights_dir)}"
         return self._dits[name]
@@ -262,13 +263,10 @@ class ModelZoo:
         got = self._dit(name)
         if isinstance(got, str):
             return None, got
-        sd, dcfg, desc = got
+        sd, dcfg, desc, sampler = got
         if dcfg != self.base.dit.config:
             return None, f"not available: {name}.safetensors is a {dcfg.dim}x{dcfg.num_layers} DiT, not {self.cfg.model}'s"
         dit = build_dit(sd, dcfg, self.base.dtype, self.base.device)
-        # Each student samples on the blocks its own file records (a stage-3 student beside a later one).
-        path = self.cfg.weights_dir / f"{name}.safetensors"
-        sampler = sampler_for_dit(path, self.preset.sampler) if path.is_file() else self.preset.sampler
         preset = dataclasses.replace(self.base.preset, sampler=sampler)
         # Same VAE and text encoder as the base engine; a fresh prompt cache per variant (fair timing).
         engine = ShotStreamEngine(dit, self.base.vae, self.base.prompts.encoder, preset, fingerprint(sd, dcfg))
