@@ -132,6 +132,8 @@ sys.path.insert(0, {repo!r})
 from training import common
 mode = sys.argv[1]
 def train(cfg, dist):
+    if mode == "pause":  # what a stage does when its sitting's budget runs out
+        raise common.pause_stage(cfg.out_dir, "budget spent at step 1; run it again to go on", dist.is_main)
     if mode == "both" or mode == f"rank{{dist.rank}}":
         raise FileNotFoundError("no video at story.mp4" + ("" if mode == "both" else f" (seen by rank {{dist.rank}})"))
     dist.barrier()  # the other rank waits for this one here
@@ -174,6 +176,32 @@ def test_a_user_error_under_torchrun_is_one_line_from_one_rank(tmp_path, mode):
     assert "finished]" not in res.stdout
     assert "exitcode  : 2" in res.stderr or "exitcode: 2" in res.stderr, res.stderr[-3000:]
 
+
+
+@pytest.mark.parametrize("mode", ["both", "rank1", "pause"])
+def test_the_pipelines_launcher_ends_a_stopped_stage_in_one_line_with_its_status(tmp_path, mode):
+    """`python -m training.torchrun` (how the pipeline launches a distributed stage) is torchrun without its
+    failure report: a stage's one-line error is followed by one line naming the rank, not by a traceback,
+    and the launcher exits with the stage's status (torchrun: always 1), so a pause reads as a pause (75,
+    and nothing printed after the stage's own message)."""
+    from test_training_infra import _run_torchrun
+
+    from training.common import EXIT_PAUSED, EXIT_USER_ERROR
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS.format(repo=str(REPO)))
+    sets = ["--set", f"out_dir={tmp_path / 'out'}", "--set", "num_threads=1"]
+    res = _run_torchrun([sys.executable, "-m", "training.torchrun", "--standalone", "--nproc_per_node", "2",
+                         str(script), mode, *sets], timeout=90)
+    assert res.returncode == (EXIT_PAUSED if mode == "pause" else EXIT_USER_ERROR), res.stderr[-3000:]
+    for text in ("Traceback", "ChildFailedError", "FAILED", "exitcode", "OMP_NUM_THREADS"):
+        assert text not in res.stderr, res.stderr[-3000:]
+    ours = [line for line in res.stderr.splitlines() if line.startswith("[torchrun]")]
+    if mode == "pause":
+        assert ours == [] and res.stdout == "[paused] budget spent at step 1; run it again to go on\n", res.stdout
+    else:
+        assert len(ours) == 1 and f"exited with status {EXIT_USER_ERROR} first" in ours[0], res.stderr[-3000:]
+        assert [line for line in res.stderr.splitlines() if line.startswith("error:")], res.stderr[-3000:]
 
 # --- 3. reference-format data errors name the file and the row ------------------------------------
 

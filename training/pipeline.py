@@ -270,7 +270,8 @@ def pipeline_overrides(stage: Stage) -> list[str]:
 def stage_command(preset: str, stage: Stage, nproc: int) -> list[str]:
     cfg = str(stage_config_path(preset, stage))
     if nproc > 1 and stage.distributed:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+        # torchrun's launcher, reporting a stopped rank in one line and with its exit status (training.torchrun)
+        launch = [sys.executable, "-m", "training.torchrun", "--standalone", "--nproc_per_node", str(nproc),
                   "-m", stage.module]
     else:
         launch = [sys.executable, "-m", stage.module]
