@@ -126,6 +126,22 @@ def test_a_stage_refuses_a_bad_config_value_in_one_line():
     assert res.stderr == "error: config lr: 'abc' is not a number\n", res.stderr[-3000:]
 
 
+@pytest.mark.parametrize("rank, local_rank, says", [(0, 0, "error: no config at a.yaml\n"),
+                                                     (1, 1, ""),
+                                                     (8, 0, "error: no config at a.yaml (on rank 8)\n"),
+                                                     (9, 1, "")])
+def test_a_user_error_before_the_process_group_is_said_once_on_each_node(monkeypatch, capsys, rank, local_rank,
+                                                                          says):
+    """Two nodes of 8 ranks: an error before the group exists (a config file, which each node reads from its
+    own disk) is printed by the first rank of each node, so a file missing on node 1 alone is not left to
+    rank 0, which does not have the error; the other ranks stop quietly with the same status."""
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(common, "USER_ERROR_GRACE_S", 0.0)
+    assert common._report_cli_error(FileNotFoundError("no config at a.yaml")) == common.EXIT_USER_ERROR
+    assert capsys.readouterr().err == says
+
 _TWO_RANKS = """
 import os, sys
 sys.path.insert(0, {repo!r})

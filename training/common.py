@@ -912,7 +912,8 @@ def _store_has(store, key: str, wait_s: float = 0.0) -> bool:
 def _report_cli_error(exc: Exception) -> int | None:
     """For a stage run from the command line that raised exc: print what the user needs and return the exit
     status, or return None (not a user error: the traceback shows). Under torchrun one rank prints: rank 0
-    when it has the error too (the same config or file fails on every rank), else the rank that has it; a
+    when it has the error too (the same config or file fails on every rank), else the rank that has it (before
+    the process group, when the ranks cannot compare: the first rank of each node other than rank 0's); a
     rank that fails only because another one stopped on a user error (its collective lost a peer) exits
     with the same status quietly."""
     rank = int(os.environ.get("RANK", "0"))
@@ -929,8 +930,13 @@ def _report_cli_error(exc: Exception) -> int | None:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     if user:
-        if store is None:  # before the process group: every rank read the same argv, rank 0 says it
-            time.sleep(USER_ERROR_GRACE_S)  # and is not stopped by torchrun before it can
+        if store is None:
+            # Before the process group: the ranks of one node read the same argv and files, so the node's
+            # first rank says it (one line a node; a file missing on one node alone is said on that node).
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                print(f"error: {exc} (on rank {rank})", file=sys.stderr, flush=True)
+            else:
+                time.sleep(USER_ERROR_GRACE_S)  # so that torchrun does not stop that rank before it can
             return EXIT_USER_ERROR
         if not _store_has(store, _ERROR_KEY.format(0), USER_ERROR_GRACE_S):
             print(f"error: {exc} (on rank {rank})", file=sys.stderr, flush=True)
