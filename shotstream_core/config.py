@@ -42,8 +42,16 @@ class DiTConfig:
     # every preset (docs/EXPERIMENTS.md has what it did for the tiny teacher). Its weights (text_pool.*) show
     # it in a file.
     pooled_text: bool = False
+    # A learned vector (coded_alone, zero at the start) added to the timestep embedding of the latent frames
+    # the VAE codes alone (one pixel frame through its single-frame path, where the others code four): the
+    # global-context frames and the shot's first, at temporal positions 0..coded_alone_frames-1 (so it is
+    # the sampler's context_frames + 1). Wan has none: a frame finds it is a shot's first only through
+    # attention. 0 = off (every preset; docs/EXPERIMENTS.md has what it did for the tiny model).
+    coded_alone_frames: int = 0
 
     def __post_init__(self):
+        if self.coded_alone_frames < 0:
+            raise ValueError(f"coded_alone_frames must be >= 0 (0 = off), got {self.coded_alone_frames}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:

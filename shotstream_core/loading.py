@@ -88,9 +88,14 @@ def infer_dit_config(sd: dict[str, torch.Tensor], meta: dict | None = None) -> D
             raise ModelLoadError(f"cannot infer attention heads for dim {dim}; put num_heads in a config.json beside it")
         heads = dim // 128
     text_len = meta.get("text_len") or (preset.text_len if preset else 512)
+    coded_alone_frames = int(meta.get("coded_alone_frames", 0))
+    if ("coded_alone" in sd) != (coded_alone_frames > 0):
+        raise ModelLoadError("the DiT's coded_alone weight and its coded_alone_frames setting come together, and "
+                             f"this file has {'only the weight' if 'coded_alone' in sd else 'only the setting'}: "
+                             "save it with shotstream_core.loading.save_dit, which records both")
     return DiTConfig(num_heads=heads, text_len=text_len, eps=meta.get("eps", 1e-6),
                      absolute_position=bool(meta.get("absolute_position", False)),
-                     pooled_text="text_pool.0.weight" in sd, **shape)
+                     pooled_text="text_pool.0.weight" in sd, coded_alone_frames=coded_alone_frames, **shape)
 
 
 def dit_misfit(cfg: DiTConfig, preset: Preset) -> str | None:
@@ -100,6 +105,10 @@ def dit_misfit(cfg: DiTConfig, preset: Preset) -> str | None:
     bad = [f"{name} {getattr(cfg, name)} (the {preset.name} preset has {getattr(want, name)})"
            for name in ("in_channels", "out_channels", "text_dim", "text_len")
            if getattr(cfg, name) != getattr(want, name)]
+    alone = preset.sampler.context_frames + 1  # the context frames and the shot's first
+    if cfg.coded_alone_frames and cfg.coded_alone_frames != alone:
+        bad.append(f"coded_alone_frames {cfg.coded_alone_frames} (the {preset.name} preset's {preset.sampler.context_frames} "
+                   f"context frames and the shot's first make {alone})")
     return "; ".join(bad) or None
 
 

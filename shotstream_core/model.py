@@ -182,6 +182,8 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
         if cfg.pooled_text:
             self.text_pool = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        if cfg.coded_alone_frames:  # zero: a trained model warm-starts into it exactly
+            self.coded_alone = nn.Parameter(torch.zeros(cfg.dim))
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self._init_weights()
@@ -216,15 +218,19 @@ class WanDiT(nn.Module):
             pooled = self.text_pool(mean).float()
         return EncodedText([blk.cross_attn.text_kv(emb) for blk in self.blocks], pooled)
 
-    def time_embed(self, t: torch.Tensor, num_frames: int, pooled: torch.Tensor | None = None):
-        """t [B] or [B, F] -> e [B, F, D] (head) and e0 [B, F, 6, D] (blocks), both float32. pooled [B, F, D]:
-        each frame's prompt embedding, added to its timestep embedding (pooled_text models)."""
+    def time_embed(self, t: torch.Tensor, positions: torch.Tensor, pooled: torch.Tensor | None = None):
+        """t [B] or [B, F], positions [F] (temporal) -> e [B, F, D] (head) and e0 [B, F, 6, D] (blocks), both
+        float32. pooled [B, F, D]: each frame's prompt embedding, added to its timestep embedding
+        (pooled_text models); frames coded alone get coded_alone added (coded_alone_frames models)."""
         if t.dim() == 1:
-            t = t[:, None].expand(-1, num_frames)
+            t = t[:, None].expand(-1, len(positions))
         weight_dtype = self.time_embedding[0].weight.dtype  # bf16/fp16 engines hold bf16/fp16 weights
         e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim).to(weight_dtype)).float()
         if pooled is not None:
             e = e + pooled
+        if self.config.coded_alone_frames:
+            alone = (positions < self.config.coded_alone_frames).to(e.device, e.dtype)  # [F]
+            e = e + alone[None, :, None] * self.coded_alone.float()
         e0 = self.time_projection(e.to(weight_dtype)).float().unflatten(-1, (6, self.config.dim))
         return e, e0
 
@@ -264,7 +270,7 @@ class WanDiT(nn.Module):
         if text.pooled is not None:  # each frame takes its own shot's prompt; one prompt serves every frame
             ids = prompt_ids if text.pooled.shape[1] > 1 else torch.zeros_like(prompt_ids)
             pooled = text.pooled[torch.arange(b, device=x.device)[:, None], ids]
-        e, e0 = self.time_embed(t.to(x.device), num_frames, pooled)
+        e, e0 = self.time_embed(t.to(x.device), positions, pooled)
         ctx = dict(
             tokens_per_frame=gh * gw,
             rope=self.rope(positions, flags, gh, gw, x.device, shot_phase),

@@ -64,6 +64,26 @@ def test_own_save_keeps_config_in_metadata(weights, tmp_path, absolute_position)
     torch.testing.assert_close(run(build_dit(sd, cfg, attention="sdpa")), run(model), rtol=0, atol=0)
 
 
+def test_coded_alone_frames_travel_with_the_weight_and_a_file_with_half_of_them_is_refused(weights, tmp_path):
+    """A coded_alone_frames model's file keeps the count (metadata) beside the weight (coded_alone), loads
+    back to the same outputs, and fits a preset only where the count is its context frames + 1; a file with
+    the weight and no count (or the count and no weight) is refused with the fix."""
+    from shotstream_core.loading import dit_misfit
+
+    micro = get_preset("micro")
+    want = dataclasses.replace(CFG, coded_alone_frames=micro.sampler.context_frames + 1)
+    model = build_dit({**weights, "coded_alone": torch.randn(CFG.dim) * 0.5}, want, attention="sdpa")
+    path = save_dit(model, tmp_path / "dit.safetensors")
+    sd, cfg = load_dit_state(path)
+    assert cfg == want and dit_misfit(cfg, micro) is None
+    torch.testing.assert_close(run(build_dit(sd, cfg, attention="sdpa")), run(model), rtol=0, atol=0)
+    assert (run(model) - run(build_dit(weights, CFG, attention="sdpa"))).abs().max() > 1e-4
+    assert "coded_alone_frames 3" in dit_misfit(dataclasses.replace(want, coded_alone_frames=3), micro)
+    save_file({**weights, "coded_alone": torch.zeros(CFG.dim)}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ModelLoadError, match="only the weight.*save_dit"):
+        load_dit_state(tmp_path / "bare.safetensors")
+
+
 def test_pooled_text_is_read_from_the_weights_even_without_metadata(weights, tmp_path):
     want = dataclasses.replace(CFG, pooled_text=True)
     g = torch.Generator().manual_seed(3)

@@ -15,11 +15,14 @@ from shotstream_core.schedule import FlowSchedule
 
 CFG = get_preset("micro").dit
 CFG_ABS = dataclasses.replace(CFG, absolute_position=True)
+CFG_ALONE = dataclasses.replace(CFG, coded_alone_frames=get_preset("micro").sampler.context_frames + 1)
 
 
 def make_models(seed=0, cfg=CFG):
     torch.manual_seed(seed)
     student = CausalWanDiT(cfg).eval()
+    if cfg.coded_alone_frames:  # live, not its zero start
+        torch.nn.init.normal_(student.coded_alone)
     teacher = WanDiT(cfg).eval()
     teacher.load_state_dict(student.state_dict())
     return teacher, student
@@ -63,7 +66,7 @@ def streaming_vs_masked(student, ctx, noise, text, flags, block_frames, timestep
     return worst
 
 
-@pytest.mark.parametrize("cfg", [CFG, CFG_ABS], ids=["wan", "absolute_position"])
+@pytest.mark.parametrize("cfg", [CFG, CFG_ABS, CFG_ALONE], ids=["wan", "absolute_position", "coded_alone"])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
 def test_streaming_equals_block_causal_masked_forward_over_two_shots(grad, cfg):
     with torch.set_grad_enabled(grad):
@@ -130,6 +133,28 @@ def test_absolute_position_changes_the_output_and_only_with_the_flag():
     x = torch.randn(1, 16, 3, 4, 4)
     args = (torch.tensor([500.0]), rand_text(), torch.zeros(1, 3, dtype=torch.long))
     assert (plain(x, *args) - located(x, *args)).abs().max() > 1e-3
+
+
+def test_coded_alone_marks_the_context_frames_and_the_shots_first_and_starts_as_a_no_op():
+    """coded_alone_frames N: the frames at temporal positions 0..N-1 (context + the shot's first) get the
+    learned vector in their timestep embedding, in the full and the cached forward alike (the streaming test
+    above); zero, as a new model starts, it changes nothing, so a trained model warm-starts into it."""
+    torch.manual_seed(0)
+    plain = WanDiT(CFG).eval()
+    marked = WanDiT(CFG_ALONE).eval()
+    assert marked.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["coded_alone"]
+    frames = CFG_ALONE.coded_alone_frames + 3
+    x = torch.randn(1, 16, frames, 4, 4)
+    args = (torch.tensor([500.0]), rand_text(), torch.zeros(1, frames, dtype=torch.long))
+    torch.testing.assert_close(marked(x, *args), plain(x, *args))
+    torch.nn.init.normal_(marked.coded_alone)
+    assert (marked(x, *args) - plain(x, *args)).abs().max() > 1e-3
+    t, positions = torch.tensor([500.0]), torch.arange(frames) + 2  # a window that starts at position 2
+    e_plain, _ = plain.time_embed(t, positions)
+    e_marked, _ = marked.time_embed(t, positions)
+    moved = (e_marked - e_plain).abs().amax(dim=(0, 2)) > 0  # [F]
+    assert moved.tolist() == (positions < CFG_ALONE.coded_alone_frames).tolist()
+    torch.testing.assert_close((e_marked - e_plain)[0, 0], marked.coded_alone.detach())
 
 
 def pooled_model(seed=0):

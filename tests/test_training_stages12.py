@@ -551,12 +551,14 @@ def test_a_finer_patch_teacher_carries_its_shape_through_every_stage(store, tmp_
             argv += ["--set", item]
         return module.main(argv)
 
+    alone = get_preset("micro").sampler.context_frames + 1
     run(stage1_teacher, "teacher", "teacher", "max_steps=2", "sample_stories=0",
-        "dit={patch_size: [1, 1, 1], pooled_text: true}")
+        f"dit={{patch_size: [1, 1, 1], pooled_text: true, coded_alone_frames: {alone}}}")
     teacher = tmp_path / "teacher" / "teacher.safetensors"
     _, cfg = load_dit_state(teacher)
     assert cfg.patch_size == (1, 1, 1) and cfg.tokens_per_frame(4, 4) == 4 * DIT.tokens_per_frame(4, 4)
-    assert cfg == dataclasses.replace(DIT, patch_size=(1, 1, 1), pooled_text=True)  # nothing else changed
+    # nothing else changed
+    assert cfg == dataclasses.replace(DIT, patch_size=(1, 1, 1), pooled_text=True, coded_alone_frames=alone)
     run(ode_pairs, "ode", "ode", f"teacher_path={teacher}", "num_pairs=4", "steps=4")
     run(stage2_ode, "stage2", "stage2", f"teacher_path={teacher}", f"ode_dir={tmp_path / 'ode'}", "max_steps=2")
     student2 = tmp_path / "stage2" / "student.safetensors"
@@ -577,12 +579,18 @@ def test_a_finer_patch_teacher_carries_its_shape_through_every_stage(store, tmp_
     save_dit(CausalWanDiT(DIT), tmp_path / "patch2.safetensors")
     with pytest.raises(ModelLoadError, match="patch-1x2x2.*patch-1x1x1"):
         run(stage3_dmd, "stage3", "bad3", f"teacher_path={teacher}", f"student_path={tmp_path / 'patch2.safetensors'}")
-    # A trained teacher without the pooled-text branch warm-starts into one (the branch starts as a no-op);
-    # any other shape change from init_from is refused.
+    # A trained teacher without the pooled-text branch or the coded-alone marker warm-starts into them (both
+    # start as a no-op); any other shape change from init_from is refused.
     plain = save_dit(WanDiT(DIT), tmp_path / "plain.safetensors")
     run(stage1_teacher, "teacher", "warm", "max_steps=1", "sample_stories=0", f"init_from={plain}",
         "dit={pooled_text: true}")
     assert load_dit_state(tmp_path / "warm" / "teacher.safetensors")[1] == dataclasses.replace(DIT, pooled_text=True)
+    run(stage1_teacher, "teacher", "warm2", "max_steps=1", "sample_stories=0", f"init_from={plain}",
+        f"dit={{coded_alone_frames: {alone}}}")
+    assert load_dit_state(tmp_path / "warm2" / "teacher.safetensors")[1] == dataclasses.replace(
+        DIT, coded_alone_frames=alone)
+    with pytest.raises(ValueError, match=f"coded_alone_frames 3 .*make {alone}"):
+        run(stage1_teacher, "teacher", "bad1", "max_steps=1", "sample_stories=0", "dit={coded_alone_frames: 3}")
     with pytest.raises(ValueError, match="init_from .* start from scratch"):
         run(stage1_teacher, "teacher", "bad1", "max_steps=1", "sample_stories=0", f"init_from={plain}",
             "dit={pooled_text: true, patch_size: [1, 1, 1]}")

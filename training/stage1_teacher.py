@@ -167,14 +167,16 @@ def build_teacher(preset, device, seed: int, init_from: str = "") -> WanDiT:
     teacher = WanDiT(preset.dit)
     if init_from:
         sd, found = load_dit_state(init_from)
-        # pooled_text adds a branch that starts as a no-op: a trained model without it warm-starts exactly
-        adds_pooled = preset.dit.pooled_text and found == dataclasses.replace(preset.dit, pooled_text=False)
-        if found != preset.dit and not adds_pooled:
+        # pooled_text and coded_alone_frames add weights that start as a no-op: a trained model without them
+        # warm-starts into them exactly
+        adds = {k: getattr(preset.dit, k) for k in ("pooled_text", "coded_alone_frames")
+                if getattr(preset.dit, k) and not getattr(found, k)}
+        if found != preset.dit and dataclasses.replace(found, **adds) != preset.dit:
             raise ValueError(f"init_from {init_from} is a {describe_dit(found)} DiT; this run builds a "
                              f"{describe_dit(preset.dit)} one (the {preset.name} preset with the config's dit: "
                              f"changes): start from scratch, or set dit: to match the weights")
-        missing, _ = teacher.load_state_dict(sd, strict=not adds_pooled)
-        assert all(k.startswith("text_pool.") for k in missing), missing
+        missing, _ = teacher.load_state_dict(sd, strict=not adds)
+        assert all(k.startswith("text_pool.") or k == "coded_alone" for k in missing), missing
     return teacher.to(device)
 
 
