@@ -128,9 +128,15 @@ def match_preset(cfg: DiTConfig, family: str | None = None) -> Preset:
     return dataclasses.replace(base, name=f"custom-{cfg.dim}x{cfg.num_layers}", dit=cfg)
 
 
+# DiTConfig fields added after models were saved with their ids in stories: left out of the id while off,
+# so an older model keeps its id (and the stories it made still load) when the config grows.
+_ID_FIELDS_WHEN_SET = ("coded_alone_frames",)
+
+
 def fingerprint(sd: dict[str, torch.Tensor], cfg: DiTConfig) -> str:
     """Stable id of the weights: config + a strided sample of every tensor (cheap even at 14B)."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _ID_FIELDS_WHEN_SET or v}
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     for k in sorted(sd):
         t = sd[k].detach().flatten()
         sample = t[:: max(1, t.numel() // 64)][:64].float().cpu()

@@ -82,6 +82,27 @@ def test_coded_alone_frames_travel_with_the_weight_and_a_file_with_half_of_them_
     save_file({**weights, "coded_alone": torch.zeros(CFG.dim)}, str(tmp_path / "bare.safetensors"))
     with pytest.raises(ModelLoadError, match="only the weight.*save_dit"):
         load_dit_state(tmp_path / "bare.safetensors")
+    config = json.dumps(dataclasses.asdict(want))
+    save_file(weights, str(tmp_path / "half.safetensors"), metadata={"shotstream_config": config})
+    with pytest.raises(ModelLoadError, match="only the setting.*save_dit"):
+        load_dit_state(tmp_path / "half.safetensors")
+
+
+def test_the_bundled_models_keep_the_ids_their_evaluation_recorded():
+    """A model's id (loading.fingerprint) is what a saved story names to be loaded again: a config field added
+    later, off, must not change the id of a model saved before it. The committed evaluation recorded each
+    bundled DiT's id when it ran."""
+    from pathlib import Path
+
+    from shotstream_core.loading import fingerprint
+
+    weights = Path(__file__).resolve().parents[1] / "shotstream_core" / "weights" / "tiny"
+    recorded = json.loads((weights / "eval" / "metrics.json").read_text())["variants"]
+    for row, name in (("student", "dit"), ("stage3", "student_stage3"), ("teacher", "teacher")):
+        sd, cfg = load_dit_state(weights / f"{name}.safetensors")
+        assert fingerprint(sd, cfg) == recorded[row]["model_id"], name
+    sd, cfg = load_dit_state(weights / "dit.safetensors")
+    assert fingerprint(sd, dataclasses.replace(cfg, coded_alone_frames=7)) != recorded["student"]["model_id"]
 
 
 def test_pooled_text_is_read_from_the_weights_even_without_metadata(weights, tmp_path):

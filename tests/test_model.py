@@ -80,12 +80,13 @@ def check_two_shots(cfg):
     geo = get_preset("micro").geometry
     h, w, frames = geo.latent_height, geo.latent_width, geo.latent_frames
     torch.manual_seed(3)
+    fc = get_preset("micro").sampler.context_frames  # where coded_alone_frames expects the shot to start
     # shot 1: zero context, flag 1; shot 2: context from shot 1 (flag 0), generating with flag 1
-    ctx1 = torch.zeros(1, 16, 6, h, w)
-    flags1 = torch.tensor([[0] * 6 + [1] * frames])
+    ctx1 = torch.zeros(1, 16, fc, h, w)
+    flags1 = torch.tensor([[0] * fc + [1] * frames])
     err1 = streaming_vs_masked(student, ctx1, torch.randn(1, 16, frames, h, w), rand_text(1), flags1, 3, steps, sch)
-    ctx2 = torch.randn(1, 16, 6, h, w)
-    flags2 = torch.tensor([[0] * 6 + [1] * frames])
+    ctx2 = torch.randn(1, 16, fc, h, w)
+    flags2 = torch.tensor([[0] * fc + [1] * frames])
     err2 = streaming_vs_masked(student, ctx2, torch.randn(1, 16, frames, h, w), rand_text(2), flags2, 3, steps, sch)
     assert err1 <= 1e-5 and err2 <= 1e-5, (err1, err2)
 

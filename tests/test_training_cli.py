@@ -126,6 +126,30 @@ def test_a_stage_refuses_a_bad_config_value_in_one_line():
     assert res.stderr == "error: config lr: 'abc' is not a number\n", res.stderr[-3000:]
 
 
+def test_the_pipelines_launcher_stopped_by_a_signal_exits_quietly_with_128_plus_it(tmp_path):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM on the launcher: torchrun stops the ranks and raises a
+    traceback of its own; training.torchrun stops them and exits 128 + the signal, printing nothing."""
+    import signal
+    import time
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS.format(repo=str(REPO)))
+    out = tmp_path / "stdout.txt"
+    with open(out, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-m", "training.torchrun", "--standalone", "--nproc_per_node", "2",
+                                 str(script), "sleep", "--set", f"out_dir={tmp_path / 'out'}", "--set",
+                                 "num_threads=1"], cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while out.read_text().count("[sleeping]") < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "[torchrun]" not in err, err[-3000:]
+
 @pytest.mark.parametrize("rank, local_rank, says", [(0, 0, "error: no config at a.yaml\n"),
                                                      (1, 1, ""),
                                                      (8, 0, "error: no config at a.yaml (on rank 8)\n"),
@@ -142,12 +166,46 @@ def test_a_user_error_before_the_process_group_is_said_once_on_each_node(monkeyp
     assert common._report_cli_error(FileNotFoundError("no config at a.yaml")) == common.EXIT_USER_ERROR
     assert capsys.readouterr().err == says
 
+
+class _Store:
+    """The process group's key-value store, as _report_cli_error uses it."""
+
+    def __init__(self, *keys):
+        self.keys = set(keys)
+
+    def set(self, key, value):
+        self.keys.add(key)
+
+    def check(self, keys):
+        return all(k in self.keys for k in keys)
+
+
+def test_a_user_error_several_ranks_have_but_rank_0_is_said_once_by_the_lowest(monkeypatch, capsys):
+    """After the group exists (a data file read on one node's ranks only): rank 0 does not have the error, so
+    the lowest rank that has it says it and the others, whose lower ranks have it too, stop quietly."""
+    store = _Store()
+    monkeypatch.setattr(common, "_default_store", lambda: store)
+    monkeypatch.setattr(common, "USER_ERROR_GRACE_S", 0.0)
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    said = []
+    for rank in (8, 9, 10):  # in the order they reach the error
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank - 8))
+        assert common._report_cli_error(FileNotFoundError("no video at story.mp4")) == common.EXIT_USER_ERROR
+        said.append(capsys.readouterr().err)
+    assert said == ["error: no video at story.mp4 (on rank 8)\n", "", ""]
+    assert store.check([common._ERROR_KEY.format(r) for r in (8, 9, 10)])
+
 _TWO_RANKS = """
 import os, sys
 sys.path.insert(0, {repo!r})
 from training import common
 mode = sys.argv[1]
 def train(cfg, dist):
+    if mode == "sleep":  # a stage still running when the launcher is stopped
+        print("[sleeping]", flush=True)
+        import time
+        time.sleep(120)
     if mode == "pause":  # what a stage does when its sitting's budget runs out
         raise common.pause_stage(cfg.out_dir, "budget spent at step 1; run it again to go on", dist.is_main)
     if mode == "both" or mode == f"rank{{dist.rank}}":
@@ -210,7 +268,7 @@ def test_the_pipelines_launcher_ends_a_stopped_stage_in_one_line_with_its_status
     res = _run_torchrun([sys.executable, "-m", "training.torchrun", "--standalone", "--nproc_per_node", "2",
                          str(script), mode, *sets], timeout=90)
     assert res.returncode == (EXIT_PAUSED if mode == "pause" else EXIT_USER_ERROR), res.stderr[-3000:]
-    for text in ("Traceback", "ChildFailedError", "FAILED", "exitcode", "OMP_NUM_THREADS"):
+    for text in ("Traceback", "ChildFailedError", "FAILED", "exitcode", "OMP_NUM_THREADS", "Sending process"):
         assert text not in res.stderr, res.stderr[-3000:]
     ours = [line for line in res.stderr.splitlines() if line.startswith("[torchrun]")]
     if mode == "pause":

@@ -788,6 +788,15 @@ def test_teacher_can_train_self_attention_only(micro_latents, tmp_path):
     tuned, _ = load_dit_state(tmp_path / "sa" / "teacher.safetensors")
     moved = {k for k in start if not torch.equal(start[k], tuned[k])}
     assert moved and all(".self_attn." in k for k in moved), sorted(moved)[:5]
+    # A marker the warm start adds (zero at first) trains with self-attention, or it would ship as zero.
+    alone = get_preset("micro").sampler.context_frames + 1
+    stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "sa2", "max_steps=3", "trainable=self_attn",
+                                      f"init_from={tmp_path / 'start.safetensors'}", "lr=1.0e-2",
+                                      f"dit={{coded_alone_frames: {alone}}}"))
+    tuned, _ = load_dit_state(tmp_path / "sa2" / "teacher.safetensors")
+    moved = {k for k in tuned if k not in start or not torch.equal(start[k], tuned[k])}
+    assert "coded_alone" in moved and tuned["coded_alone"].abs().max() > 0
+    assert all(".self_attn." in k for k in moved - {"coded_alone"}), sorted(moved)[:5]
     with pytest.raises(ValueError, match="trainable must be"):
         stage1_teacher.main(_teacher_argv(micro_latents, tmp_path / "bad", "max_steps=0", "trainable=attn"))
 

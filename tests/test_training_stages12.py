@@ -590,7 +590,7 @@ def test_a_finer_patch_teacher_carries_its_shape_through_every_stage(store, tmp_
     assert load_dit_state(tmp_path / "warm2" / "teacher.safetensors")[1] == dataclasses.replace(
         DIT, coded_alone_frames=alone)
     with pytest.raises(ValueError, match=f"coded_alone_frames 3 .*make {alone}"):
-        run(stage1_teacher, "teacher", "bad1", "max_steps=1", "sample_stories=0", "dit={coded_alone_frames: 3}")
+        run(stage1_teacher, "teacher", "bad4", "max_steps=1", "sample_stories=0", "dit={coded_alone_frames: 3}")
     with pytest.raises(ValueError, match="init_from .* start from scratch"):
         run(stage1_teacher, "teacher", "bad1", "max_steps=1", "sample_stories=0", f"init_from={plain}",
             "dit={pooled_text: true, patch_size: [1, 1, 1]}")

@@ -211,7 +211,12 @@ def load_dit(path, cls: type[nn.Module], what: str, device, frozen: bool = False
 
 
 def describe_dit(dit: DiTConfig) -> str:
-    return f"{dit.dim}-dim {dit.num_layers}-layer {dit.num_heads}-head patch-{'x'.join(map(str, dit.patch_size))}"
+    """"64-dim 4-layer 2-head patch-1x2x2", and the options that are on (which shapes alone do not tell)."""
+    options = [name for name in ("absolute_position", "pooled_text") if getattr(dit, name)]
+    if dit.coded_alone_frames:
+        options.append(f"coded_alone_frames {dit.coded_alone_frames}")
+    shape = f"{dit.dim}-dim {dit.num_layers}-layer {dit.num_heads}-head patch-{'x'.join(map(str, dit.patch_size))}"
+    return shape + (f" ({', '.join(options)})" if options else "")
 
 
 def preset_with_dit(preset: Preset, changes: dict) -> Preset:
@@ -912,8 +917,8 @@ def _store_has(store, key: str, wait_s: float = 0.0) -> bool:
 def _report_cli_error(exc: Exception) -> int | None:
     """For a stage run from the command line that raised exc: print what the user needs and return the exit
     status, or return None (not a user error: the traceback shows). Under torchrun one rank prints: rank 0
-    when it has the error too (the same config or file fails on every rank), else the rank that has it (before
-    the process group, when the ranks cannot compare: the first rank of each node other than rank 0's); a
+    when it has the error too (the same config or file fails on every rank), else the lowest rank that has it
+    (before the process group, when the ranks cannot compare: the first rank of each node but rank 0's); a
     rank that fails only because another one stopped on a user error (its collective lost a peer) exits
     with the same status quietly."""
     rank = int(os.environ.get("RANK", "0"))
@@ -938,7 +943,9 @@ def _report_cli_error(exc: Exception) -> int | None:
             else:
                 time.sleep(USER_ERROR_GRACE_S)  # so that torchrun does not stop that rank before it can
             return EXIT_USER_ERROR
-        if not _store_has(store, _ERROR_KEY.format(0), USER_ERROR_GRACE_S):
+        # rank 0 says it if it has it too; else the lowest rank that has it (one line, not one a rank)
+        if not _store_has(store, _ERROR_KEY.format(0), USER_ERROR_GRACE_S) and not any(
+                _store_has(store, _ERROR_KEY.format(r)) for r in range(1, rank)):
             print(f"error: {exc} (on rank {rank})", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     if store is not None and any(_store_has(store, _ERROR_KEY.format(r)) for r in range(world) if r != rank):

@@ -40,6 +40,7 @@ from shotstream_core.state import ShotRecord, StoryState
 from shotstream_core.teacher import sample_teacher
 from shotstream_core.vae import StreamingDecoder
 from shotstream_core.video import VideoWriter, to_uint8 as frames_to_uint8  # not ode_pairs.to_uint8 (decoder output)
+from training.common import describe_dit
 from training.dmd import uncond_like
 from training.ode_pairs import to_uint8
 from training.storyworld.analyse import aggregate, score_story
@@ -265,7 +266,8 @@ class ModelZoo:
             return None, got
         sd, dcfg, desc, sampler = got
         if dcfg != self.base.dit.config:
-            return None, f"not available: {name}.safetensors is a {dcfg.dim}x{dcfg.num_layers} DiT, not {self.cfg.model}'s"
+            return None, (f"not available: {name}.safetensors is a {describe_dit(dcfg)} DiT, not "
+                          f"{self.cfg.model}'s {describe_dit(self.base.dit.config)} one")
         dit = build_dit(sd, dcfg, self.base.dtype, self.base.device)
         preset = dataclasses.replace(self.base.preset, sampler=sampler)
         # Same VAE and text encoder as the base engine; a fresh prompt cache per variant (fair timing).

@@ -162,9 +162,11 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1.0 - decay)
 
 
-def build_teacher(preset, device, seed: int, init_from: str = "") -> WanDiT:
+def build_teacher(preset, device, seed: int, init_from: str = "") -> tuple[WanDiT, list[str]]:
+    """The teacher to train, and the names of the weights it adds to its init_from weights (none from scratch)."""
     torch.manual_seed(seed)
     teacher = WanDiT(preset.dit)
+    missing = []
     if init_from:
         sd, found = load_dit_state(init_from)
         # pooled_text and coded_alone_frames add weights that start as a no-op: a trained model without them
@@ -177,7 +179,7 @@ def build_teacher(preset, device, seed: int, init_from: str = "") -> WanDiT:
                              f"changes): start from scratch, or set dit: to match the weights")
         missing, _ = teacher.load_state_dict(sd, strict=not adds)
         assert all(k.startswith("text_pool.") or k == "coded_alone" for k in missing), missing
-    return teacher.to(device)
+    return teacher.to(device), missing
 
 
 def train(cfg: TeacherConfig, dist) -> dict:
@@ -197,10 +199,10 @@ def train(cfg: TeacherConfig, dist) -> dict:
     ds = LatentStoryDataset(cfg.latent_dir)
     ds.check_fits(preset, "the teacher")
     schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
-    teacher = build_teacher(preset, dist.device, cfg.seed, cfg.init_from)
-    if cfg.trainable == "self_attn":
+    teacher, added = build_teacher(preset, dist.device, cfg.seed, cfg.init_from)
+    if cfg.trainable == "self_attn":  # the reference's fine-tune; weights new to init_from train too (else they stay 0)
         for name, p in teacher.named_parameters():
-            p.requires_grad_(".self_attn." in name)
+            p.requires_grad_(".self_attn." in name or name in added)
     # copied before gradient checkpointing patches the blocks' forward
     ema = copy.deepcopy(teacher).requires_grad_(False) if cfg.ema_decay > 0 else None
     if cfg.grad_checkpointing:
