@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from training.common import mark_done
+from training.pipeline import make_data as REAL_MAKE_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -292,6 +293,51 @@ def test_a_deleted_data_set_or_a_finished_stage_run_again_stales_nothing(fake_ru
     assert not any(v.startswith("stale") for v in _status(capsys).values())
     mark_done(teacher, **{**record, "steps": record["steps"] + 1})  # another run: what it built goes stale
     assert _status(capsys)["ode"].startswith("stale (teacher was retrained after it)")
+
+
+def test_a_data_set_rendered_otherwise_to_the_same_counts_makes_the_stages_on_it_stale(fake_runs, capsys,
+                                                                                       monkeypatch):
+    """The data set's record holds a hash of its files, not only its counts: written again to the same
+    stories it matches (the writer is deterministic), while one rendered by changed generator code to the
+    same counts is another set. A stage recorded against a data set from before that hash still matches it."""
+    from training import data, pipeline
+
+    monkeypatch.setattr(pipeline, "make_data", REAL_MAKE_DATA)
+    assert pipeline.main(["--preset", "micro", "--no-eval"]) == 0
+    record = json.loads((fake_runs / "data" / "done.json").read_text())
+    assert record["content"] == data.folder_digest(fake_runs / "data")
+    shutil.rmtree(fake_runs / "data")
+    assert pipeline.main(["--preset", "micro", "--no-eval"]) == 0  # written again: the same set
+    assert json.loads((fake_runs / "data" / "done.json").read_text())["content"] == record["content"]
+    assert not any(v.startswith("stale") for v in _status(capsys).values())
+
+    write = data.write_training_set
+
+    def changed_generator(out_dir, *args, **kwargs):  # one frame rendered otherwise, the counts the same
+        index = write(out_dir, *args, **kwargs)
+        video = sorted(Path(out_dir).glob("*.mp4"))[0]
+        video.write_bytes(video.read_bytes()[:-1] + b"\x00")
+        return index
+
+    monkeypatch.setattr(data, "write_training_set", changed_generator)
+    shutil.rmtree(fake_runs / "data")
+    capsys.readouterr()
+    assert pipeline.main(["--preset", "micro", "--only", "data", "--no-eval"]) == 1  # the export refuses
+    assert "vae, decoder, preencode, teacher, ode, stage2, stage3, stage4 were built from an older data" in (
+        capsys.readouterr().out)
+    changed = json.loads((fake_runs / "data" / "done.json").read_text())
+    assert {k: changed[k] for k in ("stories", "min_shots", "max_shots")} == {
+        k: record[k] for k in ("stories", "min_shots", "max_shots")}
+    status = _status(capsys)
+    assert status["vae"].startswith("stale (the data set was written again, with other stories, after it)")
+    assert status["preencode"].startswith("stale")
+
+    # a stage built from a data set recorded before the hash (its counts only) still matches it
+    (fake_runs / "data" / "done.json").write_text(json.dumps({k: v for k, v in changed.items() if k != "content"}))
+    for name in ("vae", "decoder", "preencode"):
+        pipeline.record_built_from("micro", name)
+    (fake_runs / "data" / "done.json").write_text(json.dumps(changed))
+    assert not any(v.startswith("stale") for v in _status(capsys).values())
 
 
 def test_a_runs_record_tells_configs_apart_and_keeps_older_records(tmp_path):

@@ -411,6 +411,33 @@ def test_a_changed_config_is_named_key_by_key_when_the_run_goes_on(tmp_path, cap
                      f"batch_size: 8 -> 4; lr: 0.001 -> 0.0002; sizes: (1, 2) -> (3,)"], lines
 
 
+def test_a_finished_run_refuses_another_config_and_keeps_its_record(tmp_path, capsys):
+    """Run again with another config, a finished run would train nothing yet save the new config as its
+    own (the report would name settings it never ran; the stages on it would read as stale): refused by
+    name, its files untouched. A sitting's settings or another device still run it; without its
+    done.json it goes on with the new config."""
+    def train(cfg, dist):
+        Path(cfg.out_dir).mkdir(exist_ok=True)
+        save_config(cfg, Path(cfg.out_dir) / "config.yaml")
+        mark_done(cfg.out_dir, steps=cfg.max_steps)
+        return {}
+
+    out = tmp_path / "run"
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}"])
+    before = {n: (out / n).read_bytes() for n in ("config.yaml", "done.json")}
+    with pytest.raises(ValueError, match=rf"{out} holds a finished run made with another config "
+                                         r"\(lr: 0.0002 -> 0.001; sizes: \(1, 2\) -> \(3,\)\).*delete that folder"):
+        run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr=1e-3", "--set", "sizes=[3]"])
+    assert {n: (out / n).read_bytes() for n in before} == before
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "max_minutes=5", "--set", "device=cpu"])
+    assert (out / "done.json").read_bytes() == before["done.json"]
+    (out / "done.json").unlink()
+    capsys.readouterr()
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "max_steps=7"])
+    assert "max_steps: 1000 -> 7" in capsys.readouterr().out  # named as it goes on
+    assert json.loads((out / "done.json").read_text())["steps"] == 7
+
+
 # --- 5. every rank leaves the process group together ------------------------------------------------
 
 def test_closing_the_group_waits_for_every_rank_first(monkeypatch):

@@ -660,9 +660,10 @@ SITTING_KEYS = ("wall_s", "resumed_from", "output_bytes", "checkpoint_bytes")
 SITTING_CONFIG = ("max_minutes", "stop_after", "num_threads")
 # ... and of where a run goes: with those, not part of what a run computes.
 PLACE_CONFIG = ("out_dir", "export", "device")
-# done.json fields added later to tell runs apart (a stage's config, pre-encoding's inputs): an older
-# done.json without one is compared without it, so running a finished old stage again keeps it.
-IDENTITY_KEYS = ("config", "inputs")
+# done.json fields added later to tell runs apart (a stage's config, pre-encoding's inputs, the data set's
+# content): an older done.json without one is compared without it, so running a finished old stage again
+# keeps it, and a record made from one still matches.
+IDENTITY_KEYS = ("config", "inputs", "content")
 
 
 def config_digest(out_dir) -> str | None:
@@ -836,9 +837,9 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
     return {"steps": step, "resumed_from": start, "stop_reason": "max_steps", "wall_s": total, "final": last}
 
 
-def config_changes(cfg, saved_path) -> list[str]:
+def config_changes(cfg, saved_path, ignore=SITTING_CONFIG) -> list[str]:
     """"key: saved -> now" for each field in which cfg differs from the config a run saved at saved_path
-    (its config.yaml), leaving out the settings of one sitting (SITTING_CONFIG)."""
+    (its config.yaml), leaving out the fields in `ignore` (by default the settings of one sitting)."""
     import yaml
 
     try:
@@ -850,7 +851,7 @@ def config_changes(cfg, saved_path) -> list[str]:
     names = {f.name for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
     changes = []
-    for key in sorted(set(saved) & names - set(SITTING_CONFIG)):
+    for key in sorted(set(saved) & names - set(ignore)):
         try:
             old = _coerce(saved[key], hints[key])
         except ValueError:
@@ -858,6 +859,21 @@ def config_changes(cfg, saved_path) -> list[str]:
         if old != getattr(cfg, key):
             changes.append(f"{key}: {old!r} -> {getattr(cfg, key)!r}")
     return changes
+
+
+def refuse_finished_run_changes(cfg) -> None:
+    """A finished run (done.json) keeps the config its weights were made with: run again with another one it
+    would train nothing ("already done") yet record the new config as its own, so the report would name
+    settings it never ran and the stages built on it would read as stale. Refused, naming the keys."""
+    out = Path(cfg.out_dir)
+    if not is_done(out):
+        return
+    changes = config_changes(cfg, out / "config.yaml", SITTING_CONFIG + PLACE_CONFIG)
+    if changes:
+        raise ValueError(f"{out} holds a finished run made with another config ({'; '.join(changes)}), and this "
+                         f"config would not be used: delete that folder to train it again with this config, "
+                         f"set another out_dir, or delete {out / 'done.json'} to go on from where it stopped "
+                         f"with this config (more steps, say)")
 
 
 def warn_config_changes(cfg) -> None:
@@ -967,6 +983,7 @@ def run_stage(train_fn: Callable, config_cls, argv=None):
     dist = None
     try:
         cfg = load_stage_config(config_cls, args.config, args.overrides)
+        refuse_finished_run_changes(cfg)
         setup_threads(cfg)
         dist = Dist.init(cfg.device)
         if dist.is_main:

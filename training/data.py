@@ -14,6 +14,7 @@ Pre-encoded stories (runs/<preset>/latents, written by training.preencode) are s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -39,6 +40,20 @@ def write_training_set(out_dir, num_stories: int, geometry: ShotGeometry, min_sh
 
     return write_stories(training_stories(num_stories, min_shots, max_shots), out_dir, geometry,
                          progress=progress)
+
+
+def folder_digest(folder, skip=("done.json", "built_from.json")) -> str:
+    """A hash of every file under folder (names and bytes, less the run records in `skip`): what a data set
+    holds, so one rendered again by changed generator code, with the same counts, reads as another."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def read_clips(data_dir, limit: int | None = None, geometry: ShotGeometry | None = None):

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from shotstream_core.files import copy_file
 
-from .common import (EXIT_PAUSED, Checkpointer, done_record, folder_bytes, is_done, load_stage_config, mark_done,
-                     paused_message, read_log, stage_sizes)
+from .common import (EXIT_PAUSED, IDENTITY_KEYS, Checkpointer, done_record, folder_bytes, is_done, load_stage_config,
+                     mark_done, paused_message, read_log, stage_sizes)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -140,15 +140,22 @@ def _out_dirs(preset: str) -> dict[str, Path]:
     return outs
 
 
-def _fingerprint(out: Path) -> str | None:
+def _fingerprint(out: Path, without=()) -> str | None:
     """Which finished run a folder holds: a hash of its done.json record (None while not done), less what
-    differs between sittings of one run (common.SITTING_KEYS: times, sizes). A finished stage run again
-    to the same result keeps its record, so the stages built on it stay fresh; a retrained one ends on
-    other losses or counts."""
+    differs between sittings of one run (common.SITTING_KEYS: times, sizes) and the keys in `without`. A
+    finished stage run again to the same result keeps its record, so the stages built on it stay fresh; a
+    retrained one ends on other losses or counts."""
     record = done_record(out)
     if record is None:
         return None
+    record = {k: v for k, v in record.items() if k not in without}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _built_from_it(was: str, out: Path) -> bool:
+    """Whether a recorded fingerprint is of the run in out: its record whole, or without the keys added to
+    records later (common.IDENTITY_KEYS), which a stage recorded before they were written did not see."""
+    return was in (_fingerprint(out), _fingerprint(out, IDENTITY_KEYS))
 
 
 # The fingerprints' formula: records of another one cannot be compared, and count as no record.
@@ -204,7 +211,7 @@ def stale_stages(preset: str) -> dict[str, Stale]:
             if up == "data" and prints[up] is None:
                 hit = False  # a missing data set is written again, to the same stories, before it is read
             elif was is not None:
-                hit = was != prints[up]
+                hit = not _built_from_it(was, outs[up])
             else:  # no record: a finished run from before them (or run by hand) goes by the done.json times
                 hit = (up != "data" and is_done(out) and prints[up] is not None
                        and (outs[up] / "done.json").stat().st_mtime
@@ -282,12 +289,15 @@ def stage_command(preset: str, stage: Stage, nproc: int) -> list[str]:
 def make_data(preset: str, out_dir: Path) -> dict:
     from shotstream_core.config import get_preset
 
-    from .data import write_training_set
+    from .data import folder_digest, write_training_set
 
     t0 = time.perf_counter()
     n, lo, hi = DATA[preset]
     write_training_set(out_dir, n, get_preset(preset).geometry, lo, hi, progress=True)
-    info = {"stories": n, "min_shots": lo, "max_shots": hi, "wall_s": time.perf_counter() - t0}
+    # content: a set rendered by changed generator code to the same counts is another set (the writer is
+    # deterministic, so writing it again to the same stories keeps the stages on it)
+    info = {"stories": n, "min_shots": lo, "max_shots": hi, "content": folder_digest(out_dir),
+            "wall_s": time.perf_counter() - t0}
     mark_done(out_dir, **info)
     return info
 
