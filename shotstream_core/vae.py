@@ -54,6 +54,12 @@ class VAEConfig:
     temporal_downsample: tuple[bool, ...] = (False, True, True)
     latent_mean: tuple[float, ...] | None = WAN21_LATENT_MEAN  # None: zeros (set by training)
     latent_std: tuple[float, ...] | None = WAN21_LATENT_STD  # None: ones
+    # A clip's first latent frame codes one pixel frame (the single-frame path), the others four: its raw
+    # latents sit elsewhere (on the tiny VAE each channel's mean about 0.5 away, its spread down to a third).
+    # True: that frame is normalised with statistics of its own (buffers first_latent_mean/_std, set by
+    # training), so every latent frame the DiT sees has about unit scale. Off in Wan's VAE and every preset;
+    # a file shows it by those buffers.
+    first_frame_stats: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dim_mult", tuple(self.dim_mult))
@@ -295,6 +301,9 @@ class WanVAE(nn.Module):
         std = cfg.latent_std if cfg.latent_std is not None else (1.0,) * cfg.z_dim
         self.register_buffer("latent_mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("latent_std", torch.tensor(std, dtype=torch.float32))
+        if cfg.first_frame_stats:
+            self.register_buffer("first_latent_mean", torch.zeros(cfg.z_dim))
+            self.register_buffer("first_latent_std", torch.ones(cfg.z_dim))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -304,14 +313,26 @@ class WanVAE(nn.Module):
     def device(self) -> torch.device:
         return self.conv2.weight.device
 
-    def _stat(self, name: str) -> torch.Tensor:
-        return getattr(self, name).view(1, -1, 1, 1, 1)
+    def _stats(self, like: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, std) shaped [1, z, f, 1, 1] for latents `like` [B, z, f, h, w]; `first`: its
+        frame 0 is a clip's first (coded alone), which takes first_latent_* where the VAE has them."""
+        mean = self.latent_mean.view(1, -1, 1, 1, 1).to(like)
+        std = self.latent_std.view(1, -1, 1, 1, 1).to(like)
+        if not (first and self.config.first_frame_stats):
+            return mean, std
+        rest = like.shape[2] - 1
+        mean = torch.cat([self.first_latent_mean.view(1, -1, 1, 1, 1).to(like), mean.expand(-1, -1, rest, -1, -1)], 2)
+        std = torch.cat([self.first_latent_std.view(1, -1, 1, 1, 1).to(like), std.expand(-1, -1, rest, -1, -1)], 2)
+        return mean, std
 
-    def normalize(self, mu: torch.Tensor) -> torch.Tensor:
-        return (mu - self._stat("latent_mean").to(mu)) / self._stat("latent_std").to(mu)
+    def normalize(self, mu: torch.Tensor, first: bool = True) -> torch.Tensor:
+        """Raw encoder means [B, z, f, h, w] -> normalised latents; `first`: frame 0 starts a clip."""
+        mean, std = self._stats(mu, first)
+        return (mu - mean) / std
 
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self._stat("latent_std").to(z) + self._stat("latent_mean").to(z)
+    def denormalize(self, z: torch.Tensor, first: bool = True) -> torch.Tensor:
+        mean, std = self._stats(z, first)
+        return z * std + mean
 
     # encode ---------------------------------------------------------------------------------------
 
@@ -354,7 +375,7 @@ class WanVAE(nn.Module):
     def _decode_chunks(self, z: torch.Tensor, cache: Cache, first: bool, chunk_frames: int,
                        clamp: bool = True) -> torch.Tensor:
         """Decode normalised latents [B, z, f, h, w] continuing from `cache`; `first`: z starts a shot."""
-        x = self.conv2(self.denormalize(z.to(self.device, self.dtype)))
+        x = self.conv2(self.denormalize(z.to(self.device, self.dtype), first))
         bounds = [0, 1] if first else [0]  # the shot's first latent frame is decoded alone
         bounds += list(range(bounds[-1] + chunk_frames, x.shape[2], chunk_frames))
         bounds = sorted(set(bounds + [x.shape[2]]))
@@ -452,8 +473,8 @@ def vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> VAEConfig:
                      temporal_downsample=tuple(temporal), latent_mean=None, latent_std=None)
     wan = VAE_PRESETS["wan2.1"]
     if z_dim == wan.z_dim and base.replace(latent_mean=wan.latent_mean, latent_std=wan.latent_std) == wan:
-        return wan  # the real Wan2.1 VAE: its published latent statistics
-    return base
+        base = wan  # the real Wan2.1 VAE: its published latent statistics
+    return base.replace(first_frame_stats="first_latent_mean" in sd)
 
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> WanVAE:
@@ -471,6 +492,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
         vae = WanVAE(cfg)
     expected = vae.state_dict()
     optional = {"latent_mean", "latent_std"}  # absent from Wan's own files
+    stats = optional | {"first_latent_mean", "first_latent_std"}  # statistics stay float32
     missing = sorted(set(expected) - set(sd) - optional)
     unexpected = sorted(set(sd) - set(expected))
     bad_shape = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
@@ -479,7 +501,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str |
             f"{Path(path).name} does not match a Wan2.1 VAE of {cfg}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, wrong shapes {bad_shape[:5]}"
         )
-    state = {k: sd[k].to(dtype=torch.float32 if k in optional else dtype) for k in expected if k in sd}
+    state = {k: sd[k].to(dtype=torch.float32 if k in stats else dtype) for k in expected if k in sd}
     if optional - set(sd):
         # Wan's files carry no statistics: the wan2.1 config supplies Wan's, anything else gets 0/1.
         if cfg.latent_mean is None:

@@ -314,31 +314,41 @@ def test_teacher_ema_resumes_exactly_and_is_what_ships(micro_latents, tmp_path):
     assert any(not torch.equal(raw[k], ema_whole[k]) for k in raw)  # the average lags the raw weights
 
 
-def test_vae_decoder_phase_keeps_encoder_and_statistics(tmp_path):
-    """train_part=decoder: the encoder and latent statistics of init_from stay bit-identical (pre-encoded
-    latents stay valid), the decoder trains."""
+@pytest.mark.parametrize("first_frame_stats", [False, True])
+def test_vae_decoder_phase_keeps_encoder_and_statistics(tmp_path, first_frame_stats):
+    """train_part=decoder: the encoder and latent statistics of init_from (the first frame's too, where it
+    has them) stay bit-identical (pre-encoded latents stay valid), the decoder trains. A whole VAE phase
+    with first_frame_stats fits both sets and records them."""
     from shotstream_core.config import get_preset
-    from shotstream_core.vae import WanVAE, load_vae
+    from shotstream_core.vae import WanVAE, get_vae_config, load_vae
     from training import vae_stage
 
     write_training_set(tmp_path / "data", 2, get_preset("micro").geometry, 1, 2)
     torch.manual_seed(0)
-    init = WanVAE("micro")
-    init.latent_mean.uniform_(-1, 1)
-    init.latent_std.uniform_(0.5, 2)
+    init = WanVAE(get_vae_config("micro").replace(first_frame_stats=first_frame_stats))
+    for name in vae_stage.stat_names(init):
+        getattr(init, name).uniform_(*((0.5, 2) if name.endswith("std") else (-1, 1)))
     vae_stage.save_vae(init, tmp_path / "init.safetensors")
     base = ["--config", str(REPO / "training/configs/micro-vae.yaml"), "--set", f"data_dir={tmp_path / 'data'}",
-            "--set", "num_stories=2", "--set", "max_steps=2", "--set", "crop=0", "--set", "phases=[]"]
+            "--set", "num_stories=2", "--set", "max_steps=2", "--set", "crop=0", "--set", "phases=[]",
+            "--set", f"vae={{first_frame_stats: {str(first_frame_stats).lower()}}}"]
     vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'dec'}", "--set", f"init_from={tmp_path / 'init.safetensors'}",
                            "--set", "train_part=decoder"])
     before, after = init.state_dict(), load_vae(tmp_path / "dec" / "vae.safetensors").state_dict()
+    assert set(before) == set(after)
     for k in before:
         same = torch.equal(before[k], after[k])
-        if k.startswith(("encoder.", "conv1.", "latent_")):
+        if k.startswith(("encoder.", "conv1.", "latent_", "first_latent_")):
             assert same, k
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     with pytest.raises(ValueError, match="init_from"):
         vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'bad'}", "--set", "train_part=decoder"])
+    if first_frame_stats:  # a whole phase fits the first frame's statistics apart and records them
+        vae_stage.main(base + ["--set", f"out_dir={tmp_path / 'all'}"])
+        fitted = load_vae(tmp_path / "all" / "vae.safetensors")
+        done = json.loads((tmp_path / "all" / "done.json").read_text())
+        assert torch.allclose(fitted.first_latent_mean, torch.tensor(done["first_latent_mean"]))
+        assert not torch.allclose(fitted.first_latent_mean, fitted.latent_mean, atol=1e-3)
 
 
 def test_widen_latent_keeps_the_reconstruction_and_the_stage_trains_the_new_channels(tmp_path):

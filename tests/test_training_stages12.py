@@ -75,14 +75,46 @@ def test_vae_latent_statistics_normalise_to_unit_scale():
     torch.manual_seed(0)
     vae = WanVAE("micro").eval()
     shots = torch.randint(0, 256, (2, 5, 32, 32, 3), dtype=torch.uint8)
-    mean, std = latent_statistics(vae, shots)
+    stats = latent_statistics(vae, shots)
+    assert set(stats) == {"latent_mean", "latent_std"}
     assert torch.equal(vae.latent_mean, torch.zeros(16))  # restored after measuring
-    vae.latent_mean.copy_(mean)
-    vae.latent_std.copy_(std)
+    for name, value in stats.items():
+        getattr(vae, name).copy_(value)
     z = vae.encode(shots.permute(0, 4, 1, 2, 3).float() / 127.5 - 1)
     per_channel = z.transpose(0, 1).flatten(1)
     assert per_channel.mean(1).abs().max() < 1e-4
     assert torch.allclose(per_channel.std(1), torch.ones(16), atol=1e-3)
+
+
+def test_first_frame_statistics_put_every_latent_frame_at_unit_scale():
+    """With first_frame_stats, the first latent frame (one pixel frame, coded alone) is fitted apart: after
+    fitting, it and the later frames each come out at zero mean and unit spread per channel, where one
+    set of statistics leaves the first frame off both. Decoding is unchanged by the statistics."""
+    from shotstream_core.vae import get_vae_config
+    from training.vae_stage import latent_statistics, neutralise_stats
+
+    torch.manual_seed(0)
+    vae = WanVAE(get_vae_config("micro").replace(first_frame_stats=True)).eval()
+    shots = torch.randint(0, 256, (3, 9, 32, 32, 3), dtype=torch.uint8)
+    video = shots.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    raw = vae.encode(video)  # statistics still 0 / 1
+    stats = latent_statistics(vae, shots)
+    assert set(stats) == {"latent_mean", "latent_std", "first_latent_mean", "first_latent_std"}
+    assert torch.equal(vae.first_latent_std, torch.ones(16))  # restored after measuring
+    for name, value in stats.items():
+        getattr(vae, name).copy_(value)
+    z = vae.encode(video)
+    for frames in (z[:, :, :1], z[:, :, 1:]):
+        per_channel = frames.transpose(0, 1).flatten(1)
+        assert per_channel.mean(1).abs().max() < 1e-4
+        assert torch.allclose(per_channel.std(1), torch.ones(16), atol=1e-3)
+    # one set over every frame leaves the first frame off unit scale
+    pooled = raw.transpose(0, 1).flatten(1)
+    first = ((raw[:, :, :1] - pooled.mean(1).view(1, -1, 1, 1, 1)) / pooled.std(1).view(1, -1, 1, 1, 1))
+    assert first.transpose(0, 1).flatten(1).mean(1).abs().max() > 0.05
+    decoded = vae.decode(z)
+    neutralise_stats(vae)
+    assert torch.allclose(decoded, vae.decode(raw), atol=1e-5)  # the statistics cancel out of decoding
 
 
 # --- pre-encoding and the context rule --------------------------------------------------------------------

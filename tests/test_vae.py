@@ -205,6 +205,49 @@ def test_trained_statistics_travel_with_weights(tmp_path):
     assert torch.equal(loaded.latent_std, vae.latent_std)
 
 
+def test_first_frame_statistics_apply_to_a_shots_first_latent_frame_only(tmp_path):
+    """A VAE with first_frame_stats normalises a clip's first latent frame (coded alone) with its own
+    statistics and the rest with the shared ones; decoding undoes exactly that, block by block as whole;
+    the file carries the statistics, and one of the pair alone is refused."""
+    vae, plain = random_vae(first_frame_stats=True), random_vae()  # the same weights
+    g = torch.Generator().manual_seed(3)
+    for net in (vae, plain):
+        net.latent_mean.copy_(torch.randn(16, generator=torch.Generator().manual_seed(4)))
+        net.latent_std.copy_(torch.rand(16, generator=torch.Generator().manual_seed(5)) + 0.5)
+    vae.first_latent_mean.copy_(torch.randn(16, generator=g))
+    vae.first_latent_std.copy_(torch.rand(16, generator=g) + 0.2)
+    fm, fs = vae.first_latent_mean.view(1, -1, 1, 1), vae.first_latent_std.view(1, -1, 1, 1)
+
+    video = torch.rand(1, 3, 9, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        raw = plain.encode_moments(video)[0].float()  # [1, 16, 3, 4, 4]
+        z = vae.encode(video)
+        assert torch.allclose(z[:, :, 0], (raw[:, :, 0] - fm) / fs, atol=1e-5)
+        assert torch.allclose(z[:, :, 1:], plain.encode(video)[:, :, 1:], atol=1e-5)
+        frames = vae.encode_frames(video[0].transpose(0, 1)[:2])  # each frame alone: its own first frame
+        assert torch.allclose(frames, (plain.encode_frames(video[0].transpose(0, 1)[:2]) *
+                                       plain.latent_std.view(1, -1, 1, 1) + plain.latent_mean.view(1, -1, 1, 1)
+                                       - fm) / fs, atol=1e-4)
+        whole = vae.decode(z)
+        assert torch.allclose(whole, plain.decode(plain.normalize(raw)), atol=1e-5)
+        dec = StreamingDecoder(vae)
+        streamed = torch.cat([dec.feed(z[:, :, :1]), dec.feed(z[:, :, 1:])], dim=2)
+        assert torch.allclose(streamed, whole, atol=1e-5)
+
+    loaded = load_vae(_saved(vae, tmp_path / "vae.safetensors"))
+    assert loaded.config.first_frame_stats and torch.equal(loaded.first_latent_std, vae.first_latent_std)
+    assert not load_vae(_saved(plain, tmp_path / "plain.safetensors")).config.first_frame_stats
+    alone = {k: v.contiguous() for k, v in vae.state_dict().items() if k != "first_latent_std"}
+    save_file(alone, str(tmp_path / "half.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['first_latent_std'\]"):
+        load_vae(tmp_path / "half.safetensors")
+
+
+def _saved(vae, path):
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    return path
+
+
 def test_wan21_statistics_used_for_real_file_without_them(tmp_path):
     with torch.device("meta"):
         sd = WanVAE("wan2.1").state_dict()

@@ -465,8 +465,9 @@ def write_training_report(preset: str, export_dir: Path, data_dir: Path | None =
         out = stage_out_dir(preset, stage)
         if out is not None and (out / "done.json").is_file():
             d = json.loads((out / "done.json").read_text())
-            keep = {k: v for k, v in d.items()  # the sizes are the table's
-                    if k not in ("final", "latent_mean", "latent_std", "phases", "checkpoint_bytes", "output_bytes")}
+            keep = {k: v for k, v in d.items()  # the sizes are the table's; latent statistics are per channel
+                    if k not in ("final", "phases", "checkpoint_bytes", "output_bytes")
+                    and not k.endswith(("latent_mean", "latent_std"))}
             overrides = run_overrides(preset, stage, out)
             if overrides:
                 keep["run with"] = " ".join(f"{k}={v}" for k, v in overrides.items())

@@ -220,20 +220,45 @@ def sample_clips(shots: torch.Tensor, idx: list[int], clip_frames: int, crop: in
     return clips / 127.5 - 1.0
 
 
+def stat_names(vae: WanVAE) -> tuple[str, ...]:
+    """The latent-statistics buffers the VAE has (means first, then spreads)."""
+    return ("latent_mean", "latent_std") + (("first_latent_mean", "first_latent_std")
+                                             if vae.config.first_frame_stats else ())
+
+
+def neutralise_stats(vae: WanVAE) -> dict[str, torch.Tensor]:
+    """Set every statistic to 0 / 1 (so encode returns raw mu, the space training works in); returns the
+    values it replaced."""
+    saved = {}
+    for name in stat_names(vae):
+        buf = getattr(vae, name)
+        saved[name] = buf.clone()
+        buf.fill_(1.0 if name.endswith("std") else 0.0)
+    return saved
+
+
 @torch.no_grad()
-def latent_statistics(vae: WanVAE, shots: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean / std of the raw encoder mean mu over whole shots [S, F, H, W, 3] uint8."""
-    saved = vae.latent_mean.clone(), vae.latent_std.clone()
-    vae.latent_mean.zero_()
-    vae.latent_std.fill_(1.0)
+def latent_statistics(vae: WanVAE, shots: torch.Tensor, batch: int = 4) -> dict[str, torch.Tensor]:
+    """Per-channel mean / std of the raw encoder mean mu over whole shots [S, F, H, W, 3] uint8, by buffer
+    name: over every latent frame, or, for a VAE with first_frame_stats, the first frame's apart from the
+    rest's."""
+    saved = neutralise_stats(vae)
     mus = []
     for i in range(0, len(shots), batch):
         video = shots[i:i + batch].permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-        mus.append(vae.encode(video).transpose(0, 1).flatten(1))  # [z, N]
-    vae.latent_mean.copy_(saved[0])
-    vae.latent_std.copy_(saved[1])
+        mus.append(vae.encode(video).transpose(0, 1))  # [z, B, f, h, w]
+    for name, value in saved.items():
+        getattr(vae, name).copy_(value)
     mu = torch.cat(mus, dim=1)
-    return mu.mean(1), mu.std(1).clamp_min(1e-4)
+
+    def fit(x):
+        x = x.flatten(1)
+        return x.mean(1), x.std(1).clamp_min(1e-4)
+
+    if not vae.config.first_frame_stats:
+        return dict(zip(("latent_mean", "latent_std"), fit(mu)))
+    return {**dict(zip(("latent_mean", "latent_std"), fit(mu[:, :, 1:]))),
+            **dict(zip(("first_latent_mean", "first_latent_std"), fit(mu[:, :, :1])))}
 
 
 def save_vae(vae: WanVAE, path) -> Path:
@@ -321,7 +346,7 @@ def widen_latent(narrow: WanVAE, wide: WanVAE) -> None:
         elif name == "decoder.conv1.weight":  # [C, z, ...]: the decoder ignores the new channels at first
             param.zero_()
             param[:, :z0] = old
-        elif name in ("latent_mean", "latent_std"):
+        elif name in stat_names(wide):
             param.copy_(torch.cat([old, param[z0:]]))
         else:
             param.copy_(old)
@@ -397,7 +422,7 @@ def train_phases(cfg: VAEStageConfig, dist) -> dict:
                # the stage's time includes the attempts set aside
                "wall_s": sum(float(s.get("wall_s", 0.0)) + s["collapsed_wall_s"] for s in summaries),
                "psnr_db": summaries[-1].get("psnr_db"),
-               "phases": [{k: v for k, v in s.items() if k not in ("latent_mean", "latent_std", "final")}
+               "phases": [{k: v for k, v in s.items() if k != "final" and not k.endswith(("latent_mean", "latent_std"))}
                           for s in summaries]}
     if dist.is_main:
         last = Path(phases[-1].out_dir)
@@ -458,9 +483,7 @@ def train(cfg: VAEStageConfig, dist) -> dict:
             except RuntimeError as e:
                 raise ValueError(f"init_from {cfg.init_from} is a VAE of {init.config}, not the {vae.config} this "
                                  f"config builds: set the config's vae: to match it") from e
-        init_stats = init.latent_mean.clone(), init.latent_std.clone()
-        vae.latent_mean.zero_()  # training works on raw mu; statistics are fitted again at the end
-        vae.latent_std.fill_(1.0)
+        init_stats = neutralise_stats(vae)  # training works on raw mu; statistics are fitted again at the end
     vae = vae.to(dist.device)
     model = dist.wrap(VAEAutoencoder(vae, cfg.sample_latent, frozen_encoder))
     trained = [p for p in vae.parameters() if p.requires_grad]
@@ -518,9 +541,9 @@ def train(cfg: VAEStageConfig, dist) -> dict:
     if dist.is_main:
         vae.eval()
         held = shots[-cfg.stats_shots:] if len(shots) > cfg.stats_shots else shots
-        mean, std = init_stats if frozen_encoder else latent_statistics(vae, held.to(dist.device))
-        vae.latent_mean.copy_(mean)
-        vae.latent_std.copy_(std)
+        stats = init_stats if frozen_encoder else latent_statistics(vae, held.to(dist.device))
+        for name, value in stats.items():
+            getattr(vae, name).copy_(value)
         path = save_vae(vae, out / "vae.safetensors")
         reloaded = load_vae(path)  # what the engine will load
         psnr = reconstruction_sheet(reloaded, shots[:4], out / "recon.png")
@@ -534,7 +557,7 @@ def train(cfg: VAEStageConfig, dist) -> dict:
         dependence = input_dependence(probe.to(dist.device), recon)
         if cfg.export:
             save_vae(vae, cfg.export)
-        summary.update(psnr_db=psnr, input_dependence=dependence, latent_mean=mean.tolist(), latent_std=std.tolist(),
+        summary.update(psnr_db=psnr, input_dependence=dependence, **{k: v.tolist() for k, v in stats.items()},
                        latent_adjacent_corr=latent_stationarity(reloaded, held[:8]))
         mark_done(out, **summary)
     dist.barrier()
