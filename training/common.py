@@ -837,9 +837,9 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
     return {"steps": step, "resumed_from": start, "stop_reason": "max_steps", "wall_s": total, "final": last}
 
 
-def config_changes(cfg, saved_path, ignore=SITTING_CONFIG) -> list[str]:
-    """"key: saved -> now" for each field in which cfg differs from the config a run saved at saved_path
-    (its config.yaml), leaving out the fields in `ignore` (by default the settings of one sitting)."""
+def config_diff(cfg, saved_path, ignore=SITTING_CONFIG) -> list[tuple[str, object, object]]:
+    """(key, saved, now) for each field in which cfg differs from the config a run saved at saved_path (its
+    config.yaml), leaving out the fields in `ignore` (by default the settings of one sitting)."""
     import yaml
 
     try:
@@ -850,30 +850,43 @@ def config_changes(cfg, saved_path, ignore=SITTING_CONFIG) -> list[str]:
         return []
     names = {f.name for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
-    changes = []
+    diff = []
     for key in sorted(set(saved) & names - set(ignore)):
         try:
             old = _coerce(saved[key], hints[key])
         except ValueError:
             old = saved[key]
         if old != getattr(cfg, key):
-            changes.append(f"{key}: {old!r} -> {getattr(cfg, key)!r}")
-    return changes
+            diff.append((key, old, getattr(cfg, key)))
+    return diff
+
+
+def config_changes(cfg, saved_path, ignore=SITTING_CONFIG) -> list[str]:
+    """"key: saved -> now" for each field of config_diff."""
+    return [f"{key}: {old!r} -> {now!r}" for key, old, now in config_diff(cfg, saved_path, ignore)]
+
+
+# Fields that say how far a run goes: raised on a finished run, the stage goes on from where it stopped
+# (more steps from its last checkpoint, more ODE pairs or stories in new shards).
+RUN_LENGTH = ("max_steps", "num_pairs", "num_stories")
 
 
 def refuse_finished_run_changes(cfg) -> None:
     """A finished run (done.json) keeps the config its weights were made with: run again with another one it
     would train nothing ("already done") yet record the new config as its own, so the report would name
-    settings it never ran and the stages built on it would read as stale. Refused, naming the keys."""
+    settings it never ran and the stages built on it would read as stale. Refused, naming the keys; a run
+    lengthened (RUN_LENGTH raised, nothing else changed) goes on."""
     out = Path(cfg.out_dir)
     if not is_done(out):
         return
-    changes = config_changes(cfg, out / "config.yaml", SITTING_CONFIG + PLACE_CONFIG)
-    if changes:
-        raise ValueError(f"{out} holds a finished run made with another config ({'; '.join(changes)}), and this "
-                         f"config would not be used: delete that folder to train it again with this config, "
-                         f"set another out_dir, or delete {out / 'done.json'} to go on from where it stopped "
-                         f"with this config (more steps, say)")
+    diff = config_diff(cfg, out / "config.yaml", SITTING_CONFIG + PLACE_CONFIG)
+    if all(key in RUN_LENGTH and isinstance(old, int) and isinstance(now, int) and now > old
+           for key, old, now in diff):
+        return
+    changes = "; ".join(f"{key}: {old!r} -> {now!r}" for key, old, now in diff)
+    raise ValueError(f"{out} holds a finished run made with another config ({changes}), and this config would "
+                     f"not be used: delete that folder to train it again with this config, set another "
+                     f"out_dir, or delete {out / 'done.json'} to go on from where it stopped with this config")
 
 
 def warn_config_changes(cfg) -> None:
