@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.common import mark_done
@@ -313,10 +314,13 @@ def test_a_data_set_rendered_otherwise_to_the_same_counts_makes_the_stages_on_it
 
     write = data.write_training_set
 
-    def changed_generator(out_dir, *args, **kwargs):  # one frame rendered otherwise, the counts the same
+    def changed_generator(out_dir, *args, **kwargs):  # one video rendered brighter, the counts the same
+        from training.storyworld.storage import read_mp4, write_mp4
+
         index = write(out_dir, *args, **kwargs)
         video = sorted(Path(out_dir).glob("*.mp4"))[0]
-        video.write_bytes(video.read_bytes()[:-1] + b"\x00")
+        frames, fps = read_mp4(video)
+        write_mp4(video, np.clip(frames.astype(np.int16) + 40, 0, 255).astype(np.uint8), fps)
         return index
 
     monkeypatch.setattr(data, "write_training_set", changed_generator)
@@ -332,12 +336,33 @@ def test_a_data_set_rendered_otherwise_to_the_same_counts_makes_the_stages_on_it
     assert status["vae"].startswith("stale (the data set was written again, with other stories, after it)")
     assert status["preencode"].startswith("stale")
 
+    # a video's bytes beyond its frames (the muxer's version string, say) do not count
+    video = sorted((fake_runs / "data").glob("*.mp4"))[0]
+    blob = video.read_bytes()
+    at = blob.find(b"Lavf")
+    assert at > 0
+    video.write_bytes(blob[:at] + b"Xavf" + blob[at + 4:])
+    assert data.folder_digest(fake_runs / "data") == changed["content"]
+
     # a stage built from a data set recorded before the hash (its counts only) still matches it
     (fake_runs / "data" / "done.json").write_text(json.dumps({k: v for k, v in changed.items() if k != "content"}))
     for name in ("vae", "decoder", "preencode"):
         pipeline.record_built_from("micro", name)
     (fake_runs / "data" / "done.json").write_text(json.dumps(changed))
     assert not any(v.startswith("stale") for v in _status(capsys).values())
+
+
+def test_an_upstream_redone_with_another_config_stales_a_stage_recorded_before_configs_were(fake_runs, capsys):
+    """A stage recorded against an upstream run whose done.json had no config hash yet: that upstream
+    redone with another config (another seed, the same counts) is another run, and the stage is stale."""
+    from training import pipeline
+
+    assert pipeline.main(["--preset", "micro", "--no-eval"]) == 0
+    (fake_runs / "ode" / "done.json").write_text(json.dumps({"pairs": 8}))
+    pipeline.record_built_from("micro", "stage2")
+    assert not _status(capsys)["stage2"].startswith("stale")
+    (fake_runs / "ode" / "done.json").write_text(json.dumps({"pairs": 8, "config": "0123456789abcdef"}))
+    assert _status(capsys)["stage2"].startswith("stale (ode was retrained after it)")
 
 
 def test_a_runs_record_tells_configs_apart_and_keeps_older_records(tmp_path):

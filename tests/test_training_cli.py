@@ -414,33 +414,40 @@ def test_a_changed_config_is_named_key_by_key_when_the_run_goes_on(tmp_path, cap
 def test_a_finished_run_refuses_another_config_and_keeps_its_record(tmp_path, capsys):
     """Run again with another config, a finished run would train nothing yet save the new config as its
     own (the report would name settings it never ran; the stages on it would read as stale): refused by
-    name, its files untouched. A sitting's settings or another device still run it, a longer run goes on
-    from it, and without its done.json it goes on with any config."""
+    name, its files untouched. A sitting's settings or another device still run it; a larger max_steps
+    goes on from it where the learning rate does not decay over max_steps (lr_decay_steps set; else the
+    longer run's schedule would differ from what it ran); without its done.json it goes on with any config."""
     def train(cfg, dist):
         Path(cfg.out_dir).mkdir(exist_ok=True)
         save_config(cfg, Path(cfg.out_dir) / "config.yaml")
         mark_done(cfg.out_dir, steps=cfg.max_steps)
         return {}
 
+    decaying = tmp_path / "decaying"  # lr over max_steps: a longer run would have bent its schedule
+    run_stage(train, _Cfg, ["--set", f"out_dir={decaying}"])
+    with pytest.raises(ValueError, match=r"another config \(max_steps: 1000 -> 2000\)"):
+        run_stage(train, _Cfg, ["--set", f"out_dir={decaying}", "--set", "max_steps=2000"])
+
     out = tmp_path / "run"
-    run_stage(train, _Cfg, ["--set", f"out_dir={out}"])
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100"])
     before = {n: (out / n).read_bytes() for n in ("config.yaml", "done.json")}
     with pytest.raises(ValueError, match=rf"{out} holds a finished run made with another config "
                                          r"\(lr: 0.0002 -> 0.001; sizes: \(1, 2\) -> \(3,\)\).*delete that folder"):
-        run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr=1e-3", "--set", "sizes=[3]"])
+        run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100", "--set", "lr=1e-3", "--set", "sizes=[3]"])
     assert {n: (out / n).read_bytes() for n in before} == before
     for other in (["max_steps=500"], ["max_steps=2000", "lr=1e-3"]):  # shorter, or longer and otherwise
         with pytest.raises(ValueError, match="holds a finished run made with another config"):
-            run_stage(train, _Cfg, ["--set", f"out_dir={out}"] + [a for kv in other for a in ("--set", kv)])
+            run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100"]
+                      + [a for kv in other for a in ("--set", kv)])
     assert {n: (out / n).read_bytes() for n in before} == before
-    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "max_minutes=5", "--set", "device=cpu"])
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100", "--set", "max_minutes=5", "--set", "device=cpu"])
     assert (out / "done.json").read_bytes() == before["done.json"]
     capsys.readouterr()
-    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "max_steps=2000"])  # lengthened: it goes on
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100", "--set", "max_steps=2000"])  # lengthened: it goes on
     assert "max_steps: 1000 -> 2000" in capsys.readouterr().out
     assert json.loads((out / "done.json").read_text())["steps"] == 2000
     (out / "done.json").unlink()
-    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "max_steps=7", "--set", "lr=1e-3"])
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100", "--set", "max_steps=7", "--set", "lr=1e-3"])
     assert "lr: 0.0002 -> 0.001; max_steps: 2000 -> 7" in capsys.readouterr().out  # named as it goes on
     assert json.loads((out / "done.json").read_text())["steps"] == 7
 

@@ -70,6 +70,11 @@ class StageConfig:
     def lr_horizon(self) -> int:
         return self.lr_decay_steps if self.lr_decay_steps > 0 else self.max_steps
 
+    def lengthens_exactly(self) -> bool:
+        """Whether a finished run given a larger max_steps goes on as an uninterrupted run of that length
+        would (refuse_finished_run_changes): not where the learning rate decays over max_steps."""
+        return self.lr_decay_steps > 0
+
 
 def _coerce(value, typ, where: str = "config value"):
     """YAML value -> the dataclass field's type, or a ValueError that names `where` (e.g. "config lr"),
@@ -662,7 +667,7 @@ SITTING_CONFIG = ("max_minutes", "stop_after", "num_threads")
 PLACE_CONFIG = ("out_dir", "export", "device")
 # done.json fields added later to tell runs apart (a stage's config, pre-encoding's inputs, the data set's
 # content): an older done.json without one is compared without it, so running a finished old stage again
-# keeps it, and a record made from one still matches.
+# keeps it.
 IDENTITY_KEYS = ("config", "inputs", "content")
 
 
@@ -866,22 +871,17 @@ def config_changes(cfg, saved_path, ignore=SITTING_CONFIG) -> list[str]:
     return [f"{key}: {old!r} -> {now!r}" for key, old, now in config_diff(cfg, saved_path, ignore)]
 
 
-# Fields that say how far a run goes: raised on a finished run, the stage goes on from where it stopped
-# (more steps from its last checkpoint, more ODE pairs or stories in new shards).
-RUN_LENGTH = ("max_steps", "num_pairs", "num_stories")
-
-
 def refuse_finished_run_changes(cfg) -> None:
     """A finished run (done.json) keeps the config its weights were made with: run again with another one it
     would train nothing ("already done") yet record the new config as its own, so the report would name
-    settings it never ran and the stages built on it would read as stale. Refused, naming the keys; a run
-    lengthened (RUN_LENGTH raised, nothing else changed) goes on."""
+    settings it never ran and the stages built on it would read as stale. Refused, naming the keys; only
+    max_steps raised, where the stage goes on as a run of that length would (cfg.lengthens_exactly), goes on."""
     out = Path(cfg.out_dir)
     if not is_done(out):
         return
     diff = config_diff(cfg, out / "config.yaml", SITTING_CONFIG + PLACE_CONFIG)
-    if all(key in RUN_LENGTH and isinstance(old, int) and isinstance(now, int) and now > old
-           for key, old, now in diff):
+    if not diff or (cfg.lengthens_exactly() and len(diff) == 1 and diff[0][0] == "max_steps"
+                    and isinstance(diff[0][1], int) and diff[0][2] > diff[0][1]):
         return
     changes = "; ".join(f"{key}: {old!r} -> {now!r}" for key, old, now in diff)
     raise ValueError(f"{out} holds a finished run made with another config ({changes}), and this config would "

@@ -54,6 +54,9 @@ class ODEConfig(StageConfig):
     check_targets: int = 12  # (story, shot) targets of the check, taken from the END of the latent store
     opening_filter: bool = False  # keep only samples that open without a cut (needs vae_path)
 
+    def lengthens_exactly(self) -> bool:
+        return False  # its length is num_pairs, in whole shards: a finished run does not grow
+
 
 def target_inputs(ds: LatentStoryDataset, targets, context_frames: int, text_len: int):
     """Ground-truth history, flags, prompt ids and text of targets, without dropout."""

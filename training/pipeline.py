@@ -29,7 +29,7 @@ from pathlib import Path
 
 from shotstream_core.files import copy_file
 
-from .common import (EXIT_PAUSED, IDENTITY_KEYS, Checkpointer, done_record, folder_bytes, is_done, load_stage_config,
+from .common import (EXIT_PAUSED, Checkpointer, done_record, folder_bytes, is_done, load_stage_config,
                      mark_done, paused_message, read_log, stage_sizes)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,10 +152,11 @@ def _fingerprint(out: Path, without=()) -> str | None:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _built_from_it(was: str, out: Path) -> bool:
-    """Whether a recorded fingerprint is of the run in out: its record whole, or without the keys added to
-    records later (common.IDENTITY_KEYS), which a stage recorded before they were written did not see."""
-    return was in (_fingerprint(out), _fingerprint(out, IDENTITY_KEYS))
+def _built_from_it(was: str, up: str, out: Path) -> bool:
+    """Whether a recorded fingerprint is of the run of stage `up` in out: its record whole or, for the data
+    set, without the hash of its files that records made before it did not see (a data set is only ever
+    written again to the same stories, so its counts then still tell it)."""
+    return was in (_fingerprint(out), *((_fingerprint(out, ("content",)),) if up == "data" else ()))
 
 
 # The fingerprints' formula: records of another one cannot be compared, and count as no record.
@@ -211,7 +212,7 @@ def stale_stages(preset: str) -> dict[str, Stale]:
             if up == "data" and prints[up] is None:
                 hit = False  # a missing data set is written again, to the same stories, before it is read
             elif was is not None:
-                hit = not _built_from_it(was, outs[up])
+                hit = not _built_from_it(was, up, outs[up])
             else:  # no record: a finished run from before them (or run by hand) goes by the done.json times
                 hit = (up != "data" and is_done(out) and prints[up] is not None
                        and (outs[up] / "done.json").stat().st_mtime

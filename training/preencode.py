@@ -52,6 +52,9 @@ class PreencodeConfig(StageConfig):
     negative_prompt: str = ""
     detail_radius: int = 3  # pixels; the per-shot detail maps the teacher's detail_weight reads (training.detail)
 
+    def lengthens_exactly(self) -> bool:
+        return False  # its length is num_stories, part of the inputs a store is checked against
+
 
 # The config fields that change what the shards hold (not batch sizes, threads, budgets or the device).
 OUTPUT_FIELDS = ("preset", "num_stories", "shard_size", "all_frames", "negative_prompt", "detail_radius")

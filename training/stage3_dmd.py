@@ -68,6 +68,9 @@ class DMDStageConfig(StageConfig):
                         refresh_sigma=self.refresh_sigma, grad_clip_generator=self.grad_clip,
                         grad_clip_critic=self.grad_clip_critic)
 
+    def lengthens_exactly(self) -> bool:
+        return True  # constant learning rates after warmup: more steps go on as a longer run would
+
 
 class DMDSetup:
     """Models, trainer and data shared by stages 3 and 4."""

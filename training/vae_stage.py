@@ -99,6 +99,9 @@ class VAEStageConfig(StageConfig):
     # empty = one phase with the fields above.
     phases: tuple[dict, ...] = ()
 
+    def lengthens_exactly(self) -> bool:
+        return not self.phases and super().lengthens_exactly()  # each phase has its own max_steps
+
 
 class VAEAutoencoder(nn.Module):
     """Training view of WanVAE: causal chunked encode, reparameterised sample, causal chunked decode.
