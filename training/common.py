@@ -665,10 +665,9 @@ SITTING_KEYS = ("wall_s", "resumed_from", "output_bytes", "checkpoint_bytes")
 SITTING_CONFIG = ("max_minutes", "stop_after", "num_threads")
 # ... and of where a run goes: with those, not part of what a run computes.
 PLACE_CONFIG = ("out_dir", "export", "device")
-# done.json fields added later to tell runs apart (a stage's config, pre-encoding's inputs, the data set's
-# content): an older done.json without one is compared without it, so running a finished old stage again
-# keeps it.
-IDENTITY_KEYS = ("config", "inputs", "content")
+# done.json fields added later to tell runs apart (a stage's config, pre-encoding's inputs): an older
+# done.json without one is compared without it, so running a finished old stage again keeps it.
+IDENTITY_KEYS = ("config", "inputs")
 
 
 def config_digest(out_dir) -> str | None:
@@ -866,9 +865,9 @@ def config_diff(cfg, saved_path, ignore=SITTING_CONFIG) -> list[tuple[str, objec
     return diff
 
 
-def config_changes(cfg, saved_path, ignore=SITTING_CONFIG) -> list[str]:
-    """"key: saved -> now" for each field of config_diff."""
-    return [f"{key}: {old!r} -> {now!r}" for key, old, now in config_diff(cfg, saved_path, ignore)]
+def describe_diff(diff) -> str:
+    """"key: saved -> now; ..." for the entries of a config_diff."""
+    return "; ".join(f"{key}: {old!r} -> {now!r}" for key, old, now in diff)
 
 
 def refuse_finished_run_changes(cfg) -> None:
@@ -883,20 +882,19 @@ def refuse_finished_run_changes(cfg) -> None:
     if not diff or (cfg.lengthens_exactly() and len(diff) == 1 and diff[0][0] == "max_steps"
                     and isinstance(diff[0][1], int) and diff[0][2] > diff[0][1]):
         return
-    changes = "; ".join(f"{key}: {old!r} -> {now!r}" for key, old, now in diff)
-    raise ValueError(f"{out} holds a finished run made with another config ({changes}), and this config would "
-                     f"not be used: delete that folder to train it again with this config, set another "
-                     f"out_dir, or delete {out / 'done.json'} to go on from where it stopped with this config")
+    raise ValueError(f"{out} holds a finished run made with another config ({describe_diff(diff)}), and this "
+                     f"config would not be used: delete that folder to train it again with this config, set "
+                     f"another out_dir, or delete {out / 'done.json'} to go on from where it stopped with this config")
 
 
 def warn_config_changes(cfg) -> None:
     """One line naming the keys in which cfg differs from the config.yaml of the run in cfg.out_dir."""
     saved = Path(cfg.out_dir) / "config.yaml"
     if saved.is_file():
-        changes = config_changes(cfg, saved)
-        if changes:
+        diff = config_diff(cfg, saved)
+        if diff:
             print(f"warning: this config differs from the one {cfg.out_dir} was run with ({saved}): "
-                  f"{'; '.join(changes)}", flush=True)
+                  f"{describe_diff(diff)}", flush=True)
 
 
 # Exit status of a stage run from the command line that stopped on a user error (a config value, a

@@ -43,29 +43,24 @@ def write_training_set(out_dir, num_stories: int, geometry: ShotGeometry, min_sh
 
 
 def folder_digest(folder, skip=("done.json", "built_from.json")) -> str:
-    """A hash of what a data set holds: every file under folder by name, a video by its decoded frames (its
+    """A hash of what a data set holds: every file under folder by name, an mp4 by its decoded frames (its
     bytes carry the muxer's and encoder's version strings), any other file by its bytes; the run records
     in `skip` left out. A set rendered again by changed generator code, with the same counts, reads as
     another; the same stories written again by another FFmpeg build, as the same (where its frames are)."""
-    import av
+    from .storyworld.storage import read_mp4
 
     h = hashlib.sha256()
     root = Path(folder)
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in skip):
         h.update(path.relative_to(root).as_posix().encode() + b"\0")
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            with av.open(str(path)) as container:
-                for frame in container.decode(video=0):
-                    h.update(frame.to_ndarray(format="rgb24").tobytes())
+        if path.suffix.lower() == ".mp4":
+            h.update(read_mp4(path)[0].tobytes())
         else:
             with path.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()[:16]
-
-
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
 
 
 def read_clips(data_dir, limit: int | None = None, geometry: ShotGeometry | None = None):

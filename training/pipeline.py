@@ -106,6 +106,10 @@ def evaluation_args(preset: str, export_dir) -> list[str]:
 
 # Data set sizes per preset: (stories, min shots, max shots)
 DATA = {"tiny": (600, 2, 4), "micro": (6, 2, 3)}
+# The data set's done.json key holding a hash of its files (data.folder_digest): a set rendered by changed
+# generator code to the same counts is another set (the writer is deterministic, so writing it again to the
+# same stories keeps the stages on it)
+DATA_CONTENT = "content"
 
 
 def _config_class(spec: str):
@@ -150,13 +154,6 @@ def _fingerprint(out: Path, without=()) -> str | None:
         return None
     record = {k: v for k, v in record.items() if k not in without}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _built_from_it(was: str, up: str, out: Path) -> bool:
-    """Whether a recorded fingerprint is of the run of stage `up` in out: its record whole or, for the data
-    set, without the hash of its files that records made before it did not see (a data set is only ever
-    written again to the same stories, so its counts then still tell it)."""
-    return was in (_fingerprint(out), *((_fingerprint(out, ("content",)),) if up == "data" else ()))
 
 
 # The fingerprints' formula: records of another one cannot be compared, and count as no record.
@@ -212,7 +209,9 @@ def stale_stages(preset: str) -> dict[str, Stale]:
             if up == "data" and prints[up] is None:
                 hit = False  # a missing data set is written again, to the same stories, before it is read
             elif was is not None:
-                hit = not _built_from_it(was, up, outs[up])
+                # a stage recorded before the data set's record held DATA_CONTENT matches it without that hash
+                # (a data set is only ever written again to the same stories, so its counts still tell it)
+                hit = was != prints[up] and not (up == "data" and was == _fingerprint(outs[up], (DATA_CONTENT,)))
             else:  # no record: a finished run from before them (or run by hand) goes by the done.json times
                 hit = (up != "data" and is_done(out) and prints[up] is not None
                        and (outs[up] / "done.json").stat().st_mtime
@@ -295,9 +294,7 @@ def make_data(preset: str, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     n, lo, hi = DATA[preset]
     write_training_set(out_dir, n, get_preset(preset).geometry, lo, hi, progress=True)
-    # content: a set rendered by changed generator code to the same counts is another set (the writer is
-    # deterministic, so writing it again to the same stories keeps the stages on it)
-    info = {"stories": n, "min_shots": lo, "max_shots": hi, "content": folder_digest(out_dir),
+    info = {"stories": n, "min_shots": lo, "max_shots": hi, DATA_CONTENT: folder_digest(out_dir),
             "wall_s": time.perf_counter() - t0}
     mark_done(out_dir, **info)
     return info

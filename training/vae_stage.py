@@ -253,15 +253,12 @@ def latent_statistics(vae: WanVAE, shots: torch.Tensor, batch: int = 4) -> dict[
     for name, value in saved.items():
         getattr(vae, name).copy_(value)
     mu = torch.cat(mus, dim=1)
-
-    def fit(x):
-        x = x.flatten(1)
-        return x.mean(1), x.std(1).clamp_min(1e-4)
-
-    if not vae.config.first_frame_stats:
-        return dict(zip(("latent_mean", "latent_std"), fit(mu)))
-    return {**dict(zip(("latent_mean", "latent_std"), fit(mu[:, :, 1:]))),
-            **dict(zip(("first_latent_mean", "first_latent_std"), fit(mu[:, :, :1])))}
+    groups = {"": mu[:, :, 1:], "first_": mu[:, :, :1]} if vae.config.first_frame_stats else {"": mu}
+    stats = {}
+    for prefix, x in groups.items():
+        x = x.flatten(1)  # [z, N]
+        stats[prefix + "latent_mean"], stats[prefix + "latent_std"] = x.mean(1), x.std(1).clamp_min(1e-4)
+    return stats
 
 
 def save_vae(vae: WanVAE, path) -> Path:
