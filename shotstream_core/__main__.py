@@ -34,9 +34,11 @@ def read_story(path: Path) -> tuple[str, list[str]]:
     """STORY.json -> (global caption, shot captions in order). Every problem is a ValueError that names the
     file and the key, raised before any model is loaded."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # JSON is UTF-8, whatever the locale says
     except FileNotFoundError:
         raise ValueError(f"{path}: no such story file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); save it as UTF-8") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or "global_caption" not in data:
@@ -44,10 +46,11 @@ def read_story(path: Path) -> tuple[str, list[str]]:
     numbers = sorted(int(k[4:]) for k in data if re.fullmatch(r"shot[1-9]\d*", k))
     if not numbers:
         raise ValueError(f"{path}: no shot captions (expected keys shot1, shot2, ...)")
-    missing = [f"shot{n}" for n in range(1, numbers[-1] + 1) if n not in numbers]
-    if missing:
-        raise ValueError(f"{path}: {', '.join(missing)} missing (found {', '.join(f'shot{n}' for n in numbers)}); "
-                         f"number the shots 1..N without gaps")
+    if numbers != list(range(1, len(numbers) + 1)):
+        # only the first gap: a typo such as shot300000000 must not make a list of every number below it
+        gap = next(n for n, found in enumerate(numbers, start=1) if n != found)
+        shown = ", ".join(f"shot{n}" for n in numbers[:8]) + (", ..." if len(numbers) > 8 else "")
+        raise ValueError(f"{path}: shot{gap} missing (found {shown}); number the shots 1..N without gaps")
     for key in ["global_caption", *(f"shot{n}" for n in numbers)]:
         if not isinstance(data[key], str):
             raise ValueError(f"{path}: {key} must be text, got {type(data[key]).__name__}")
@@ -114,9 +117,20 @@ def check_args(args, shots: int) -> None:
     if out.suffix.lower() not in SUFFIXES:
         raise ValueError(f"--out {out}: unsupported video type {out.suffix or '(no suffix)'}; "
                          f"end the name in {' or '.join(SUFFIXES)}")
-    folder = next((p for p in out.absolute().parents if p.exists()), None)
+    check_writable_path("--out", out)
+    if args.save_state:
+        base = state_path(args.save_state)
+        for path in (base.with_suffix(".safetensors"), base.with_suffix(".json")):
+            check_writable_path("--save-state", path)
+
+
+def check_writable_path(flag: str, path: Path) -> None:
+    """A file can be made at `path`: it is no folder, and the nearest existing folder above it is one."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: give a file name inside it")
+    folder = next((p for p in path.absolute().parents if p.exists()), None)
     if folder is not None and not folder.is_dir():
-        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
 
 
 def generate(args) -> int:
@@ -166,11 +180,14 @@ def generate(args) -> int:
             state = stream.state
     total = time.perf_counter() - start
     args.wrote = out
-    frames = state.frames().shape[0]
+    frames = sum(shot.num_frames for shot in state.shots)  # state.frames() would copy the story as floats
     print(f"wrote {out} ({frames} frames, {geo.width}x{geo.height} at {geo.fps} fps) in {total:.1f} s; "
           f"first frame after {first_frame_at:.2f} s")
     if args.save_state:
-        print(f"story state: {state.save(state_path(args.save_state))}")
+        try:
+            print(f"story state: {state.save(state_path(args.save_state))}")
+        except OSError as e:
+            raise OSError(f"--save-state: {e} (the video was written: {out})") from None
     return 0
 
 

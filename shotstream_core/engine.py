@@ -65,6 +65,10 @@ class ShotStream:
     def __iter__(self):
         yield from self._blocks
 
+    def close(self) -> None:
+        """Abandon the shot (its state stays None) and free the engine for the next one."""
+        self._blocks.close()
+
     def run(self, on_block: Callable[[BlockOutput], None] | None = None) -> "ShotStream":
         for block in self:
             if on_block is not None:
@@ -93,6 +97,7 @@ class ShotStreamEngine:
         self.shot_phase = self.sampler.rope_shot_phase
         self._cache: KVCache | None = None
         self._lock = threading.Lock()  # one shot at a time shares the cache buffers
+        self._lock_owner: int | None = None  # the thread whose stream holds it
 
     @property
     def device(self) -> torch.device:
@@ -228,7 +233,13 @@ class ShotStreamEngine:
             if on_step is not None:
                 on_step(steps_done, steps_total)
 
-        with self._lock:
+        # The lock is held across the yields below, so a second stream iterated on the same thread while
+        # this one is open would wait for itself forever: refuse it instead. Other threads wait their turn.
+        if not self._lock.acquire(blocking=self._lock_owner != threading.get_ident()):
+            raise RuntimeError("another shot is still streaming on this engine in this thread: finish iterating "
+                               "its stream, or close() it, before starting the next")
+        self._lock_owner = threading.get_ident()
+        try:
             dit = self.dit
             cache = self._kv_cache((ctx_frames + frames_total) * tpf)
             text_kv = dit.encode_text(text)
@@ -265,6 +276,9 @@ class ShotStreamEngine:
                 shot_frames.append(frames)
                 yield BlockOutput(state.num_shots, b, len(spans), x0, frames)
             decoder.finish()
+        finally:
+            self._lock_owner = None
+            self._lock.release()
 
         frames = torch.cat(shot_frames)
         record = ShotRecord(request.global_caption, request.caption, request.negative, int(request.seed), shot_flag,

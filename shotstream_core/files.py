@@ -88,16 +88,44 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return _unwrap(obj, path)
 
 
+# Where training checkpoints nest their weights, in order: the reference's LoRA checkpoints hold
+# {"generator_lora": ..., "critic_lora": ...}, its full ones {"generator": ..., "fake_score": ..., optimiser}.
+NESTED_WEIGHTS = ("generator_lora", "generator", "generator_ema", "state_dict", "model")
+
+
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
-    """Training checkpoints nest weights: {"generator": {...}, "fake_score": ..., optimiser state}."""
     if isinstance(obj, dict):
-        for key in ("generator", "generator_ema", "state_dict", "model"):
+        for key in NESTED_WEIGHTS:
             if isinstance(obj.get(key), dict):
                 return _unwrap(obj[key], path)
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return tensors
+        found = ", ".join(repr(k) for k in list(obj)[:6]) or "none"
+        raise ModelLoadError(f"{path.name} holds no tensors at its top level or under {', '.join(NESTED_WEIGHTS)} "
+                             f"(its keys: {found}); save the weights as one tensor dict, or under one of those keys")
     raise ModelLoadError(f"{path.name} holds no tensor dict (found {type(obj).__name__})")
+
+
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def dequantize_scaled_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's "scaled" fp8 files store fp8(W / s) with s beside it (key scale_weight, or weight_scale):
+    W = fp8 weight * s, as float32. Other tensors pass through; the scale keys themselves are dropped."""
+    if not any(v.dtype in _FP8 for v in sd.values()):
+        return sd
+    out = {}
+    for key, value in sd.items():
+        if key == "scaled_fp8" or key.endswith((".scale_weight", ".weight_scale", ".scale_input", ".input_scale",
+                                                ".comfy_quant")):
+            continue
+        if value.dtype in _FP8:
+            module = key[: -len("weight")] if key.endswith("weight") else key + "."
+            scale = sd.get(module + "scale_weight", sd.get(module + "weight_scale"))
+            value = value.float() * (scale.float() if scale is not None else 1.0)
+        out[key] = value
+    return out
 
 
 def describe_checkpoint(keys: Iterable[str]) -> str:

@@ -22,7 +22,7 @@ from safetensors.torch import safe_open
 
 from .attention import resolve_backend
 from .config import PRESETS, DiTConfig, Preset, SamplerConfig, get_preset
-from .files import ModelLoadError, describe_checkpoint, read_tensors, save_tensors
+from .files import ModelLoadError, dequantize_scaled_fp8, describe_checkpoint, read_tensors, save_tensors
 from .model import CausalWanDiT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -179,11 +179,25 @@ def merge_lora(sd: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], stren
     return out
 
 
+def peft_lora_alpha(path: str | Path) -> float | None:
+    """lora_alpha from the adapter_config.json PEFT saves beside adapter_model.safetensors (in the folder given,
+    or beside the file), or None: then a file's own .alpha tensors, or alpha = rank (the reference's LoRA)."""
+    path = Path(path)
+    config = (path if path.is_dir() else path.parent) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    try:
+        alpha = json.loads(config.read_text(encoding="utf-8")).get("lora_alpha")
+        return None if alpha is None else float(alpha)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"{config}: unreadable PEFT adapter config ({e}); fix or remove it") from None
+
+
 # --- DiT + engine -----------------------------------------------------------------------------------
 
 def load_dit_state(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfig]:
     path = Path(path)
-    sd = strip_dit_prefix(read_tensors(path))
+    sd = strip_dit_prefix(dequantize_scaled_fp8(read_tensors(path)))
     if DIT_MARKER not in sd:
         raise ModelLoadError(
             f"{path.name} is not a Wan2.1 DiT: it looks like {describe_checkpoint(sd)}. Expected a diffusion transformer "
@@ -257,9 +271,18 @@ def warn_if_teacher(path: str | Path) -> None:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS (Apple GPU) is not available; use 'cpu' or 'auto'")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: ShotStream runs on cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def bundled_path(preset: str, part: str) -> Path:
@@ -335,7 +358,7 @@ def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: st
         sd, cfg = load_dit_state(dit_path)
         warn_if_teacher(dit_path)
     if lora_path is not None:
-        sd = merge_lora(sd, read_tensors(lora_path), lora_strength)
+        sd = merge_lora(sd, read_tensors(lora_path), lora_strength, alpha=peft_lora_alpha(lora_path))
     p = match_preset(cfg, family=preset)
     # The blocks the student's file records; a LoRA's, if it records them, are those of the student it makes.
     for source in (dit_path, lora_path):

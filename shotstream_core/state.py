@@ -26,7 +26,7 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ShotRecord:
     global_caption: str
     caption: str
@@ -38,6 +38,18 @@ class ShotRecord:
     @property
     def num_frames(self) -> int:
         return self.frames.shape[0]
+
+    # By value, frames included (a tensor's own == is elementwise, which the generated methods cannot use).
+    def _text_fields(self) -> tuple:
+        return self.global_caption, self.caption, self.negative, self.seed, self.flag
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, ShotRecord):
+            return NotImplemented
+        return self._text_fields() == other._text_fields() and torch.equal(self.frames, other.frames)
+
+    def __hash__(self) -> int:
+        return hash((self._text_fields(), tuple(self.frames.shape)))
 
 
 @dataclass(frozen=True)

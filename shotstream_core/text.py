@@ -10,6 +10,7 @@ import html
 import math
 import re
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .files import describe_checkpoint, read_tensors
+from .files import dequantize_scaled_fp8, describe_checkpoint, read_tensors
 
 
 @runtime_checkable
@@ -97,15 +98,17 @@ def build_shot_prompt(
 # --- prompt cache -------------------------------------------------------------------------------
 
 class PromptCache:
-    """Encodes each distinct prompt once and keeps its features on `device`.
+    """Encodes each distinct prompt once and keeps its features on `device`, the `capacity` most recently
+    used of them: a ComfyUI session edits captions for hours, and each umT5 prompt holds megabytes.
 
     The encoder may live elsewhere (e.g. umT5 on the CPU while the DiT runs on the GPU).
     """
 
-    def __init__(self, encoder: TextEncoder, device: str | torch.device = "cpu"):
+    def __init__(self, encoder: TextEncoder, device: str | torch.device = "cpu", capacity: int = 64):
         self.encoder = encoder
         self.device = torch.device(device)
-        self._features: dict[str, torch.Tensor] = {}
+        self.capacity = capacity
+        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.encoded = 0  # prompts actually sent to the encoder
 
     def get(self, prompt: str) -> torch.Tensor:
@@ -118,7 +121,12 @@ class PromptCache:
             for p, feats in zip(missing, self.encoder.encode(missing)):
                 self._features[p] = feats.to(self.device)
             self.encoded += len(missing)
-        return [self._features[p] for p in prompts]
+        found = [self._features[p] for p in prompts]
+        for p in prompts:
+            self._features.move_to_end(p)
+        while len(self._features) > self.capacity:  # a call asking for more than the capacity still gets all
+            self._features.popitem(last=False)
+        return found
 
     def __len__(self) -> int:
         return len(self._features)
@@ -377,24 +385,6 @@ _HF_TO_WAN = [
 ]
 
 SPIECE_KEY = "spiece_model"  # ComfyUI embeds the sentencepiece model as a uint8 tensor under this key
-_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
-
-
-def _dequantize_fp8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI "scaled" fp8: W = fp8 weight * per-tensor scale (key scale_weight, or weight_scale)."""
-    out = {}
-    for key, value in sd.items():
-        if key == "scaled_fp8" or key.endswith((".scale_weight", ".weight_scale", ".scale_input", ".input_scale",
-                                                ".comfy_quant")):
-            continue
-        if value.dtype in _FP8:
-            module = key[: -len("weight")] if key.endswith("weight") else key + "."
-            scale = sd.get(module + "scale_weight", sd.get(module + "weight_scale"))
-            value = value.float() * (scale.float() if scale is not None else 1.0)
-        out[key] = value
-    return out
-
-
 def _to_wan_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if "token_embedding.weight" in sd:
         return sd
@@ -427,7 +417,7 @@ def load_umt5_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], byt
             "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" not in raw:
         raise ValueError(f"{Path(path).name} is a T5 (v1.1) encoder with one shared position bias; "
                          f"Wan2.1 needs umT5-XXL (a position bias in every layer)")
-    sd = _to_wan_names(_dequantize_fp8(raw))
+    sd = _to_wan_names(dequantize_scaled_fp8(raw))
     return sd, (spiece.numpy().tobytes() if spiece is not None else None)
 
 

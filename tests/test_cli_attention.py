@@ -87,9 +87,14 @@ def no_model(monkeypatch):
     (["--threads", "-1"], "--threads"),
     (["--vae", "no_such_vae.pth"], "--vae no_such_vae.pth: no such file"),
     (["--text-encoder", "no_such_umt5"], "--text-encoder no_such_umt5: no such file"),
+    (["--device", "mps"], "MPS (Apple GPU) is not available"),
+    (["--save-state", "story.mp4/st"], "is a file, not a folder"),
 ])
-def test_bad_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, no_model, extra, problem):
+def test_bad_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, no_model, extra, problem, monkeypatch):
     from shotstream_core.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "story.mp4").write_bytes(b"a file where --save-state wants a folder")
 
     assert main(["generate", str(write_story(tmp_path)), "--out", str(tmp_path / "x.mp4"), "--model", "micro",
                  *extra]) == 2
@@ -216,6 +221,8 @@ def test_sdpa_matches_explicit_softmax_attention_with_mask():
 @pytest.mark.parametrize("story, problem", [
     ({"global_caption": "g", "shot1": "a", "shot3": "c"}, "shot2 missing (found shot1, shot3)"),
     ({"global_caption": "g", "shot2": "b"}, "shot1 missing"),
+    ({"global_caption": "g", "shot1": "a", "shot300000000": "typo"}, "shot2 missing (found shot1, shot300000000)"),
+    (b'{"global_caption": "caf\xe9", "shot1": "a"}', "not UTF-8 text"),
     ({"global_caption": "g", "shot1": "a", "shot2": " "}, "shot2 is empty"),
     ({"global_caption": "g", "shot1": 5}, "shot1 must be text"),
     ({"shot1": "a"}, "missing 'global_caption'"),
@@ -227,10 +234,23 @@ def test_story_file_problems_are_named_before_any_model_loads(tmp_path, story, p
     from shotstream_core.__main__ import read_story
 
     path = tmp_path / "story.json"
-    if story is not None:
+    if isinstance(story, bytes):
+        path.write_bytes(story)
+    elif story is not None:
         path.write_text(story if isinstance(story, str) else json.dumps(story))
     with pytest.raises(ValueError, match=re.escape(problem)):
         read_story(path)
+
+
+def test_story_file_is_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    import locale
+
+    from shotstream_core.__main__ import read_story
+
+    path = tmp_path / "story.json"
+    path.write_bytes('\ufeff{"global_caption": "Une forêt la nuit.", "shot1": "La caméra avance."}'.encode("utf-8"))
+    monkeypatch.setattr(locale, "getpreferredencoding", lambda *a, **k: "cp1252")  # what Windows gives
+    assert read_story(path) == ("Une forêt la nuit.", ["La caméra avance."])
 
 
 def test_story_file_shots_are_read_in_number_order(tmp_path):

@@ -149,6 +149,20 @@ def test_interrupted_shot_leaves_state_untouched(engine, story):
     assert torch.equal(f1, f2) and s1.num_shots == 3
 
 
+def test_two_streams_open_at_once_in_one_thread_are_refused_not_deadlocked(engine, story):
+    first = engine.stream_shot(story, ShotRequest(G, CAPTIONS[2], seed=3))
+    blocks = iter(first)
+    next(blocks)  # a block out: this stream holds the engine's cache while `blocks` is open
+    second = engine.stream_shot(story, ShotRequest(G, CAPTIONS[2], seed=4))
+    with pytest.raises(RuntimeError, match="another shot is still streaming on this engine"):
+        next(iter(second))
+    first.close()  # abandoned: no state, and the engine is free again
+    assert first.state is None
+    third = engine.stream_shot(story, ShotRequest(G, CAPTIONS[2], seed=3)).run()
+    _, again = engine.generate_shot(story, ShotRequest(G, CAPTIONS[2], seed=3))
+    assert torch.equal(third.frames, again)
+
+
 def test_editing_a_later_prompt_reuses_earlier_state(engine, story):
     base = story.truncate(1)
     edited, _ = engine.generate_shot(base, ShotRequest(G, "close-up, the red circle moves right", seed=12))
@@ -159,11 +173,16 @@ def test_editing_a_later_prompt_reuses_earlier_state(engine, story):
 def test_save_load_round_trip_is_exact(engine, story, tmp_path):
     path = story.save(tmp_path / "story")
     loaded = StoryState.load(path)
+    assert loaded == story and hash(loaded) == hash(story)  # by value: ids, captions, seeds, flags, frames
     assert loaded.model_id == story.model_id and loaded.geometry == story.geometry
     assert loaded.story_id == story.story_id
     for a, b in zip(loaded.shots, story.shots):
         assert (a.global_caption, a.caption, a.negative, a.seed, a.flag) == (b.global_caption, b.caption, b.negative, b.seed, b.flag)
         assert torch.equal(a.frames, b.frames)
+    frames = story.shots[1].frames.clone()
+    frames[0, 0, 0, 0] ^= 1  # one pixel off is another story
+    assert loaded != dataclasses.replace(story, shots=(story.shots[0], dataclasses.replace(story.shots[1], frames=frames)))
+    assert loaded != story.fork() and loaded.shots[0] != loaded.shots[1]
     # a loaded state continues exactly like the original
     _, f1 = engine.generate_shot(loaded, ShotRequest(G, CAPTIONS[2], seed=5))
     _, f2 = engine.generate_shot(story, ShotRequest(G, CAPTIONS[2], seed=5))

@@ -321,3 +321,76 @@ def test_a_student_file_records_its_blocks_and_the_engine_samples_on_them(tmp_pa
     save_file(sd, tmp_path / "broken.safetensors", metadata={"shotstream_blocks": "{not json"})
     with pytest.raises(ModelLoadError, match="broken.safetensors records an unreadable block layout"):
         sampler_for_dit(tmp_path / "broken.safetensors", preset.sampler)
+
+
+def test_devices_that_are_not_there_are_named(monkeypatch):
+    from shotstream_core.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="MPS"):
+        resolve_device("mps")
+    with pytest.raises(ValueError, match="runs on cpu, cuda, cuda:N or mps"):
+        resolve_device("meta")
+
+
+def test_fp8_scaled_dit_is_dequantised(weights, tmp_path):
+    """ComfyUI's *_fp8_scaled files store fp8(W / s) and s: the loader must multiply it back."""
+    quant = {}
+    for key, value in weights.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            scale = value.abs().max() / 448.0  # e4m3's largest
+            quant[f"model.diffusion_model.{key}"] = (value / scale).to(torch.float8_e4m3fn)
+            quant[f"model.diffusion_model.{key[:-len('weight')]}scale_weight"] = scale.reshape(1)
+        else:
+            quant[f"model.diffusion_model.{key}"] = value
+    quant["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    path = tmp_path / "wan2.1_t2v_micro_fp8_scaled.safetensors"
+    save_file(quant, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no scale tensor is left over as "unexpected"
+        sd, cfg = load_dit_state(path)
+    w = "blocks.0.self_attn.q.weight"
+    assert sd[w].dtype == torch.float32
+    torch.testing.assert_close(sd[w], weights[w], rtol=0.07, atol=1e-3)  # within e4m3's 3-bit mantissa
+    out, ref = run(build_dit(sd, cfg, attention="sdpa")), run(build_dit(weights, CFG, attention="sdpa"))
+    assert (out - ref).abs().mean() < 0.1 * ref.abs().mean()
+
+
+def test_the_references_lora_checkpoint_and_a_peft_folder_merge_at_their_alpha(weights, tmp_path):
+    from shotstream_core.files import read_tensors
+    from shotstream_core.loading import peft_lora_alpha
+
+    g = torch.Generator().manual_seed(2)
+    rank, w = 4, "blocks.0.self_attn.q.weight"
+    a = torch.randn(rank, CFG.dim, generator=g) * 0.1
+    b = torch.randn(CFG.dim, rank, generator=g) * 0.1
+    peft = {"base_model.model.blocks.0.self_attn.q.lora_A.weight": a,
+            "base_model.model.blocks.0.self_attn.q.lora_B.weight": b}
+    # the reference saves {"generator_lora": ..., "critic_lora": ...}, alpha = rank, no config beside it
+    ref = tmp_path / "lora.pt"
+    torch.save({"generator_lora": peft, "critic_lora": {k: v * 0 for k, v in peft.items()}, "step": 3}, ref)
+    assert peft_lora_alpha(ref) is None
+    merged = merge_lora(weights, read_tensors(ref), 1.0, alpha=peft_lora_alpha(ref))
+    torch.testing.assert_close(merged[w], weights[w] + b @ a)
+    # a PEFT folder: adapter_model.safetensors with its alpha in adapter_config.json
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    save_file(peft, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 16, "peft_type": "LORA"}))
+    for given in (folder, folder / "adapter_model.safetensors"):
+        assert peft_lora_alpha(given) == 16.0
+        merged = merge_lora(weights, read_tensors(given), 1.0, alpha=peft_lora_alpha(given))
+        torch.testing.assert_close(merged[w], weights[w] + (16 / rank) * b @ a)
+    # a dict with no weights where they are looked for names what it found
+    odd = tmp_path / "odd.pt"
+    torch.save({"lora_weights": peft, "step": 3}, odd)
+    with pytest.raises(ModelLoadError, match="its keys: 'lora_weights', 'step'"):
+        read_tensors(odd)

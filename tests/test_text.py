@@ -271,3 +271,21 @@ def test_prompt_cache_encodes_each_prompt_once():
     assert cache.encoded == 2 and len(cache) == 2
     assert cache.get("a red circle") is x
     assert torch.equal(x, enc.encode(["a red circle"])[0])
+
+
+def test_prompt_cache_keeps_only_the_most_recently_used():
+    enc = RandomTextEncoder(8, 16)
+    cache = PromptCache(enc, device="cpu", capacity=3)
+    for p in ["a", "b", "c"]:
+        cache.get(p)
+    cache.get("a")  # now the most recent: "b" is the oldest
+    cache.get("d")
+    assert len(cache) == 3 and cache.encoded == 4
+    cache.get_many(["a", "c", "d"])
+    assert cache.encoded == 4  # all still held
+    cache.get("b")
+    assert cache.encoded == 5  # it was dropped, so encoded again
+    # a call asking for more prompts than the capacity still gets every one, each right
+    many = [f"p{i}" for i in range(5)]
+    feats = cache.get_many(many)
+    assert len(cache) == 3 and all(torch.equal(f, enc.encode([p])[0]) for f, p in zip(feats, many))
