@@ -3,17 +3,36 @@
 Imports with no ComfyUI present (every host import is behind nodes/comfy_adapter.py), so tests and
 scripts can load the pack the same way a host does.
 """
+import importlib.machinery
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-# The engine package lives beside this file; when the pack sits in custom_nodes/ it is not on sys.path yet.
-# Appended (not prepended) so nothing here shadows the host's own modules (the host also has a `nodes`).
-if importlib.util.find_spec("shotstream_core") is None:
-    sys.path.append(_HERE)
+
+def _use_own_engine() -> None:
+    """Make `shotstream_core` this pack's copy of the engine. The pack folder is not put first on sys.path,
+    since it would shadow the host's own modules (the host also has a `nodes`); and an engine installed
+    elsewhere (a developer's `pip install -e` of another checkout) must not run under these nodes."""
+    own = os.path.join(_HERE, "shotstream_core")
+    loaded = sys.modules.get("shotstream_core")
+    if loaded is not None:  # imported before the pack (by another pack, or a script): cannot be swapped now
+        where = [os.path.abspath(p) for p in getattr(loaded, "__path__", [])]
+        if own not in where:
+            warnings.warn(f"ShotStream: the engine already imported is {where}, not this pack's {own}; the nodes "
+                          "may not match it. Remove the other copy (pip uninstall comfyui-shotstream), or load "
+                          "the pack before whatever imports it")
+        return
+    spec = importlib.machinery.ModuleSpec("shotstream_core", None, is_package=True)
+    spec.submodule_search_locations = [own]
+    module = importlib.util.module_from_spec(spec)  # a namespace package whose one folder is ours
+    sys.modules["shotstream_core"] = module
+
+
+_use_own_engine()
 
 from .nodes import comfy_adapter as _host  # noqa: E402
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402

@@ -53,6 +53,24 @@ def _validation_message(check, *args) -> bool | str:
 _NOT_CONNECTED = object()
 
 
+class NodeNotes:
+    """Collects the engine's warnings while a node runs (a caption cut to the model's text length, a teacher
+    loaded as the streaming model): shown on the node by the web extension, and in the host's log, where
+    Python's default filter would print each only once a process."""
+
+    def __enter__(self) -> "NodeNotes":
+        self._catcher = warnings.catch_warnings(record=True)
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._catcher.__exit__(*exc)
+        self.lines = list(dict.fromkeys(str(w.message) for w in self._caught if issubclass(w.category, UserWarning)))
+        for line in self.lines:
+            print(f"[ShotStream] note: {line}", file=sys.stderr, flush=True)
+
+
 def _is_widget_value(v) -> bool:
     # Linked inputs reach VALIDATE_INPUTS as None (their value is only known at run time).
     return v is not None
@@ -137,16 +155,17 @@ class LoadShotStream:
     def load(self, dit_name, vae_name, text_encoder_name, precision="fp32", attention="auto", device="auto",
              text_encoder_device="cpu", lora_name=NONE, lora_strength=1.0):
         # A checkpoint's preset (geometry, VAE, text encoder) is inferred from its shapes by load_engine.
-        engine = load_engine(
-            dit_path=self._resolve("dit_name", dit_name),
-            vae_path=self._resolve("vae_name", vae_name),
-            text_encoder_path=self._resolve("text_encoder_name", text_encoder_name),
-            preset=BUNDLED_PRESET,
-            dtype=precision, device=device, attention=attention,
-            text_encoder_device="cpu" if text_encoder_device == "cpu" else device,
-            lora_path=self._resolve("lora_name", lora_name), lora_strength=float(lora_strength),
-        )
-        return (engine,)
+        with NodeNotes() as notes:
+            engine = load_engine(
+                dit_path=self._resolve("dit_name", dit_name),
+                vae_path=self._resolve("vae_name", vae_name),
+                text_encoder_path=self._resolve("text_encoder_name", text_encoder_name),
+                preset=BUNDLED_PRESET,
+                dtype=precision, device=device, attention=attention,
+                text_encoder_device="cpu" if text_encoder_device == "cpu" else device,
+                lora_path=self._resolve("lora_name", lora_name), lora_strength=float(lora_strength),
+            )
+        return {"ui": {"text": notes.lines}, "result": (engine,)}
 
 
 # --- ShotPrompt --------------------------------------------------------------------------------------
@@ -283,18 +302,13 @@ class NextShotGenerate:
                 progress = host.Progress(total)
             progress.update(done)
 
-        with warnings.catch_warnings(record=True) as caught:  # e.g. a caption cut to the model's text length
-            warnings.simplefilter("always")
+        with NodeNotes() as notes:  # e.g. a caption cut to the model's text length
             stream = model.stream_shot(state, prompt.request, on_step=on_step)  # checks model / state match
             for block in stream:
                 if progress is not None:  # stream this block's pixels as the node's preview
                     progress.update(progress.value, preview=_preview_strip(block.frames))
         self.last_progress = progress  # for tests: how many previews this shot sent
-        # Shown on the node (the web extension) and in the host's log: the user sees what the model did not read.
-        notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
-        for note in notes:
-            print(f"[ShotStream] note: {note}", file=sys.stderr, flush=True)
-        return {"ui": {"text": notes}, "result": (stream.state, stream.frames)}
+        return {"ui": {"text": notes.lines}, "result": (stream.state, stream.frames)}
 
 
 # --- files under the output folder -------------------------------------------------------------------

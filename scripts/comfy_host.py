@@ -313,6 +313,7 @@ class ComfyHost:
             "vae": str(self.models_dir / "vae"),
             "clip": str(self.models_dir / "text_encoders"),
             "unet": str(self.models_dir / "diffusion_models"),
+            "loras": str(self.models_dir / "loras"),
         }}, indent=1))
         return config
 

@@ -3,8 +3,8 @@
     python scripts/serve.py                    # http://127.0.0.1:8188
     python scripts/serve.py --port 8190 --models /path/to/models --output out/serve
 
-Model files go in <models>/shotstream (or vae/, text_encoders/ (clip), diffusion_models/ (unet)); the
-bundled tiny model needs none. Open http://127.0.0.1:PORT/?load=story_5shot_video.json to load an example.
+Model files go in <models>/shotstream (or vae/, text_encoders/ (clip), diffusion_models/ (unet)), LoRAs in
+<models>/loras; the bundled tiny model needs none. Open http://127.0.0.1:PORT/?load=story_5shot_video.json to load an example.
 """
 from __future__ import annotations
 

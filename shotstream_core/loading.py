@@ -172,9 +172,14 @@ def merge_lora(sd: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], stren
             raise ModelLoadError(f"LoRA targets {weight_key}, which this DiT does not have")
         a, b = lora[down_key].float(), lora[up_key].float()
         rank = a.shape[0]
+        w = out[weight_key]
+        if a.ndim != 2 or b.ndim != 2 or (b.shape[0], a.shape[1]) != tuple(w.shape) or b.shape[1] != rank:
+            raise ModelLoadError(
+                f"LoRA module {module} is {b.shape[0] if b.ndim else '?'}x{a.shape[1] if a.ndim == 2 else '?'} "
+                f"(rank {rank}), but this DiT's {weight_key} is {'x'.join(map(str, w.shape))}: the LoRA was made "
+                f"for another model; choose one trained on this DiT")
         module_alpha = lora.get(module + ".alpha")
         scale = (float(module_alpha) if module_alpha is not None else (alpha or rank)) / rank
-        w = out[weight_key]
         out[weight_key] = (w.float() + strength * scale * (b @ a)).to(w.dtype)
     return out
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import ShotGeometry
@@ -133,10 +134,37 @@ class StoryState:
         meta_path = path.with_suffix(".json")
         if not path.exists() or not meta_path.exists():
             raise FileNotFoundError(f"story state needs both {path.name} and {meta_path.name} in {path.parent}")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") not in READABLE_FORMATS:
+        def damaged(what: str) -> ValueError:
+            return ValueError(f"{meta_path.name} / {path.name}: {what}; this is not a story state as ShotStream "
+                              "saves it (edited or damaged?): save the story again, or load another")
+
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise damaged(f"unreadable JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_FORMATS:
             raise ValueError(f"{meta_path} is not a ShotStream story state of format "
                              f"{' or '.join(map(str, READABLE_FORMATS))} (a newer pack may read it)")
-        tensors = load_file(str(path))
-        shots = tuple(ShotRecord(frames=tensors[f"shot{i}.frames"], **s) for i, s in enumerate(meta["shots"]))
-        return cls(meta["model_id"], ShotGeometry(**meta["geometry"]), shots, meta["story_id"])
+        missing = [k for k in ("model_id", "story_id", "geometry", "shots") if k not in meta]
+        if missing:
+            raise damaged(f"no {', '.join(missing)}")
+        try:
+            geometry = ShotGeometry(**meta["geometry"])
+            tensors = load_file(str(path))
+        except (TypeError, ValueError, SafetensorError) as e:
+            raise damaged(f"{type(e).__name__}: {e}") from None
+        if not isinstance(meta["shots"], list) or len(tensors) != len(meta["shots"]):
+            raise damaged(f"{len(meta['shots']) if isinstance(meta['shots'], list) else 'no list of'} shots "
+                          f"described, {len(tensors)} shots of frames")
+        state = cls(meta["model_id"], geometry, (), meta["story_id"])
+        expected = (geometry.frames_per_shot, geometry.height, geometry.width, 3)
+        for i, fields in enumerate(meta["shots"]):
+            frames = tensors.get(f"shot{i}.frames")
+            if frames is None or frames.dtype != torch.uint8 or tuple(frames.shape) != expected:
+                found = "none" if frames is None else f"{frames.dtype} {tuple(frames.shape)}"
+                raise damaged(f"shot {i + 1}'s frames are {found}, not uint8 {expected} as the story's size says")
+            try:
+                state = state.with_shot(ShotRecord(frames=frames, **fields))
+            except TypeError as e:
+                raise damaged(f"shot {i + 1}: {e}") from None
+        return state

@@ -93,6 +93,8 @@ def comfy(tmp_path_factory):
     models = work / "models" / "shotstream"
     models.mkdir(parents=True)
     (models / "bad_dit.safetensors").write_bytes(b"this is not a checkpoint")
+    (work / "models" / "loras").mkdir()
+    (work / "models" / "loras" / "host_lora.safetensors").write_bytes(b"listed, never loaded")
     # another model: a micro-preset DiT (random weights) saved the way a user's checkpoint would be
     from shotstream_core.loading import save_dit
     from shotstream_core.model import CausalWanDiT
@@ -132,6 +134,7 @@ def test_object_info_lists_the_five_nodes_with_their_inputs(comfy, pack):
             assert list(info[name]["input"].get(group, {})) == list(ours.get(group, {})), (name, group)
     assert info["LoadShotStream"]["input"]["required"]["dit_name"][0][0] == "bundled: tiny"
     assert MICRO_FILE in info["LoadShotStream"]["input"]["required"]["dit_name"][0]
+    assert "host_lora.safetensors" in info["LoadShotStream"]["input"]["optional"]["lora_name"][0]  # <models>/loras
     assert "/extensions/ShotStream/shotstream.js" in host.get("/extensions")
     assert sorted(host.get("/shotstream/workflows")) == sorted(p.name for p in WORKFLOWS.glob("*.json")
                                                                if not p.name.endswith(".api.json"))
@@ -259,6 +262,24 @@ class TestEachWorkflow:
         time.sleep(0.5)  # let the canvas draw the previews
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / f"{workflow}.png"))
+
+
+@pytest.mark.browser
+def test_a_new_shot_prompts_seed_stays_fixed_and_a_saved_setting_wins(comfy, browser):
+    host, _ = comfy
+    browser.get(f"{host.url}/?load=story_3shot_starter.json")
+    wait_js(browser, "return window.shotstreamLoaded || window.shotstreamLoadError")
+    control = browser.execute_script("""
+        const node = LiteGraph.createNode("ShotPrompt");
+        app.graph.add(node);
+        return node.widgets.find(w => w.name === "control_after_generate").value;""")
+    assert control == "fixed"  # the editor's default, "randomize", would re-render every shot each queue
+    saved = browser.execute_script("""
+        const node = LiteGraph.createNode("ShotPrompt");
+        node.configure({...app.graph._nodes.find(n => n.type === "ShotPrompt").serialize(), id: 999,
+                        widgets_values: ["g", "c", 7, "randomize", 0]});
+        return node.widgets.find(w => w.name === "control_after_generate").value;""")
+    assert saved == "randomize"
 
 
 # --- 3 ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Engine and story state (issue 2, acceptance 1 at engine level and 7)."""
 import dataclasses
 import json
+import re
 import warnings
 
 import pytest
@@ -187,6 +188,31 @@ def test_save_load_round_trip_is_exact(engine, story, tmp_path):
     _, f1 = engine.generate_shot(loaded, ShotRequest(G, CAPTIONS[2], seed=5))
     _, f2 = engine.generate_shot(story, ShotRequest(G, CAPTIONS[2], seed=5))
     assert torch.equal(f1, f2)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda m, t: m["shots"].append(dict(m["shots"][0])), "3 shots described, 2 shots of frames"),
+    (lambda m, t: m.pop("shots"), "no shots"),
+    (lambda m, t: m["geometry"].update(width=m["geometry"]["width"] * 2), "not uint8"),
+    (lambda m, t: t.update({"shot1.frames": t["shot1.frames"].float()}), "torch.float32"),
+    (lambda m, t: t.update({"shot1.frames": t["shot1.frames"][:5]}), "shot 2's frames are torch.uint8 (5,"),
+    (lambda m, t: m["shots"][0].update(colour="red"), "shot 1: ShotRecord.__init__() got an unexpected keyword"),
+    ("{not json", "unreadable JSON"),
+])
+def test_a_damaged_saved_state_is_refused_by_name(story, tmp_path, damage, problem):
+    from safetensors.torch import load_file, save_file
+
+    path = story.save(tmp_path / "story")
+    meta, tensors = json.loads(path.with_suffix(".json").read_text()), load_file(str(path))
+    if isinstance(damage, str):
+        path.with_suffix(".json").write_text(damage)
+    else:
+        damage(meta, tensors)
+        path.with_suffix(".json").write_text(json.dumps(meta))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    with pytest.raises(ValueError, match=re.escape(problem)) as err:
+        StoryState.load(path)
+    assert "save the story again, or load another" in str(err.value)
 
 
 def test_fork_and_truncate(story):

@@ -135,11 +135,30 @@ def test_loader_merges_a_lora_from_the_lora_folder(nodes, host, tmp_path):
     cls = nodes["LoadShotStream"]
     assert cls.INPUT_TYPES()["optional"]["lora_name"][0] == ["none", "style.safetensors"]
     assert "gone.safetensors" in cls.VALIDATE_INPUTS("bundled: tiny", "auto", "auto", lora_name="gone.safetensors")
-    engine = cls().load("bundled: tiny", "auto", "auto", lora_name="style.safetensors", lora_strength=0.5)[0]
+    engine = cls().load("bundled: tiny", "auto", "auto", lora_name="style.safetensors", lora_strength=0.5)["result"][0]
     merged = engine.dit.state_dict()[key]
     torch.testing.assert_close(merged, base[key] + 0.5 * (b @ a), rtol=1e-5, atol=1e-5)  # alpha = rank: scale 1
-    plain = cls().load("bundled: tiny", "auto", "auto")[0]
+    plain = cls().load("bundled: tiny", "auto", "auto")["result"][0]
     assert torch.equal(plain.dit.state_dict()[key], base[key])
+    # a LoRA made for another model is refused by name, not with a torch shape error
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 1536),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(1536, 4)},
+              str(folder / "wan13b.safetensors"))
+    with pytest.raises(ValueError, match=r"is 1536x1536 \(rank 4\), but this DiT's blocks.0.self_attn.q.weight is "
+                                         r"128x128: the LoRA was made for another model"):
+        cls().load("bundled: tiny", "auto", "auto", lora_name="wan13b.safetensors")
+
+
+def test_loader_notes_reach_the_node_every_time(nodes, host, tmp_path):
+    """The loader's warnings (here: a teacher chosen as the streaming model) are the node's UI text, on
+    every load, not once a process as Python's default filter would print them."""
+    from shotstream_core.loading import bundled_path
+
+    host.set_standalone_dirs(models={"dit": [bundled_path("tiny", "dit").parent]})
+    for _ in range(2):
+        out = nodes["LoadShotStream"]().load("teacher.safetensors", "auto", "auto")
+        assert any("is a bidirectional teacher" in line for line in out["ui"]["text"]), out["ui"]
+    assert nodes["LoadShotStream"]().load("bundled: tiny", "auto", "auto")["ui"]["text"] == []
 
 
 # --- generation ------------------------------------------------------------------------------------
@@ -222,7 +241,7 @@ def test_frames_of_a_shot_must_match_the_story(nodes, micro):
 def test_a_state_from_another_model_is_rejected(nodes, micro):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tiny = nodes["LoadShotStream"]().load("bundled: tiny", "auto", "auto", device="cpu")[0]
+        tiny = nodes["LoadShotStream"]().load("bundled: tiny", "auto", "auto", device="cpu")["result"][0]
     defaults = nodes["NextShotGenerate"].INPUT_TYPES()["required"]
     assert defaults["width"][1]["default"] == tiny.geometry.width  # widget defaults follow the bundled model
     assert defaults["frames_per_shot"][1]["default"] == tiny.geometry.frames_per_shot
@@ -323,3 +342,41 @@ def test_video_combine_appends_images_and_checks_inputs(nodes, three_shots, out_
     with pytest.raises(ValueError, match="differ in size"):
         nodes["VideoCombine"]().combine(8, "mp4", "x", images=torch.zeros(2, g.height + 16, g.width, 3),
                                         state=three_shots)
+
+
+def test_the_pack_runs_its_own_engine_even_where_another_copy_is_installed(tmp_path):
+    """A second checkout of the pack in custom_nodes/, beside an editable install of this one: its nodes must
+    import the engine beside them, not the installed one."""
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "custom_nodes" / "ShotStream"
+    for part in ("__init__.py", "nodes", "shotstream_core", "web", "workflows"):
+        src = repo / part
+        (shutil.copytree(src, copy / part, ignore=shutil.ignore_patterns("weights", "__pycache__"))
+         if src.is_dir() else (copy.mkdir(parents=True, exist_ok=True), shutil.copy(src, copy / part)))
+    script = f"""
+import importlib.util, sys
+sys.path.insert(0, {str(repo)!r})  # the other copy, importable first (as an editable install is)
+import importlib; assert importlib.util.find_spec("shotstream_core").submodule_search_locations[0] == {str(repo / "shotstream_core")!r}
+spec = importlib.util.spec_from_file_location("ShotStream", {str(copy / "__init__.py")!r},
+                                              submodule_search_locations=[{str(copy)!r}])
+pack = importlib.util.module_from_spec(spec); sys.modules["ShotStream"] = pack; spec.loader.exec_module(pack)
+import shotstream_core.engine
+print(shotstream_core.engine.__file__)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(copy / "shotstream_core" / "engine.py")
+
+
+def test_requirements_txt_is_the_runtime_dependencies_without_torch():
+    """ComfyUI-Manager installs requirements.txt, pip the pyproject: the two lists must not drift apart."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"]
+    listed = [line.strip() for line in (repo / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert listed == [d for d in project if not d.startswith("torch")]

@@ -2,9 +2,12 @@
 //  * ?load=<workflow> in the page address loads one of the pack's workflows (served by the pack at
 //    /shotstream/workflows/<name>.json) or any same-server URL starting with "/". Tests and docs use it:
 //    http://127.0.0.1:8188/?load=story_3shot_starter.json
-//  * Story State nodes show their summary text after they run; Next Shot nodes their notes, if any.
+//  * Story State nodes show their summary text after they run; Next Shot and the loader their notes, if any.
 //  * Next Shot's size widgets are greyed out while a story state is connected: the story's own size
 //    wins then, and a widget that cannot be edited cannot re-run a shot for nothing.
+//  * A new Shot Prompt's seed starts "fixed", not the editor's "randomize": a new seed every queue would
+//    re-render every shot, where editing shot 3 must re-run shot 3 and later only. A saved workflow's
+//    own setting still wins (configure runs after this).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
@@ -82,6 +85,11 @@ app.registerExtension({
   async setup() {
     await loadFromAddress();  // runs after the app restored its last workflow, so ?load= wins
   },
+  nodeCreated(node) {
+    if (node.comfyClass !== "ShotPrompt") return;
+    const control = node.widgets?.find((w) => w.name === "control_after_generate");
+    if (control) control.value = "fixed";
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === "NextShotGenerate") {
       // called for each input on load (LGraphNode.configure) and on every link change
@@ -90,10 +98,11 @@ app.registerExtension({
         onConnectionsChange?.apply(this, arguments);
         syncNewStoryWidgets(this);
       };
-    } else if (nodeData.name !== "CacheState") {
+    } else if (nodeData.name !== "CacheState" && nodeData.name !== "LoadShotStream") {
       return;
     }
-    // Story State shows its summary, Next Shot its notes (a caption cut to the model's text length)
+    // Story State shows its summary, Next Shot and the loader their notes (a caption cut to the model's
+    // text length; a teacher loaded as the streaming model)
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
