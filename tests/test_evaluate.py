@@ -218,6 +218,21 @@ def test_regenerate_command_carries_every_setting_that_changes_the_numbers():
     assert "--guidance 3 " in tuned + " " and "--threads 2" in tuned and "--teacher-steps 20" in tuned
 
 
+@pytest.mark.parametrize("argv", [
+    ["--out", "ev", "--quick", "--stories", "6"],
+    ["--out", "ev", "--variants", "student", "truth", "--device", "cuda"],
+    ["--out", "ev", "--stories", "3", "--stories10", "0", "--split", "dev", "--guidance", "3", "--threads", "2"],
+])
+def test_the_regenerate_command_parses_back_to_the_same_run(argv):
+    import shlex
+
+    from training.evaluate import command_line, parse_args
+
+    cfg = parse_args(argv)
+    again = parse_args(shlex.split(command_line(cfg))[3:])  # after "python -m training.evaluate"
+    assert again == cfg
+
+
 def test_report_splits_memory_by_hidden_attribute_and_shows_its_error():
     from training.report import ablation_table, memory_table
 

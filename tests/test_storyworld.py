@@ -284,6 +284,33 @@ def test_memory_splits_by_hidden_attribute_and_its_error_counts_stories(corrupti
     assert m["memory_stderr"] > 0.1, m
 
 
+def test_the_hidden_colour_character_is_the_one_left_of_its_shape_whatever_the_palette_order():
+    """The character whose colour is hidden is the one detection of its shape left once the stated ones are
+    matched: not whichever of several comes first in the palette, not a stated character's detection, and
+    not a blob of another shape (a model that draws one fixed blob would keep "its" colour perfectly)."""
+    from training.storyworld.analyse import Detection, ShotAnalysis, identify_cast
+
+    story = next(s for s in make_split("eval5", 200) if s.hidden is not None and s.hidden.kind == "colour"
+                 and len(s.characters) == 2)
+    h = story.hidden.character
+    stated = story.characters[1 - h]
+    shape = story.characters[h].shape
+    spare = [c for c in COLOURS if c not in (stated.colour, story.hidden.value)]
+
+    def blob(colour, form):
+        return Detection(colour, form, "medium", 0.3, "still", (0.0, 0.0), 1.0)
+
+    def hidden_of(*detections):
+        return identify_cast(ShotAnalysis(story.place, 1.0, list(detections)), story, (0, 1))[h]
+
+    kept = blob(story.hidden.value, shape)
+    assert hidden_of(blob(stated.colour, stated.shape), kept) is kept
+    for order in ((kept, blob(spare[0], shape)), (blob(spare[0], shape), kept)):
+        assert hidden_of(blob(stated.colour, stated.shape), *order) is None  # two of its shape: cannot tell
+    assert hidden_of(blob(stated.colour, shape)) is None  # the stated character's colour: that one is taken
+    assert hidden_of(blob(story.hidden.value, stated.shape if stated.shape != shape else "circle")) is None
+
+
 def test_clustered_stderr_grows_when_a_story_hits_or_misses_as_a_whole():
     from training.storyworld.analyse import clustered_stderr
 

@@ -409,13 +409,13 @@ class VariantRun:
     def row(self) -> dict:
         agg5 = aggregate(self.scores5) if self.scores5 else None
         agg10 = aggregate(self.scores10) if self.scores10 else None
-        head = agg5 or agg10
+        head = agg5 or {}  # the table's columns are the 5-shot stories' (drift aside): empty without them
         row = {
             "label": self.variant.label, "available": True, "weights": self.weights,
             "stories5": len(self.scores5), "stories10": len(self.scores10),
-            "adherence": head["adherence"], "memory": head["memory"], "memory_stderr": head["memory_stderr"],
-            "cut_f1": head["cut_f1"],
-            "drift": agg10["drift"] if agg10 else None, "flicker": head["flicker"],
+            "adherence": head.get("adherence"), "memory": head.get("memory"),
+            "memory_stderr": head.get("memory_stderr"), "cut_f1": head.get("cut_f1"),
+            "drift": agg10["drift"] if agg10 else None, "flicker": head.get("flicker"),
         }
         row.update(self.timing.summary() if self.runner is not None and not self.variant.through_vae else
                    {"sec_per_frame": None, "time_to_first_frame": None})
@@ -545,10 +545,14 @@ def command_line(cfg: EvalConfig) -> str:
     parts = ["python -m training.evaluate", f"--model {cfg.model}", f"--out {_rel(cfg.out)}"]
     if cfg.quick:
         parts.append("--quick")
-    else:
-        parts += [f"--stories {cfg.stories}", f"--stories10 {cfg.stories10}",
-                  f"--teacher-stories {cfg.teacher_stories}", f"--teacher-stories10 {cfg.teacher_stories10}"]
+    # the sizes always: a --quick run may have set some of its own
+    parts += [f"--stories {cfg.stories}", f"--stories10 {cfg.stories10}",
+              f"--teacher-stories {cfg.teacher_stories}", f"--teacher-stories10 {cfg.teacher_stories10}"]
     defaults = EvalConfig(model=cfg.model, out=cfg.out)
+    if cfg.variants != defaults.variants:
+        parts.append(f"--variants {' '.join(cfg.variants)}")
+    if cfg.device != defaults.device:
+        parts.append(f"--device {cfg.device}")
     if cfg.teacher_steps != defaults.teacher_steps:
         parts.append(f"--teacher-steps {cfg.teacher_steps}")
     if cfg.guidance != defaults.guidance:  # the teacher row depends on it

@@ -447,13 +447,24 @@ class StoryScore:
         return float(np.mean(items)) if items else float("nan")
 
 
-def _identify(shot: ShotAnalysis, story: Story, index: int) -> Detection | None:
-    """The detection that stands for a story character: by its colour, or by its shape when the colour
-    is hidden (then the shape is all a caption says about it)."""
-    c = story.characters[index]
-    if story.hides_colour_of(index):
-        return shot.find(c.shape)
-    return next((d for d in shot.characters if d.colour == c.colour), None)
+def identify_cast(shot: ShotAnalysis, story: Story, cast) -> list[Detection | None]:
+    """The detections that stand for the story characters `cast` (indices) in one shot, None where one
+    cannot be told. A character whose colour the caption states is the detection of that colour. The one
+    whose colour is hidden is the one detection of its shape (all the caption says about it) among those
+    left once the stated ones are matched; with several, which one it is cannot be told. Its shape must
+    be read: told by elimination alone, a model that draws one fixed blob in every shot would keep "its"
+    colour perfectly (random weights scored memory 1.0 that way)."""
+    found = {}
+    for i in cast:
+        if not story.hides_colour_of(i):
+            colour = story.characters[i].colour
+            found[i] = next((d for d in shot.characters if d.colour == colour), None)
+    left = [d for d in shot.characters if not any(d is m for m in found.values())]
+    for i in cast:
+        if story.hides_colour_of(i):
+            shaped = [d for d in left if d.shape == story.characters[i].shape]
+            found[i] = shaped[0] if len(shaped) == 1 else None
+    return [found[i] for i in cast]
 
 
 def match_cuts(detected, true_starts, tolerance: int = 1) -> tuple[int, int, int]:
@@ -475,7 +486,7 @@ def score_story(story: Story, frames: np.ndarray, ranges) -> StoryScore:
         it, nm = [], []
         if not story.hides_place:
             it.append(float(seen.place == story.place)); nm.append("place")
-        matched = [_identify(seen, story, i) for i in truth.cast]
+        matched = identify_cast(seen, story, truth.cast)
         right = [m is not None and m.shape == story.characters[i].shape for i, m in zip(truth.cast, matched)]
         it += [float(r) for r in right]; nm += ["character"] * len(right)
         extra = [d for d in seen.characters if not any(d is m for m in matched)]
@@ -499,12 +510,17 @@ def score_story(story: Story, frames: np.ndarray, ranges) -> StoryScore:
                 memory.append(float(first.place is not None and seen.place == first.place))
         else:
             h = story.hidden.character
-            shape = story.characters[h].shape
-            ref = first.find(shape)
+
+            def hidden_colour(seen: ShotAnalysis, truth) -> str | None:
+                if h not in truth.cast:  # (the world puts it in shot 1; a story file need not)
+                    return None
+                d = identify_cast(seen, story, truth.cast)[truth.cast.index(h)]
+                return None if d is None else d.colour
+
+            ref = hidden_colour(first, story.shots[0])
             for truth, seen in zip(story.shots[1:], analysis.shots[1:]):
                 if h in truth.cast:
-                    d = seen.find(shape)
-                    memory.append(float(ref is not None and d is not None and d.colour == ref.colour))
+                    memory.append(float(ref is not None and hidden_colour(seen, truth) == ref))
 
     starts = [a for a, _ in ranges[1:]]
     tp, fp, fn = match_cuts(analysis.cuts, starts)
