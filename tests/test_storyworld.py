@@ -284,11 +284,12 @@ def test_memory_splits_by_hidden_attribute_and_its_error_counts_stories(corrupti
     assert m["memory_stderr"] > 0.1, m
 
 
-def test_the_hidden_colour_character_is_the_one_left_of_its_shape_whatever_the_palette_order():
-    """The character whose colour is hidden is the one detection of its shape left once the stated ones are
-    matched: not whichever of several comes first in the palette, not a stated character's detection, and
-    not a blob of another shape (a model that draws one fixed blob would keep "its" colour perfectly)."""
-    from training.storyworld.analyse import Detection, ShotAnalysis, identify_cast
+def test_the_hidden_colour_character_is_one_left_of_its_shape_and_memory_needs_it_alone(monkeypatch):
+    """The character whose colour is hidden is a detection of its shape left once the stated ones are
+    matched: never a stated character's detection, nor a blob of another shape (a model that draws one
+    fixed blob would keep "its" colour perfectly). Memory compares its colour with shot 1's only where one
+    detection can be it: with two of its shape, whichever comes first in the palette, the shot is a miss."""
+    from training.storyworld.analyse import Detection, ShotAnalysis, identify_cast, score_story
 
     story = next(s for s in make_split("eval5", 200) if s.hidden is not None and s.hidden.kind == "colour"
                  and len(s.characters) == 2)
@@ -300,15 +301,37 @@ def test_the_hidden_colour_character_is_the_one_left_of_its_shape_whatever_the_p
     def blob(colour, form):
         return Detection(colour, form, "medium", 0.3, "still", (0.0, 0.0), 1.0)
 
-    def hidden_of(*detections):
-        return identify_cast(ShotAnalysis(story.place, 1.0, list(detections)), story, (0, 1))[h]
+    def identify(*detections):
+        matched, candidates = identify_cast(ShotAnalysis(story.place, 1.0, list(detections)), story, (0, 1))
+        return matched[h], candidates
 
     kept = blob(story.hidden.value, shape)
-    assert hidden_of(blob(stated.colour, stated.shape), kept) is kept
-    for order in ((kept, blob(spare[0], shape)), (blob(spare[0], shape), kept)):
-        assert hidden_of(blob(stated.colour, stated.shape), *order) is None  # two of its shape: cannot tell
-    assert hidden_of(blob(stated.colour, shape)) is None  # the stated character's colour: that one is taken
-    assert hidden_of(blob(story.hidden.value, stated.shape if stated.shape != shape else "circle")) is None
+    assert identify(blob(stated.colour, stated.shape), kept) == (kept, [kept])
+    other = blob(spare[0], shape)
+    for order in ((kept, other), (other, kept)):
+        assert identify(blob(stated.colour, stated.shape), *order)[1] == list(order)  # two can be it
+    assert identify(blob(stated.colour, shape)) == (None, [])  # the stated character's colour: taken
+    assert identify(blob(story.hidden.value, stated.shape if stated.shape != shape else "circle")) == (None, [])
+
+    # memory over a whole story: every later shot showing the hidden character with a same-shaped double
+    frames, ranges = render_story(story, GEOMETRY)
+    truth = score_story(story, frames, ranges)
+    assert truth.memory_items and all(truth.memory_items)
+    import training.storyworld.analyse as analyse
+
+    real = analyse.analyse_video
+
+    def with_double(frames, ranges):
+        video = real(frames, ranges)
+        for shot in video.shots[1:]:
+            mine = next((d for d in shot.characters if d.shape == shape), None)
+            if mine is not None:
+                shot.characters.append(dataclasses.replace(mine, colour=spare[0]))  # after it: old rules took it
+        return video
+
+    monkeypatch.setattr(analyse, "analyse_video", with_double)
+    doubled = score_story(story, frames, ranges)
+    assert len(doubled.memory_items) == len(truth.memory_items) and not any(doubled.memory_items)
 
 
 def test_clustered_stderr_grows_when_a_story_hits_or_misses_as_a_whole():

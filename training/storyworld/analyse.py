@@ -447,24 +447,27 @@ class StoryScore:
         return float(np.mean(items)) if items else float("nan")
 
 
-def identify_cast(shot: ShotAnalysis, story: Story, cast) -> list[Detection | None]:
-    """The detections that stand for the story characters `cast` (indices) in one shot, None where one
-    cannot be told. A character whose colour the caption states is the detection of that colour. The one
-    whose colour is hidden is the one detection of its shape (all the caption says about it) among those
-    left once the stated ones are matched; with several, which one it is cannot be told. Its shape must
-    be read: told by elimination alone, a model that draws one fixed blob in every shot would keep "its"
-    colour perfectly (random weights scored memory 1.0 that way)."""
+def identify_cast(shot: ShotAnalysis, story: Story, cast) -> tuple[list[Detection | None], list[Detection]]:
+    """(the detection that stands for each story character of `cast` (indices) in one shot, None where none
+    does; the candidates for the character whose colour is hidden).
+
+    A character whose colour the caption states is the detection of that colour. The one whose colour is
+    hidden is a detection of its shape (all the caption says about it) among those left once the stated
+    ones are matched: the first such candidate stands for it, and memory, which compares its colour with
+    shot 1's, needs it to be the only one. Its shape must be read: told by elimination alone, a model that
+    draws one fixed blob in every shot would keep "its" colour perfectly (random weights scored 1.0 so)."""
     found = {}
     for i in cast:
         if not story.hides_colour_of(i):
             colour = story.characters[i].colour
             found[i] = next((d for d in shot.characters if d.colour == colour), None)
     left = [d for d in shot.characters if not any(d is m for m in found.values())]
+    candidates = []
     for i in cast:
         if story.hides_colour_of(i):
-            shaped = [d for d in left if d.shape == story.characters[i].shape]
-            found[i] = shaped[0] if len(shaped) == 1 else None
-    return [found[i] for i in cast]
+            candidates = [d for d in left if d.shape == story.characters[i].shape]
+            found[i] = candidates[0] if candidates else None
+    return [found[i] for i in cast], candidates
 
 
 def match_cuts(detected, true_starts, tolerance: int = 1) -> tuple[int, int, int]:
@@ -486,7 +489,7 @@ def score_story(story: Story, frames: np.ndarray, ranges) -> StoryScore:
         it, nm = [], []
         if not story.hides_place:
             it.append(float(seen.place == story.place)); nm.append("place")
-        matched = identify_cast(seen, story, truth.cast)
+        matched, _ = identify_cast(seen, story, truth.cast)
         right = [m is not None and m.shape == story.characters[i].shape for i, m in zip(truth.cast, matched)]
         it += [float(r) for r in right]; nm += ["character"] * len(right)
         extra = [d for d in seen.characters if not any(d is m for m in matched)]
@@ -512,10 +515,11 @@ def score_story(story: Story, frames: np.ndarray, ranges) -> StoryScore:
             h = story.hidden.character
 
             def hidden_colour(seen: ShotAnalysis, truth) -> str | None:
+                """Its colour where one detection can be it; None where none or several can."""
                 if h not in truth.cast:  # (the world puts it in shot 1; a story file need not)
                     return None
-                d = identify_cast(seen, story, truth.cast)[truth.cast.index(h)]
-                return None if d is None else d.colour
+                _, candidates = identify_cast(seen, story, truth.cast)
+                return candidates[0].colour if len(candidates) == 1 else None
 
             ref = hidden_colour(first, story.shots[0])
             for truth, seen in zip(story.shots[1:], analysis.shots[1:]):
