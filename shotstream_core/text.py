@@ -449,12 +449,11 @@ class SentencePieceTokenizer:
 
     @staticmethod
     def clean(text: str) -> str:
-        try:
-            import ftfy  # optional, as Wan uses it when present
+        """Wan's cleaning before umT5's tokenizer: ftfy (curly quotes made straight, mis-decoded text
+        repaired), HTML entities undone twice, whitespace collapsed; the token ids then match its training."""
+        import ftfy
 
-            text = ftfy.fix_text(text)
-        except ImportError:
-            pass
+        text = ftfy.fix_text(text)
         text = html.unescape(html.unescape(text))
         return re.sub(r"\s+", " ", text).strip()
 

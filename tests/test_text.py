@@ -185,6 +185,9 @@ def test_tokenizer_cleans_like_wan(spiece_bytes):
     tok = SentencePieceTokenizer(spiece_bytes)
     assert tok("a  red\n circle &amp; sky ") == tok("a red circle & sky")
     assert tok("a red circle")[-1] == tok.eos_id == 1
+    # ftfy, which Wan always runs: curly quotes straight, UTF-8 read as Latin-1 repaired
+    assert SentencePieceTokenizer.clean("the man\u2019s \u201chat\u201d") == 'the man\'s "hat"'
+    assert SentencePieceTokenizer.clean("caf\u00c3\u00a9") == "caf\u00e9"
 
 
 # --- prompts ------------------------------------------------------------------------------------
