@@ -13,19 +13,30 @@ from pathlib import Path
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _engine_folder(package) -> str | None:
+    """The folder `package` (a shotstream_core already imported) takes its modules from."""
+    engine = sys.modules.get("shotstream_core.engine")
+    if engine is not None:
+        return os.path.dirname(engine.__file__)
+    return next((p for p in getattr(package, "__path__", []) if os.path.isfile(os.path.join(p, "engine.py"))), None)
+
+
 def _use_own_engine() -> None:
     """Make `shotstream_core` this pack's copy of the engine. The pack folder is not put first on sys.path,
     since it would shadow the host's own modules (the host also has a `nodes`); and an engine installed
     elsewhere (a developer's `pip install -e` of another checkout) must not run under these nodes."""
     own = os.path.join(_HERE, "shotstream_core")
     loaded = sys.modules.get("shotstream_core")
-    if loaded is not None:  # imported before the pack (by another pack, or a script): cannot be swapped now
-        where = [os.path.abspath(p) for p in getattr(loaded, "__path__", [])]
-        if own not in where:
-            warnings.warn(f"ShotStream: the engine already imported is {where}, not this pack's {own}; the nodes "
-                          "may not match it. Remove the other copy (pip uninstall comfyui-shotstream), or load "
-                          "the pack before whatever imports it")
-        return
+    if loaded is not None:
+        in_use = _engine_folder(loaded)
+        if in_use is not None and os.path.realpath(in_use) == os.path.realpath(own):
+            return  # ours already (a symlinked pack included)
+        if any(name.startswith("shotstream_core.") for name in sys.modules):
+            # its modules are in use (imported by a script or another pack before this one): cannot swap now
+            warnings.warn(f"ShotStream: the engine already imported is {in_use}, not this pack's {own}; the "
+                          "nodes may not match it. Remove the other copy (pip uninstall comfyui-shotstream), or "
+                          "load the pack before whatever imports it")
+            return
     spec = importlib.machinery.ModuleSpec("shotstream_core", None, is_package=True)
     spec.submodule_search_locations = [own]
     module = importlib.util.module_from_spec(spec)  # a namespace package whose one folder is ours

@@ -119,8 +119,10 @@ def check_args(args, shots: int) -> None:
                          f"end the name in {' or '.join(SUFFIXES)}")
     check_writable_path("--out", out)
     if args.save_state:
-        base = state_path(args.save_state)
-        for path in (base.with_suffix(".safetensors"), base.with_suffix(".json")):
+        from .state import StoryState
+
+        tensors = StoryState.file_path(state_path(args.save_state))  # the two files save() writes
+        for path in (tensors, tensors.with_suffix(".json")):
             check_writable_path("--save-state", path)
 
 

@@ -67,7 +67,9 @@ class ShotStream:
 
     def close(self) -> None:
         """Abandon the shot (its state stays None) and free the engine for the next one."""
-        self._blocks.close()
+        close = getattr(self._blocks, "close", None)  # the engine's blocks are a generator; others need not be
+        if close is not None:
+            close()
 
     def run(self, on_block: Callable[[BlockOutput], None] | None = None) -> "ShotStream":
         for block in self:
@@ -97,7 +99,7 @@ class ShotStreamEngine:
         self.shot_phase = self.sampler.rope_shot_phase
         self._cache: KVCache | None = None
         self._lock = threading.Lock()  # one shot at a time shares the cache buffers
-        self._lock_owner: int | None = None  # the thread whose stream holds it
+        self._lock_owner: threading.Thread | None = None  # the thread whose stream holds it
 
     @property
     def device(self) -> torch.device:
@@ -235,10 +237,10 @@ class ShotStreamEngine:
 
         # The lock is held across the yields below, so a second stream iterated on the same thread while
         # this one is open would wait for itself forever: refuse it instead. Other threads wait their turn.
-        if not self._lock.acquire(blocking=self._lock_owner != threading.get_ident()):
+        if not self._lock.acquire(blocking=self._lock_owner is not threading.current_thread()):
             raise RuntimeError("another shot is still streaming on this engine in this thread: finish iterating "
                                "its stream, or close() it, before starting the next")
-        self._lock_owner = threading.get_ident()
+        self._lock_owner = threading.current_thread()
         try:
             dit = self.dit
             cache = self._kv_cache((ctx_frames + frames_total) * tpf)

@@ -185,17 +185,28 @@ def merge_lora(sd: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], stren
 
 
 def peft_lora_alpha(path: str | Path) -> float | None:
-    """lora_alpha from the adapter_config.json PEFT saves beside adapter_model.safetensors (in the folder given,
-    or beside the file), or None: then a file's own .alpha tensors, or alpha = rank (the reference's LoRA)."""
+    """lora_alpha of a PEFT adapter: adapter_config.json in the folder given, or beside a file named
+    adapter_model.* (how PEFT saves). None otherwise (ComfyUI's flat loras folder may hold one adapter's
+    config beside unrelated files): then a file's own .alpha tensors, or alpha = rank (the reference's)."""
     path = Path(path)
-    config = (path if path.is_dir() else path.parent) / "adapter_config.json"
+    if path.is_dir():
+        config = path / "adapter_config.json"
+    elif path.name.startswith("adapter_model."):
+        config = path.parent / "adapter_config.json"
+    else:
+        return None
     if not config.is_file():
         return None
     try:
-        alpha = json.loads(config.read_text(encoding="utf-8")).get("lora_alpha")
-        return None if alpha is None else float(alpha)
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        alpha = settings.get("lora_alpha")
+        alpha = None if alpha is None else float(alpha)
     except (ValueError, TypeError, AttributeError) as e:
         raise ModelLoadError(f"{config}: unreadable PEFT adapter config ({e}); fix or remove it") from None
+    if settings.get("rank_pattern") or settings.get("alpha_pattern") or settings.get("use_rslora"):
+        warnings.warn(f"{config}: per-module ranks or alphas (rank_pattern, alpha_pattern) and rsLoRA scaling "
+                      f"are not read; every module merges at lora_alpha / its rank")
+    return alpha
 
 
 # --- DiT + engine -----------------------------------------------------------------------------------

@@ -478,7 +478,15 @@ def vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> VAEConfig:
 
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> WanVAE:
-    """Load Wan2.1_VAE.pth, ComfyUI's vae/wan_2.1_vae.safetensors, or a VAE saved by this project."""
+    """Load Wan2.1_VAE.pth, ComfyUI's vae/wan_2.1_vae.safetensors, or a VAE saved by this project; a Wan2.1
+    model folder means the Wan2.1_VAE.pth in it (its .safetensors are the DiT's)."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("Wan2.1_VAE.pth")) or sorted(path.glob("*[Vv][Aa][Ee]*.pth")) \
+            or sorted(path.glob("*[Vv][Aa][Ee]*.safetensors"))
+        if not found:
+            raise ValueError(f"{path} is a folder with no VAE file in it (expected Wan2.1_VAE.pth): give the file")
+        path = found[0]
     sd = _strip_prefix(read_tensors(path))
     if _WAN_VAE_MARKER not in sd or "encoder.conv1.weight" not in sd or "conv2.weight" not in sd:
         raise ValueError(

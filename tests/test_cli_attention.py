@@ -102,6 +102,16 @@ def test_bad_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, no_
     assert problem in err and err.count("\n") == 1 and err.startswith("error: ")
 
 
+def test_save_state_is_checked_at_the_files_it_will_write(tmp_path, capsys, no_model):
+    """--save-state story.v1 writes story.v1.safetensors + story.v1.json (the dot stays): those are checked."""
+    from shotstream_core.__main__ import main
+
+    (tmp_path / "story.v1.json").mkdir()
+    assert main(["generate", str(write_story(tmp_path)), "--out", str(tmp_path / "x.mp4"), "--model", "micro",
+                 "--save-state", str(tmp_path / "story.v1")]) == 2
+    assert "story.v1.json is a directory" in capsys.readouterr().err
+
+
 def test_bad_out_paths_are_refused_before_any_folder_is_made(tmp_path, capsys, no_model):
     from shotstream_core.__main__ import main
 

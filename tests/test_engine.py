@@ -164,6 +164,36 @@ def test_two_streams_open_at_once_in_one_thread_are_refused_not_deadlocked(engin
     assert torch.equal(third.frames, again)
 
 
+def test_a_stream_left_open_by_a_finished_thread_makes_the_next_thread_wait_not_fail(engine, story):
+    """The lock's owner is the thread itself: a new thread (which may get the finished one's id) waits
+    for the open stream to close, as any other thread does."""
+    import threading
+
+    from shotstream_core.engine import ShotStream
+
+    opened = {}
+
+    def leave_open():
+        opened["stream"] = engine.stream_shot(story, ShotRequest(G, CAPTIONS[2], seed=3))
+        opened["blocks"] = iter(opened["stream"])
+        next(opened["blocks"])
+
+    for _ in range(2):
+        t = threading.Thread(target=leave_open)
+        t.start()
+        t.join()
+        results = {}
+        waiter = threading.Thread(target=lambda: results.update(
+            frames=engine.generate_shot(story, ShotRequest(G, CAPTIONS[2], seed=3))[1]))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not results  # waiting its turn, not refused
+        opened["blocks"].close()
+        waiter.join(timeout=120)
+        assert "frames" in results
+    ShotStream(iter([])).close()  # any iterator: nothing to free
+
+
 def test_editing_a_later_prompt_reuses_earlier_state(engine, story):
     base = story.truncate(1)
     edited, _ = engine.generate_shot(base, ShotRequest(G, "close-up, the red circle moves right", seed=12))

@@ -389,6 +389,9 @@ def test_the_references_lora_checkpoint_and_a_peft_folder_merge_at_their_alpha(w
         assert peft_lora_alpha(given) == 16.0
         merged = merge_lora(weights, read_tensors(given), 1.0, alpha=peft_lora_alpha(given))
         torch.testing.assert_close(merged[w], weights[w] + (16 / rank) * b @ a)
+    # another LoRA in the same (flat, ComfyUI-style) folder is not that adapter: its own alpha = rank
+    save_file(peft, str(folder / "other_style.safetensors"))
+    assert peft_lora_alpha(folder / "other_style.safetensors") is None
     # a dict with no weights where they are looked for names what it found
     odd = tmp_path / "odd.pt"
     torch.save({"lora_weights": peft, "step": 3}, odd)

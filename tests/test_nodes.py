@@ -369,6 +369,21 @@ print(shotstream_core.engine.__file__)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(copy / "shotstream_core" / "engine.py")
+    # the other copy's package imported first, none of its modules yet: still ours
+    first = script.replace("import importlib; assert", "import shotstream_core; import importlib; assert")
+    out = subprocess.run([sys.executable, "-W", "error", "-c", first], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == str(copy / "shotstream_core" / "engine.py"), out.stderr
+    # its modules in use already: they stay, and a warning names both folders
+    used = script.replace("import importlib; assert", "import shotstream_core.engine; import importlib; assert")
+    out = subprocess.run([sys.executable, "-c", used], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == str(repo / "shotstream_core" / "engine.py")
+    assert "the engine already imported is" in out.stderr and str(copy / "shotstream_core") in out.stderr
+    # the pack reached through a symlink to the folder whose engine is in use: no warning
+    link = tmp_path / "linked"
+    link.symlink_to(repo, target_is_directory=True)
+    same = used.replace(str(copy), str(link))
+    out = subprocess.run([sys.executable, "-W", "error", "-c", same], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
 
 
 def test_requirements_txt_is_the_runtime_dependencies_without_torch():

@@ -192,6 +192,16 @@ def test_load_wan_pth_and_comfy_safetensors(vae, tmp_path):
             from_st = load_vae(st, dtype=torch.float16)
         assert from_st.dtype == torch.float16
         assert from_st.latent_mean.dtype == torch.float32
+    # a Wan2.1 model folder: its VAE is the .pth beside the DiT's safetensors shards
+    wan = tmp_path / "Wan2.1-T2V-1.3B"
+    wan.mkdir()
+    pth.rename(wan / "Wan2.1_VAE.pth")
+    save_file({"patch_embedding.weight": torch.zeros(1)}, str(wan / "diffusion_pytorch_model.safetensors"))
+    with pytest.warns(UserWarning), torch.no_grad():
+        assert torch.equal(load_vae(wan).decode(z), want)
+    (wan / "Wan2.1_VAE.pth").unlink()
+    with pytest.raises(ValueError, match="a folder with no VAE file in it"):
+        load_vae(wan)
 
 
 def test_trained_statistics_travel_with_weights(tmp_path):
