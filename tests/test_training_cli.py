@@ -357,6 +357,23 @@ def test_an_empty_index_says_so_and_what_it_needs(tmp_path):
         _rows(tmp_path)
 
 
+def test_index_rows_a_user_writes_by_hand(tmp_path):
+    """Excel's "CSV UTF-8" (a byte-order mark) reads; fractional frame numbers and two stories with one name
+    (folders of caption.json + video.mp4: shards are keyed by the name) are refused by row."""
+    from training.storyworld.storage import CSV_FIELDS
+
+    header = ",".join(CSV_FIELDS)
+    (tmp_path / "index.csv").write_bytes(("\ufeff" + header + '\n1,a.json,a.mp4,"[[0, 9], [9, 18]]"\n').encode())
+    assert [r.ranges for r in _rows(tmp_path)] == [[(0, 9), (9, 18)]]
+    (tmp_path / "index.csv").write_text(header + '\n1,a.json,a.mp4,"[[4.9, 26.9]]"\n')
+    with pytest.raises(ValueError, match=r"row 2: shot ranges must be whole frame numbers"):
+        _rows(tmp_path)
+    (tmp_path / "index.csv").write_text(header + '\n1,story_a/caption.json,story_a/video.mp4,"[[0, 9]]"\n'
+                                        '2,story_b/caption.json,story_b/video.mp4,"[[0, 9]]"\n')
+    with pytest.raises(ValueError, match=r"row 3 and .*row 2 both name their story 'caption'.*a file name of its own"):
+        _rows(tmp_path)
+
+
 # --- 4. resume, already done, and a config that changed -------------------------------------------
 
 def _tiny_run(out, capsys, **kw):

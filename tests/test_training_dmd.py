@@ -442,6 +442,12 @@ def test_stage4_lora_trains_adapters_and_exports_merged_weights(micro_run, tmp_p
     via_loader = merge_lora(base, adapter)
     for k in merged:
         torch.testing.assert_close(via_loader[k], merged[k], rtol=1e-5, atol=1e-6)
+    # the same config trains the same adapter, whatever torch's global generator holds
+    torch.manual_seed(1234)
+    stage4_dmd.main(stage_args(micro_run, 4, tmp_path / "again", "max_steps=2", "lora_rank=2", "lora_alpha=4",
+                               "lr=1.0e-2"))
+    again = load_file(str(tmp_path / "again" / "lora.safetensors"))
+    assert again.keys() == adapter.keys() and all(torch.equal(again[k], adapter[k]) for k in adapter)
 
 
 def test_stage4_lora_records_the_blocks_of_the_student_it_makes(micro_run, tmp_path):

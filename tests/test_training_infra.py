@@ -523,6 +523,27 @@ def test_preencoding_pauses_between_shards_and_goes_on(micro_latents, tmp_path, 
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_preencoding_makes_a_shard_each_sitting_even_when_setup_spent_the_budget(micro_latents, tmp_path,
+                                                                               monkeypatch):
+    """Loading the models (or a large data set) can take longer than a sitting's budget: the sitting still
+    encodes one shard, so each run of the command gets further instead of pausing before shard 1 for ever."""
+    from types import SimpleNamespace
+
+    from training import preencode
+    from training.common import StageInterrupted
+
+    ticks = iter(range(0, 10**6, 3600))  # every reading of the clock an hour after the one before
+    monkeypatch.setattr(preencode, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    root = micro_latents.parent
+    cfg = preencode.PreencodeConfig(out_dir=str(tmp_path / "latents"), data_dir=str(root / "data"), preset="micro",
+                                    vae_path=str(root / "vae.safetensors"), num_stories=3, shard_size=1, max_minutes=1)
+    for n in range(1, 3):
+        with pytest.raises(StageInterrupted, match=f"stopped before shard {n + 1} of 3"):
+            preencode.preencode(cfg, Dist())
+        assert len(list((tmp_path / "latents").glob("shard_*.safetensors"))) == n
+    assert preencode.preencode(cfg, Dist())["stories"] == 3
+
+
 def test_preencoding_refuses_a_store_built_from_other_inputs(micro_latents, tmp_path):
     """A store re-run with another num_stories, or after a caption was edited, would skip the shards it
     holds and keep the old stories: it is refused by name, and the store stays as it was. The same inputs

@@ -18,7 +18,7 @@ PEFT_PREFIX = "base_model.model."
 class LoRALinear(nn.Linear):
     """nn.Linear plus a trainable low-rank update; the base weight and bias are frozen."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # shared, not copied
@@ -28,7 +28,11 @@ class LoRALinear(nn.Linear):
         p = base.weight
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=p.device, dtype=p.dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=p.device, dtype=p.dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        # nn.Linear's own init (kaiming uniform, a = sqrt(5): U(+-1/sqrt(in))), drawn on the CPU from
+        # `generator` so that a run is the same on every device and every time
+        bound = 1 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(torch.empty(rank, self.in_features).uniform_(-bound, bound, generator=generator))
         nn.init.zeros_(self.lora_B.weight)
         self.rank, self.alpha = rank, float(alpha)
 
@@ -44,8 +48,10 @@ class LoRALinear(nn.Linear):
         return (self.weight.float() + self.scale * delta).to(self.weight.dtype)
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float | None = None) -> list[str]:
-    """Freeze `model` and wrap every nn.Linear inside model.blocks; returns the wrapped module names."""
+def apply_lora(model: nn.Module, rank: int, alpha: float | None = None,
+               generator: torch.Generator | None = None) -> list[str]:
+    """Freeze `model` and wrap every nn.Linear inside model.blocks; returns the wrapped module names. The
+    A matrices are drawn from `generator` (a training stage passes a seeded one)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     alpha = float(rank if alpha is None else alpha)
@@ -56,7 +62,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None) -> list[
             continue
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:  # not LoRALinear: applying twice is an error below
-                setattr(module, child_name, LoRALinear(child, rank, alpha))
+                setattr(module, child_name, LoRALinear(child, rank, alpha, generator))
                 wrapped.append(f"{name}.{child_name}")
             elif isinstance(child, LoRALinear):
                 raise ValueError(f"{name}.{child_name} already has a LoRA adapter")

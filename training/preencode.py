@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from shotstream_core.text import build_shot_prompt
 from shotstream_core.vae import load_vae
 
 from .common import StageConfig, clear_pause, mark_done, pause_stage, run_stage, save_config
-from .data import context_frame_indices, read_clips, shot_frames
+from .data import context_frame_indices, note_fitting, shot_frames
 from .detail import latent_detail_map
+from .storyworld.storage import read_index
 
 
 @dataclass
@@ -93,8 +95,6 @@ def _video_digest(path) -> str | None:
 def store_inputs(cfg: PreencodeConfig) -> dict:
     """What a store built with cfg holds: the config fields that change it, the data set's index path, the
     VAE file's hash, and per story its ranges, a hash of its caption JSON and a digest of its video."""
-    from .storyworld.storage import read_index
-
     stories = []
     for rec in read_index(Path(cfg.data_dir))[:cfg.num_stories]:
         video = _video_digest(rec.video_path) if rec.video_path is not None else None
@@ -159,8 +159,12 @@ def encode_shard(records, vae, encoder, cfg: PreencodeConfig, geometry, context_
         needed = ([set(range(n)) for n in lengths] if cfg.all_frames
                   else context_frame_indices(lengths, context_frames))
         clips.append((name, shots, needed))
-        prompts = [build_shot_prompt(clip.global_caption, text, i, encoder.count_tokens, encoder.max_tokens)
-                   for i, text in enumerate(clip.shot_captions)]
+        with warnings.catch_warnings(record=True) as cut:  # a caption cut to the text length: say whose
+            warnings.simplefilter("always")
+            prompts = [build_shot_prompt(clip.global_caption, text, i, encoder.count_tokens, encoder.max_tokens)
+                       for i, text in enumerate(clip.shot_captions)]
+        for w in cut:
+            warnings.warn(f"{clip.source or name}: {w.message}", w.category, stacklevel=2)
         for i, feat in enumerate(encoder.encode(prompts)):
             tensors[f"{name}/prompt{i}"] = feat.float().cpu().contiguous()
         entries.append({"name": name, "num_shots": len(shots), "frames_per_shot": lengths,
@@ -212,22 +216,29 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
         neg = encoder.encode([cfg.negative_prompt])[0].float().contiguous()
         save_tensors({"negative": neg}, out / "negative.safetensors")
 
-    records = list(read_clips(cfg.data_dir, cfg.num_stories, geometry))
+    # Each shard's videos are decoded when it is encoded (not every story up front: memory, and a sitting
+    # whose budget would run out while decoding a large data set before its first shard).
+    records = read_index(Path(cfg.data_dir))[:cfg.num_stories]
+    if records:
+        note_fitting(records[0], geometry)
     shards = [records[i:i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
+    size = (geometry.height, geometry.width)
     budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
     prev = json.loads((out / "progress.json").read_text()).get("elapsed_s", 0.0) if (out / "progress.json").is_file() else 0.0
     clear_pause(out, dist.is_main)
-    stopped = False
+    stopped, encoded = False, 0
     for n, shard in enumerate(shards):
         if n % dist.world_size != dist.rank:
             continue
         path = out / f"shard_{n:04d}.safetensors"
         if path.is_file() and (out / f"shard_{n:04d}.json").is_file():
             continue
-        if time.perf_counter() - t0 > budget:  # this sitting's budget
+        if encoded and time.perf_counter() - t0 > budget:  # this sitting's budget; every sitting makes one
             stopped = True
             break
-        tensors, entries = encode_shard(shard, vae, encoder, cfg, geometry, preset.sampler.context_frames)
+        clips = [(rec, rec.read(size=size)) for rec in shard]
+        tensors, entries = encode_shard(clips, vae, encoder, cfg, geometry, preset.sampler.context_frames)
+        encoded += 1
         save_tensors(tensors, path, metadata={"stories": str(len(entries))})  # whole or not at all
         for e in entries:
             e["shard"] = path.name

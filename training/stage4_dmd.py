@@ -32,6 +32,8 @@ from .common import Dist, mark_done, run_stage, save_config, step_generator, tra
 from .lora import adapter_state_dict, apply_lora, merged_state_dict
 from .stage3_dmd import DMDSetup, DMDStageConfig
 
+LORA_STREAM = 20  # step_generator stream of the adapters' initial A matrices (+1: the critic's)
+
 
 @dataclass
 class Stage4Config(DMDStageConfig):
@@ -61,9 +63,10 @@ class InterShotSetup(DMDSetup):
         cfg = self.cfg
         if cfg.lora_rank > 0:
             alpha = cfg.lora_alpha or cfg.lora_rank
-            apply_lora(student, cfg.lora_rank, alpha)
+            # seeded, as every other draw of a stage: the same config trains the same adapter, and resumes it
+            apply_lora(student, cfg.lora_rank, alpha, generator=step_generator(cfg.seed, 0, 0, stream=LORA_STREAM))
             if cfg.lora_critic:
-                apply_lora(fake, cfg.lora_rank, alpha)
+                apply_lora(fake, cfg.lora_rank, alpha, generator=step_generator(cfg.seed, 0, 0, stream=LORA_STREAM + 1))
 
     @torch.no_grad()
     def to_frames(self, shot: torch.Tensor) -> torch.Tensor:

@@ -83,8 +83,12 @@ def validate_ranges(ranges, num_frames: int | None = None, where: str = "") -> l
     """Check per-shot [start, end) ranges: integers, start < end, sorted, non-overlapping, in the video."""
     try:
         out = [(int(a), int(b)) for a, b in ranges]
+        whole = all(float(v) == int(v) for pair in ranges for v in pair)
     except (TypeError, ValueError):
         raise ValueError(f"{where}shot ranges must be a list of [start, end) pairs, got {ranges!r}") from None
+    if not whole:
+        raise ValueError(f"{where}shot ranges must be whole frame numbers, got {ranges!r}; give frame indices, "
+                         f"not times")
     if not out:
         raise ValueError(f"{where}no shot ranges")
     prev_end = 0
@@ -210,7 +214,7 @@ def read_index(csv_path) -> list[ClipRecord]:
     records = []
     needs = (f"a header row {','.join(CSV_FIELDS)} and one row per story, e.g. "
              f'1,0001.json,0001.mp4,"[[0, 49], [49, 98]]" (video_path may be left out for captions alone)')
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise ValueError(f"{csv_path} is empty: it needs {needs}")
@@ -231,6 +235,13 @@ def read_index(csv_path) -> list[ClipRecord]:
                                       validate_ranges(ranges, where=where), where=f"{csv_path} row {i + 2}"))
     if not records:
         raise ValueError(f"{csv_path} has a header but no stories: it needs {needs}")
+    first_row = {}
+    for r in records:  # a story is named by its caption file (latent shards and prompts are keyed by it)
+        if r.name in first_row:
+            raise ValueError(f"{r.where} and {first_row[r.name].where} both name their story {r.name!r}, after "
+                             f"their caption files {first_row[r.name].json_path} and {r.json_path}: give each "
+                             f"story's caption JSON a file name of its own (e.g. the story's folder name)")
+        first_row[r.name] = r
     return records
 
 
