@@ -214,7 +214,9 @@ def main(argv=None) -> int:
     g.add_argument("story", help="STORY.json (global_caption, shot1..shotN)")
     g.add_argument("--out", required=True, help="output .mp4 or .webp")
     g.add_argument("--model", default="tiny", help="'tiny' (bundled) or a DiT checkpoint path")
-    g.add_argument("--vae", default=None, help="VAE file (needed for real Wan checkpoints)")
+    g.add_argument("--vae", default=None, help="VAE file: the one the DiT was trained with (needed for real Wan "
+                                              "checkpoints and for students trained on a VAE of your own; default: "
+                                              "the bundled model's)")
     g.add_argument("--text-encoder", default=None, help="text encoder file (umT5 for real Wan checkpoints)")
     g.add_argument("--seed", type=int, default=0, help="seed of shot 1; shot i uses seed + i - 1")
     g.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default: the model's)")

@@ -544,6 +544,26 @@ def test_preencoding_makes_a_shard_each_sitting_even_when_setup_spent_the_budget
     assert preencode.preencode(cfg, Dist())["stories"] == 3
 
 
+def test_ode_pairs_refuse_a_grid_too_coarse_and_a_guidance_check_without_truth_files(micro_latents, tmp_path):
+    """Settings that used to end in a KeyError or a missing-file traceback are refused first, by name."""
+    import shutil
+
+    from training.ode_pairs import ODEConfig, generate
+
+    base = dict(out_dir=str(tmp_path / "ode"), latent_dir=str(micro_latents), preset="micro",
+                teacher_path=str(tmp_path / "no_teacher.safetensors"), num_pairs=2)
+    with pytest.raises(ValueError, match=r"steps 3: the teacher's grid is too coarse .* use at least 4 steps"):
+        generate(ODEConfig(**base, steps=3), Dist())
+    store = tmp_path / "own_data_latents"  # the same latents, said to come from a data set of one's own
+    shutil.copytree(micro_latents, store)
+    index = json.loads((store / "index.json").read_text())
+    for story in index["stories"]:
+        story["json_path"] = str(tmp_path / "captions" / Path(story["json_path"]).name)
+    (store / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"guidance_check .* truth files .* guidance_check: \[\]"):
+        generate(ODEConfig(**{**base, "latent_dir": str(store)}, guidance_check=(1.0, 3.0)), Dist())
+
+
 def test_preencoding_refuses_a_store_built_from_other_inputs(micro_latents, tmp_path):
     """A store re-run with another num_stories, or after a caption was edited, would skip the shards it
     holds and keep the old stories: it is refused by name, and the store stays as it was. The same inputs

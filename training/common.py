@@ -813,8 +813,10 @@ def train_loop(cfg: StageConfig, dist: Dist, modules: dict, optimizers: dict,
             logger.close()
             why = (f"this sitting's time budget (max_minutes={cfg.max_minutes:g}) ran out" if out_of_time
                    else "stop_after")
+            again = ("run the same command again to resume exactly" if out_of_time else
+                     "run it again without stop_after (or with a later one) to resume exactly")
             raise pause_stage(out, f"{desc or out.name} stopped at step {step} of {cfg.max_steps}: {why}. "
-                                   f"Its state is saved in {out}; run the same command again to resume exactly "
+                                   f"Its state is saved in {out}; {again} "
                                    f"(the model does not change, only the sittings it takes)",
                               dist.is_main, step=step, max_steps=cfg.max_steps, resumed_from=start)
         last = step_fn(step)

@@ -155,6 +155,22 @@ def teacher_sheet(teacher, ds, vae_path, path, n: int, guidance: float, steps: i
     return path
 
 
+def check_grid(steps: int, student_t: list[float], sampler) -> None:
+    """Each of the student's times must fall on a step of its own of the teacher's `steps`-step grid (the
+    trajectory is saved there); the reference's 50 steps hold them exactly."""
+    from shotstream_core.teacher import teacher_sigmas
+
+    def nearest(n):
+        grid = teacher_sigmas(n, sampler.shift)[:-1] * sampler.num_train_timesteps
+        return [int((grid - t).abs().argmin()) for t in student_t]
+
+    if len(set(nearest(steps))) < len(student_t):
+        fits = next(n for n in range(steps + 1, 100 * len(student_t) + steps) if len(set(nearest(n))) == len(student_t))
+        raise ValueError(f"steps {steps}: the teacher's grid is too coarse for the student's times "
+                         f"{[round(t, 1) for t in student_t]} (two fall on one step); use at least {fits} "
+                         f"steps (50, the reference's, holds each exactly)")
+
+
 def generate(cfg: ODEConfig, dist) -> dict:
     """Sample the teacher on every target and store the trajectory latents at the student's times."""
     out = Path(cfg.out_dir)
@@ -164,7 +180,16 @@ def generate(cfg: ODEConfig, dist) -> dict:
     sampler = preset.sampler
     schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
     student_t = [float(t) for t in schedule.warp(sampler.denoising_steps)]
+    check_grid(cfg.steps, student_t, sampler)
     ds = LatentStoryDataset(cfg.latent_dir)
+    if cfg.guidance_check:
+        no_truth = [s["json_path"] for s in ds.stories if not Path(str(s["json_path"])[: -len(".json")]
+                                                                  + ".truth.json").is_file()]
+        if no_truth:
+            raise ValueError(f"guidance_check scores teacher samples against the Story World's truth files "
+                             f"(NAME.truth.json beside each caption JSON), which {no_truth[0]} and "
+                             f"{len(no_truth) - 1} more lack: on your own data set guidance_check: [] and "
+                             f"guidance to the scale you want")
     teacher = load_dit(cfg.teacher_path, WanDiT, "teacher (stage 1)", dist.device, frozen=True)
     preset = preset_for_weights(preset, teacher.config, cfg.teacher_path)
     ds.check_fits(preset, f"the teacher {cfg.teacher_path}")
