@@ -605,6 +605,19 @@ def test_a_finer_patch_teacher_carries_its_shape_through_every_stage(store, tmp_
     state, frames = engine.generate_shot(engine.new_story(), ShotRequest("a red circle in a meadow",
                                                                          "wide shot, the circle moves left"))
     assert state.num_shots == 1 and tuple(frames.shape) == (GEO.frames_per_shot, GEO.height, GEO.width, 3)
+    # every model of the chain records the VAE of its latents, and the engine says when another one decodes
+    from shotstream_core.files import file_digest
+    from shotstream_core.loading import VAE_KEY, _safetensors_metadata
+
+    digest = file_digest(store / "vae.safetensors")
+    assert all(_safetensors_metadata(f).get(VAE_KEY) == digest for f in (teacher, student2, student3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_engine(dit_path=student3, vae_path=store / "vae.safetensors", preset="micro", device="cpu")
+    assert not [w for w in caught if "latents of another VAE" in str(w.message)]
+    with pytest.warns(UserWarning, match="student.safetensors was trained on the latents of another VAE than a VAE "
+                                         "with random weights"):
+        load_engine(dit_path=student3, preset="micro", device="cpu")
 
     # A student of another shape than its teacher, and shape changes that the latents or text cannot
     # feed, fail before any training, naming the problem.

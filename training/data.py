@@ -205,6 +205,11 @@ class LatentStoryDataset:
     def __len__(self) -> int:
         return len(self.stories)
 
+    @property
+    def vae_digest(self) -> str | None:
+        """file_digest of the VAE that encoded this store (None for a store from before the record)."""
+        return self.info.get("vae_digest")
+
     def geometry(self, preset):
         """The preset's shot geometry on this store's latent grid (the stride of the VAE that encoded it),
         tiled by the preset's DiT's patch."""
