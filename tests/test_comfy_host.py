@@ -31,6 +31,7 @@ NODE_NAMES = {"LoadShotStream", "ShotPrompt", "NextShotGenerate", "CacheState", 
 TINY = get_preset("tiny")
 MICRO = get_preset("micro")
 MICRO_FILE, OTHER_MICRO_FILE = "micro_a.safetensors", "micro_b.safetensors"
+TEACHER_FILE = "micro_teacher.safetensors"
 NAMES = ["story_3shot_starter", "story_5shot_video", "story_branching"]
 SAVE = "900"  # id of the CacheState(save) node the tests append to a workflow
 
@@ -97,10 +98,11 @@ def comfy(tmp_path_factory):
     (work / "models" / "loras" / "host_lora.safetensors").write_bytes(b"listed, never loaded")
     # another model: a micro-preset DiT (random weights) saved the way a user's checkpoint would be
     from shotstream_core.loading import save_dit
-    from shotstream_core.model import CausalWanDiT
+    from shotstream_core.model import CausalWanDiT, WanDiT
     for seed, name in ((1, MICRO_FILE), (2, OTHER_MICRO_FILE)):
         torch.manual_seed(seed)
         save_dit(CausalWanDiT(MICRO.dit), models / name)
+    save_dit(WanDiT(MICRO.dit), models / TEACHER_FILE)  # a teacher, which the loader warns about
     host = ComfyHost(workdir=work, torch_threads=1)  # like tests/_collect_root.py: small models, busy CPU
     host.start()
     events = host.events()
@@ -430,3 +432,14 @@ def test_run_time_errors_are_clear_and_keep_the_cached_story(comfy, reference):
     assert torch.equal(saved_state(host, after, SAVE).frames(), ref_state.frames())
 
 
+
+
+def test_the_loaders_warning_reaches_the_editor_as_its_text(comfy):
+    """A teacher chosen as the streaming model runs, with the loader's note in its UI text (what the web
+    extension shows on the node), not only once in the host's log."""
+    host, _ = comfy
+    api = on_micro(api_workflow("story_3shot_starter"), dit_name=TEACHER_FILE)
+    result = host.run(api)
+    assert result.status == "success", result.error_message
+    loader = ids_of(api, "LoadShotStream")[0]
+    assert any("is a bidirectional teacher" in line for line in result.outputs[loader]["text"]), result.outputs
