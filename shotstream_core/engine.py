@@ -253,7 +253,7 @@ class ShotStreamEngine:
 
             decoder = StreamingDecoder(self.vae)
             decoder.reset()
-            shot_latents, shot_frames = [], []
+            shot_frames = []
             for b, (f0, f1) in enumerate(spans):
                 sl = slice(ctx_frames + f0, ctx_frames + f1)
                 x = noise[:, :, f0:f1].to(self.device, self.dtype)
@@ -274,7 +274,6 @@ class ShotStreamEngine:
                 vae_dtype = next(self.vae.parameters()).dtype
                 pixels = decoder.feed(x0.to(vae_dtype))  # [1, 3, n, H, W] in [-1, 1]
                 frames = ((pixels[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()  # [n, H, W, 3]
-                shot_latents.append(x0)
                 shot_frames.append(frames)
                 yield BlockOutput(state.num_shots, b, len(spans), x0, frames)
             decoder.finish()

@@ -317,3 +317,27 @@ def test_vae_of_another_spatial_stride_round_trips_and_loads(tmp_path):
         torch.testing.assert_close(loaded.encode(video), z)
     with pytest.raises(ValueError, match="divisible by 4 \\(VAE stride 4\\)"):
         vae.encode(torch.zeros(1, 3, 5, 32, 34))
+
+
+def test_the_cpu_inference_path_matches_the_training_path_and_caches_copies():
+    """Without autograd on the CPU the VAE runs oneDNN convolutions, a written-out RMS norm and, for a frame
+    coded alone, the last kernel tap only: the same numbers as the path training takes, within float32
+    rounding. Its causal cache holds copies of each chunk's tail, not views that keep whole chunks alive."""
+    from shotstream_core.loading import bundled_path
+    from shotstream_core.vae import CausalConv3d, StreamingDecoder, load_vae
+
+    vae = load_vae(bundled_path("tiny", "vae"))
+    x = torch.rand(1, 3, 9, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.enable_grad():  # the training path (no tensor needs a grad: only the mode differs)
+        z_train, f_train = vae.encode(x), vae.encode_frames(x[0].transpose(0, 1)[:3])
+        d_train = vae.decode(z_train)
+    with torch.no_grad():
+        z, f, d = vae.encode(x), vae.encode_frames(x[0].transpose(0, 1)[:3]), vae.decode(z_train)
+        decoder = StreamingDecoder(vae)
+        decoder.reset()
+        streamed = torch.cat([decoder.feed(z_train[:, :, :1]), decoder.feed(z_train[:, :, 1:])], dim=2)
+        cached = [v for k, v in decoder._cache.items() if isinstance(k, CausalConv3d)]
+    for fast, slow in ((z, z_train), (f, f_train), (d, d_train), (streamed, d_train)):
+        assert not torch.equal(fast, torch.zeros_like(fast))
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    assert cached and all(t._base is None for t in cached)  # copies, not views into a chunk
