@@ -22,8 +22,7 @@ from safetensors.torch import safe_open
 
 from .attention import resolve_backend
 from .config import PRESETS, DiTConfig, Preset, SamplerConfig, get_preset
-from .files import (ModelLoadError, dequantize_scaled_fp8, describe_checkpoint, file_digest, read_tensors,
-                    save_tensors)
+from .files import ModelLoadError, dequantize_scaled_fp8, describe_checkpoint, read_tensors, save_tensors
 from .model import CausalWanDiT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,7 +30,7 @@ DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 DIT_MARKER = "patch_embedding.weight"
 BUNDLED_DIR = Path(__file__).parent / "weights"
 BLOCKS_KEY = "shotstream_blocks"  # a student's block layout, in its file's metadata
-VAE_KEY = "shotstream_vae"  # file_digest of the VAE whose latents a DiT was trained on
+VAE_KEY = "shotstream_vae"  # vae_signature of the VAE whose latents a DiT was trained on
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
@@ -241,31 +240,34 @@ def build_dit(sd, cfg: DiTConfig, dtype=torch.float32, device="cpu", attention="
     return model.to(device).eval().requires_grad_(False)
 
 
-def save_dit(model, path: str | Path, sampler: SamplerConfig | None = None, vae_digest: str | None = None) -> Path:
+def save_dit(model, path: str | Path, sampler: SamplerConfig | None = None, vae_signature: str | None = None) -> Path:
     """Safetensors with the config in the metadata, so loading needs no guessing, and the model's role: a
     teacher and a student share one state dict, and only the student streams in a few steps. A student
     trained on blocks other than the reference's (`sampler`) records them, for sampler_for_dit; a model
-    trained on a VAE's latents records that VAE file's digest (`vae_digest`), for check_vae."""
+    trained on a VAE's latents records that VAE's weights (`vae_signature`), for check_vae."""
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     role = "student" if isinstance(model, CausalWanDiT) else "teacher"
     metadata = {"shotstream_config": json.dumps(dataclasses.asdict(model.config)), "shotstream_role": role}
     if role == "student":
         metadata.update(blocks_metadata(sampler))
-    if vae_digest:
-        metadata[VAE_KEY] = vae_digest
+    if vae_signature:
+        metadata[VAE_KEY] = vae_signature
     return save_tensors(sd, path, metadata=metadata)
 
 
-def check_vae(dit_path: str | Path, vae_file: str | Path | None) -> None:
-    """Warn when a DiT records the VAE whose latents it was trained on and the VAE loaded is another (or
-    random weights): its shots would decode as noise, with nothing else to say why."""
+def check_vae(dit_path: str | Path, vae, vae_name: str | None) -> None:
+    """Warn when a DiT records the VAE whose latents it was trained on and the VAE loaded (`vae_name`, None
+    for random weights) has other weights: its shots would decode as noise, with nothing else to say why.
+    Weights, not files: Wan's .pth and ComfyUI's fp16 safetensors of one VAE are the same VAE."""
+    from .vae import same_weights, vae_signature
+
     recorded = _safetensors_metadata(Path(dit_path)).get(VAE_KEY)
-    if recorded is None or (vae_file is not None and file_digest(vae_file) == recorded):
+    if recorded is None or (vae_name is not None and same_weights(recorded, vae_signature(vae))):
         return
-    loaded = f"the VAE {Path(vae_file).name}" if vae_file is not None else "a VAE with random weights"
-    warnings.warn(f"{Path(dit_path).name} was trained on the latents of another VAE than {loaded} (file digest "
-                  f"{recorded}): its shots will not decode right. Load the VAE it was trained with (--vae on the "
-                  f"command line, the loader's VAE in ComfyUI)")
+    loaded = f"the VAE {vae_name}" if vae_name is not None else "a VAE with random weights"
+    warnings.warn(f"{Path(dit_path).name} was trained on the latents of another VAE than {loaded}: its shots "
+                  f"will not decode right. Load the VAE it was trained with (--vae on the command line, the "
+                  f"loader's VAE in ComfyUI)")
 
 
 def blocks_metadata(sampler: SamplerConfig | None) -> dict[str, str]:
@@ -413,10 +415,8 @@ def load_engine(dit_path=None, vae_path=None, text_encoder_path=None, preset: st
     else:
         vae_file = Path(vae_path)
         vae = load_vae(vae_path, torch_dtype, dev)
-    if dit_path is not None and vae_file is not None and vae_file.is_dir():
-        vae_file = None  # a Wan2.1 folder: which file load_vae took is its business; no digest to compare
-    elif dit_path is not None:
-        check_vae(dit_path, vae_file)
+    if dit_path is not None:
+        check_vae(dit_path, vae, None if vae_file is None else vae_file.name)
     text_encoder = make_text_encoder(p.text_encoder, text_encoder_path, cfg.text_dim, cfg.text_len,
                                      device=resolve_device(text_encoder_device))
     return ShotStreamEngine(dit, vae, text_encoder, p, fingerprint(sd, cfg))

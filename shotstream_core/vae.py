@@ -17,6 +17,7 @@ module, so a trained small VAE carries its own statistics in its state dict.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -121,7 +122,8 @@ _ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_avai
 
 
 def _cpu_inference(x: torch.Tensor) -> bool:
-    return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+    return (_ONEDNN and torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled())
 
 
 class CausalConv3d(nn.Conv3d):
@@ -247,7 +249,7 @@ class Resample(nn.Module):
         if self.mode == "downsample3d":
             # The first chunk passes through untouched; later chunks are strided against the frame before.
             prev = cache.get(self)
-            cache[self] = x[:, :, -1:]
+            cache[self] = x[:, :, -1:].clone()  # a copy: a view would keep the whole chunk alive
             if prev is not None:
                 x = self.time_conv(torch.cat([prev, x], dim=2))
         return x
@@ -499,6 +501,23 @@ def vae_config_from_state_dict(sd: dict[str, torch.Tensor]) -> VAEConfig:
     if z_dim == wan.z_dim and base.replace(latent_mean=wan.latent_mean, latent_std=wan.latent_std) == wan:
         base = wan  # the real Wan2.1 VAE: its published latent statistics
     return base.replace(first_frame_stats="first_latent_mean" in sd)
+
+
+def vae_signature(vae: "WanVAE") -> str:
+    """What identifies a VAE's weights whatever file holds them (Wan2.1_VAE.pth in fp32, ComfyUI's fp16
+    safetensors): each weight tensor's mean absolute value to 4 significant digits, by name (JSON)."""
+    stats = {name: float(f"{t.detach().double().abs().mean().item():.4g}")
+             for name, t in sorted(vae.state_dict().items()) if name.endswith("weight") and t.numel()}
+    return json.dumps(stats, separators=(",", ":"))
+
+
+def same_weights(signature_a: str, signature_b: str, rel: float = 2e-3) -> bool:
+    """Whether two vae_signature()s describe the same weights (up to a file's dtype and the rounding)."""
+    try:
+        a, b = json.loads(signature_a), json.loads(signature_b)
+    except (TypeError, ValueError):
+        return False
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= rel * max(abs(a[k]), abs(b[k]), 1e-12) for k in a)
 
 
 def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> WanVAE:

@@ -605,16 +605,26 @@ def test_a_finer_patch_teacher_carries_its_shape_through_every_stage(store, tmp_
     state, frames = engine.generate_shot(engine.new_story(), ShotRequest("a red circle in a meadow",
                                                                          "wide shot, the circle moves left"))
     assert state.num_shots == 1 and tuple(frames.shape) == (GEO.frames_per_shot, GEO.height, GEO.width, 3)
-    # every model of the chain records the VAE of its latents, and the engine says when another one decodes
-    from shotstream_core.files import file_digest
-    from shotstream_core.loading import VAE_KEY, _safetensors_metadata
+    # every model of the chain records the VAE of its latents, and the engine says when another one decodes;
+    # the same weights in another file (a .pth in half precision, as ComfyUI repackages Wan's) are that VAE
+    from safetensors.torch import load_file
 
-    digest = file_digest(store / "vae.safetensors")
-    assert all(_safetensors_metadata(f).get(VAE_KEY) == digest for f in (teacher, student2, student3))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        load_engine(dit_path=student3, vae_path=store / "vae.safetensors", preset="micro", device="cpu")
-    assert not [w for w in caught if "latents of another VAE" in str(w.message)]
+    from shotstream_core.loading import VAE_KEY, _safetensors_metadata
+    from shotstream_core.vae import load_vae, vae_signature
+
+    signature = vae_signature(load_vae(store / "vae.safetensors"))
+    assert all(_safetensors_metadata(f).get(VAE_KEY) == signature for f in (teacher, student2, student3))
+    torch.save({k: v.half() if v.is_floating_point() and "latent_" not in k else v
+                for k, v in load_file(str(store / "vae.safetensors")).items()}, tmp_path / "same_vae.pth")
+    for same in (store / "vae.safetensors", tmp_path / "same_vae.pth"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_engine(dit_path=student3, vae_path=same, preset="micro", device="cpu")
+        assert not [w for w in caught if "latents of another VAE" in str(w.message)], same
+    other = {k: v * 1.1 if k.endswith("weight") else v for k, v in load_file(str(store / "vae.safetensors")).items()}
+    torch.save(other, tmp_path / "other_vae.pth")
+    with pytest.warns(UserWarning, match="trained on the latents of another VAE than the VAE other_vae.pth"):
+        load_engine(dit_path=student3, vae_path=tmp_path / "other_vae.pth", preset="micro", device="cpu")
     with pytest.warns(UserWarning, match="student.safetensors was trained on the latents of another VAE than a VAE "
                                          "with random weights"):
         load_engine(dit_path=student3, preset="micro", device="cpu")

@@ -206,9 +206,9 @@ class LatentStoryDataset:
         return len(self.stories)
 
     @property
-    def vae_digest(self) -> str | None:
-        """file_digest of the VAE that encoded this store (None for a store from before the record)."""
-        return self.info.get("vae_digest")
+    def vae_signature(self) -> str | None:
+        """vae_signature of the VAE that encoded this store (None for a store from before the record)."""
+        return self.info.get("vae_signature")
 
     def geometry(self, preset):
         """The preset's shot geometry on this store's latent grid (the stride of the VAE that encoded it),

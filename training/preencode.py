@@ -33,12 +33,12 @@ from shotstream_core.config import get_preset
 from shotstream_core.files import file_digest, save_tensors
 from shotstream_core.loading import make_text_encoder
 from shotstream_core.text import build_shot_prompt
-from shotstream_core.vae import load_vae
+from shotstream_core.vae import load_vae, vae_signature
 
 from .common import StageConfig, clear_pause, mark_done, pause_stage, run_stage, save_config
 from .data import context_frame_indices, note_fitting, shot_frames
 from .detail import latent_detail_map
-from .storyworld.storage import read_index
+from .storyworld.storage import check_unique_names, read_index
 
 
 @dataclass
@@ -205,6 +205,7 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
     # Each shard's videos are decoded when it is encoded (not every story up front: memory, and a sitting
     # whose budget would run out while decoding a large data set before its first shard).
     records = read_index(Path(cfg.data_dir))[:cfg.num_stories]
+    check_unique_names(records)
     if records:
         note_fitting(records[0], geometry)
     shards = [records[i:i + cfg.shard_size] for i in range(0, len(records), cfg.shard_size)]
@@ -249,7 +250,7 @@ def preencode(cfg: PreencodeConfig, dist) -> dict:
         c, f, h, w = load_file(str(out / stories[0]["shard"]))[f"{stories[0]['name']}/shot0"].shape
         info = {"preset": cfg.preset, "latent_shape": [c, f, h, w],
                 "spatial_stride": vae.config.spatial_stride, "context_frames": preset.sampler.context_frames,
-                "all_frames": cfg.all_frames, "vae_path": str(vae_path), "vae_digest": file_digest(vae_path),
+                "all_frames": cfg.all_frames, "vae_path": str(vae_path), "vae_signature": vae_signature(vae),
                 "stories": stories}
         (out / "index.json").write_text(json.dumps(info))
         wall = prev + time.perf_counter() - t0

@@ -232,9 +232,9 @@ def train(cfg: TeacherConfig, dist) -> dict:
     summary = train_loop(cfg, dist, modules, {"teacher": opt}, step_fn, desc="teacher")
     if dist.is_main:
         shipped = (ema if ema is not None else teacher).eval()
-        save_dit(shipped, out / "teacher.safetensors", vae_digest=ds.vae_digest)
+        save_dit(shipped, out / "teacher.safetensors", vae_signature=ds.vae_signature)
         if cfg.export:
-            save_dit(shipped, cfg.export, vae_digest=ds.vae_digest)
+            save_dit(shipped, cfg.export, vae_signature=ds.vae_signature)
             print(f"exported {cfg.export}", flush=True)
         if cfg.sample_stories > 0 and Path(cfg.vae_path).is_file():
             from .ode_pairs import teacher_sheet

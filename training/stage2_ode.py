@@ -119,9 +119,9 @@ def train(cfg: Stage2Config, dist) -> dict:
                          sampler=sampler)
     if dist.is_main:
         student.eval()
-        save_dit(student, out / "student.safetensors", sampler, vae_digest=ds.vae_digest)
+        save_dit(student, out / "student.safetensors", sampler, vae_signature=ds.vae_signature)
         if cfg.export:
-            save_dit(student, cfg.export, sampler, vae_digest=ds.vae_digest)
+            save_dit(student, cfg.export, sampler, vae_signature=ds.vae_signature)
             print(f"exported {cfg.export}", flush=True)
         mark_done(out, **summary)
     dist.barrier()

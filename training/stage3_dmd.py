@@ -149,10 +149,10 @@ class DMDSetup:
         """OUT/student.safetensors (+ the `export` copy) from the generator's weights."""
         model = CausalWanDiT(self.preset.dit)
         model.load_state_dict(generator_state if generator_state is not None else unwrap(self.student).state_dict())
-        vae = self.data.vae_digest
-        path = save_dit(model, Path(self.cfg.out_dir) / "student.safetensors", self.preset.sampler, vae_digest=vae)
+        vae = self.data.vae_signature
+        path = save_dit(model, Path(self.cfg.out_dir) / "student.safetensors", self.preset.sampler, vae_signature=vae)
         if self.cfg.export:
-            save_dit(model, self.cfg.export, self.preset.sampler, vae_digest=vae)
+            save_dit(model, self.cfg.export, self.preset.sampler, vae_signature=vae)
             print(f"exported {self.cfg.export}", flush=True)
         return path
 

@@ -235,14 +235,19 @@ def read_index(csv_path) -> list[ClipRecord]:
                                       validate_ranges(ranges, where=where), where=f"{csv_path} row {i + 2}"))
     if not records:
         raise ValueError(f"{csv_path} has a header but no stories: it needs {needs}")
+    return records
+
+
+def check_unique_names(records) -> None:
+    """Refuse two stories named alike: a story is named by its caption file, and pre-encoded latents and
+    prompts are keyed by that name, so one would silently stand for the other."""
     first_row = {}
-    for r in records:  # a story is named by its caption file (latent shards and prompts are keyed by it)
+    for r in records:
         if r.name in first_row:
-            raise ValueError(f"{r.where} and {first_row[r.name].where} both name their story {r.name!r}, after "
+            raise ValueError(f"{first_row[r.name].where} and {r.where} both name their story {r.name!r}, after "
                              f"their caption files {first_row[r.name].json_path} and {r.json_path}: give each "
                              f"story's caption JSON a file name of its own (e.g. the story's folder name)")
         first_row[r.name] = r
-    return records
 
 
 def read_captions(json_path, num_shots: int) -> tuple[str, list[str]]:
