@@ -8,7 +8,6 @@ has it open (a ComfyUI host, a running training stage); a rename leaves their co
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import shutil
@@ -153,17 +152,3 @@ def describe_checkpoint(keys: Iterable[str]) -> str:
         return "a LoRA (merge it into a DiT with the LoRA option instead)"
     sample = ", ".join(sorted(keys)[:3])
     return f"an unrecognised checkpoint ({len(keys)} tensors, e.g. {sample})"
-
-
-def file_digest(path) -> str | None:
-    """Size and a hash of a file's first and last MiB: its content, not its file time (a file written again,
-    or copied, keeps its digest), without reading every byte of a large video or model. None if unreadable."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(1 << 20)
-            f.seek(max(len(head), size - (1 << 20)))
-            tail = f.read()
-    except OSError:
-        return None
-    return f"{size}:{hashlib.sha256(head + tail).hexdigest()[:16]}"

@@ -98,6 +98,11 @@ def opens_cleanly(shots: list[np.ndarray]) -> list[bool]:
     return [1 not in detect_cuts(f) for f in shots]
 
 
+def truth_path(story: dict) -> Path:
+    """The Story World's NAME.truth.json beside a pre-encoded story's caption JSON (own data has none)."""
+    return Path(str(story["json_path"])[: -len(".json")] + ".truth.json")
+
+
 def shot_adherence(ds, targets, shots: list[np.ndarray]) -> list[float]:
     """Analyser adherence of each generated shot k (decoded, uint8 [F, H, W, 3]), scored inside its story
     after the ground-truth pixels of shots 0..k-1 (read back from the training video)."""
@@ -109,7 +114,7 @@ def shot_adherence(ds, targets, shots: list[np.ndarray]) -> list[float]:
     out = []
     for (i, k), shot in zip(targets, shots):
         meta = ds.stories[i]
-        story, _, _ = read_truth(str(meta["json_path"])[: -len(".json")] + ".truth.json")
+        story, _, _ = read_truth(truth_path(meta))
         clip = read_story_clip(meta["video_path"], meta["json_path"], meta["ranges"])
         frames = [fit_shot(clip.shot(j), meta["frames_per_shot"][j]) for j in range(k)] + [shot]  # as pre-encoded
         ranges, pos = [], 0
@@ -183,8 +188,7 @@ def generate(cfg: ODEConfig, dist) -> dict:
     check_grid(cfg.steps, student_t, sampler)
     ds = LatentStoryDataset(cfg.latent_dir)
     if cfg.guidance_check:
-        no_truth = [s["json_path"] for s in ds.stories if not Path(str(s["json_path"])[: -len(".json")]
-                                                                  + ".truth.json").is_file()]
+        no_truth = [s["json_path"] for s in ds.stories if not truth_path(s).is_file()]
         if no_truth:
             raise ValueError(f"guidance_check scores teacher samples against the Story World's truth files "
                              f"(NAME.truth.json beside each caption JSON), which {no_truth[0]} and "

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from shotstream_core.config import get_preset
-from shotstream_core.files import file_digest, save_tensors
+from shotstream_core.files import save_tensors
 from shotstream_core.loading import make_text_encoder
 from shotstream_core.text import build_shot_prompt
 from shotstream_core.vae import load_vae, vae_signature
@@ -78,12 +78,26 @@ def _sha(path) -> str | None:
     return h.hexdigest()[:16]
 
 
+def _video_digest(path) -> str | None:
+    """Size and a hash of a video's first and last MiB: its content, not its file time (a data set written
+    again, or copied, keeps its digest), without reading every byte of a large real data set."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+            f.seek(max(len(head), size - (1 << 20)))
+            tail = f.read()
+    except OSError:
+        return None
+    return f"{size}:{hashlib.sha256(head + tail).hexdigest()[:16]}"
+
+
 def store_inputs(cfg: PreencodeConfig) -> dict:
     """What a store built with cfg holds: the config fields that change it, the data set's index path, the
     VAE file's hash, and per story its ranges, a hash of its caption JSON and a digest of its video."""
     stories = []
     for rec in read_index(Path(cfg.data_dir))[:cfg.num_stories]:
-        video = file_digest(rec.video_path) if rec.video_path is not None else None
+        video = _video_digest(rec.video_path) if rec.video_path is not None else None
         stories.append({"name": rec.name, "ranges": [list(r) for r in rec.ranges], "captions": _sha(rec.json_path),
                         "video": video})
     return {"data_dir": os.path.normpath(cfg.data_dir), **{k: getattr(cfg, k) for k in OUTPUT_FIELDS},
