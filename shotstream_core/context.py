@@ -2,11 +2,15 @@
 
 Rule of the reference: a budget of `total` latent frames over n earlier shots; each gets total // n, the
 last total % n shots one more (so with n > total the oldest shots get none). Within a shot the frames are
-round(linspace(first, last, count)) over its pixel frames. Each chosen frame is encoded alone.
+round(linspace(first, last, count)) over its pixel frames. Each chosen frame is encoded alone, and its latent
+kept for later shots (ContextLatentCache).
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -49,3 +53,46 @@ def plan_context(frames_per_prev_shot: list[int], total: int = 6) -> ContextPlan
             picks.append((shot, idx))
             flags.append(shot)
     return ContextPlan(tuple(picks), tuple(flags), flags[-1] + 1, False)
+
+
+class ContextLatentCache:
+    """Latents of history frames, each encoded alone, kept for the `capacity` most recently used frames.
+
+    Later shots reuse most of the frames earlier shots picked (from the seventh shot on, five of the six), so
+    only the new ones meet the VAE. Keys are the frames' bytes, so a forked, rolled-back or reloaded story
+    finds its frames too. Every miss is encoded on its own, never batched with other misses: a frame's latent
+    is then the same whichever frames happened to be cached, and a story comes out bit for bit the same
+    with a cold cache or a warm one.
+    """
+
+    def __init__(self, encode_frame: Callable[[torch.Tensor], torch.Tensor], capacity: int):
+        self.encode_frame = encode_frame  # uint8 [H, W, 3] -> latent [C, h, w]
+        self.capacity = capacity
+        self._latents: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.encoded = 0  # frames actually sent to the VAE
+
+    @staticmethod
+    def key(frame: torch.Tensor) -> bytes:
+        digest = hashlib.blake2b(frame.contiguous().numpy(), digest_size=16)
+        digest.update(repr(tuple(frame.shape)).encode())
+        return digest.digest()
+
+    def get_many(self, frames: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Latents [C, h, w] of uint8 frames [H, W, 3] (CPU), in order."""
+        keys = [self.key(f) for f in frames]
+        for k, frame in zip(keys, frames):
+            if k not in self._latents:
+                self._latents[k] = self.encode_frame(frame)
+                self.encoded += 1
+        found = [self._latents[k] for k in keys]
+        for k in keys:
+            self._latents.move_to_end(k)
+        while len(self._latents) > self.capacity:  # a call asking for more than the capacity still gets all
+            self._latents.popitem(last=False)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._latents)
+
+    def clear(self) -> None:
+        self._latents.clear()

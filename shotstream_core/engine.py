@@ -17,7 +17,7 @@ import torch
 
 from .cache import KVCache
 from .config import Preset, ShotGeometry
-from .context import plan_context
+from .context import ContextLatentCache, plan_context
 from .model import CausalWanDiT
 from .schedule import FlowSchedule
 from .state import ShotRecord, StoryState
@@ -93,6 +93,8 @@ class ShotStreamEngine:
         self.schedule = FlowSchedule(self.sampler.num_train_timesteps, self.sampler.shift)
         self.timesteps = self.schedule.warp(self.sampler.denoising_steps)  # e.g. 1000, 957.9, 888.9, 737.6
         self.prompts = PromptCache(text_encoder, device=self.device)
+        # Room for the context of many stories at once (a ComfyUI session forks and rolls back often).
+        self.context_latents = ContextLatentCache(self._encode_frame, capacity=16 * self.sampler.context_frames)
         self.text_max_tokens = min(getattr(text_encoder, "max_tokens", dit.config.text_len), dit.config.text_len)
         # Ablation switches (evaluation only): history off = every shot sees the zero context of shot 1.
         self.use_history = True
@@ -157,16 +159,18 @@ class ShotStreamEngine:
 
     # --- one shot ----------------------------------------------------------------------------------
 
+    def _encode_frame(self, frame: torch.Tensor) -> torch.Tensor:
+        """uint8 [H, W, 3] -> latent [C, h, w], the frame encoded alone as a one-frame clip."""
+        pixels = frame.permute(2, 0, 1)[None].to(self.device, torch.float32) / 127.5 - 1  # [1, 3, H, W] in [-1, 1]
+        return self.vae.encode_frames(pixels.to(next(self.vae.parameters()).dtype))[0]
+
     def _context_latents(self, state: StoryState, plan, latent_hw) -> torch.Tensor:
         """[1, C, Fc, h, w]: each chosen history frame encoded alone; zeros for the first shot."""
         c = self.dit.config.in_channels
         if plan.zero_context:
             return torch.zeros(1, c, len(plan.flags), *latent_hw, device=self.device, dtype=self.dtype)
-        frames = torch.stack([state.shots[s].frames[i] for s, i in plan.picks])  # uint8 [N, H, W, 3]
-        pixels = frames.permute(0, 3, 1, 2).to(self.device, torch.float32) / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
-        vae_dtype = next(self.vae.parameters()).dtype
-        latents = self.vae.encode_frames(pixels.to(vae_dtype))  # [N, C, h, w]
-        return latents.permute(1, 0, 2, 3)[None].to(self.dtype)
+        latents = self.context_latents.get_many([state.shots[s].frames[i] for s, i in plan.picks])
+        return torch.stack(latents, dim=1)[None].to(self.device, self.dtype)  # [N x C, h, w] -> [1, C, N, h, w]
 
     def shot_text(self, state: StoryState, request: ShotRequest, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(text [1, P, S, text_dim], prompt_ids [1, Fc+F]) for the next shot of `state`, whose frames carry

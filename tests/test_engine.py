@@ -125,6 +125,66 @@ def test_global_cache_holds_the_picked_history_frames_each_encoded_alone(engine,
     assert train_flags == expected_flags + [2]
 
 
+def test_history_frames_meet_the_vae_once_and_a_warm_cache_changes_no_frame(engine, tmp_path):
+    """Each shot encodes only the context frames no earlier shot picked (one a shot from the seventh on),
+    and a story comes out bit for bit the same from a cold cache, a warm one, or a saved and reloaded state."""
+    from shotstream_core.context import plan_context
+
+    fresh = ShotStreamEngine(engine.dit, engine.vae, engine.prompts.encoder, engine.preset, engine.model_id)
+    captions = [f"shot {i}, the red circle moves" for i in range(9)]
+    seeds = list(range(21, 30))
+    state, seen, new_per_shot, encoded_per_shot = fresh.new_story(), set(), [], []
+    for caption, seed in zip(captions, seeds):
+        picks = plan_context([s.num_frames for s in state.shots], engine.sampler.context_frames).picks
+        new_per_shot.append(len(set(picks) - seen))
+        seen |= set(picks)
+        before = fresh.context_latents.encoded
+        state, _ = fresh.generate_shot(state, ShotRequest(G, caption, seed=seed))
+        encoded_per_shot.append(fresh.context_latents.encoded - before)
+    assert encoded_per_shot == new_per_shot
+    assert encoded_per_shot[0] == 0 and encoded_per_shot[1] == 6 and encoded_per_shot[6:] == [1, 1, 1]
+
+    cold = ShotStreamEngine(engine.dit, engine.vae, engine.prompts.encoder, engine.preset, engine.model_id)
+    cold.context_latents.capacity = 0  # nothing kept: every pick encoded anew for every shot
+    assert torch.equal(cold.generate_story(G, captions, seeds=seeds).frames(), state.frames())
+    assert cold.context_latents.encoded == sum(len(plan_context([f] * k, 6).picks) for k, f in
+                                               enumerate([state.shots[0].num_frames] * 9))
+    warm = fresh.generate_story(G, captions, seeds=seeds)
+    assert torch.equal(warm.frames(), state.frames())
+
+    state.save(tmp_path / "story")
+    before = fresh.context_latents.encoded
+    reloaded, _ = fresh.generate_shot(StoryState.load(tmp_path / "story"), ShotRequest(G, "the end", seed=1))
+    assert fresh.context_latents.encoded - before == 1  # the ninth shot's first frame, the one pick not yet seen
+    assert torch.equal(reloaded.shot_frames(9),
+                       cold.generate_shot(state, ShotRequest(G, "the end", seed=1))[0].shot_frames(9))
+
+
+def test_context_latent_cache_keeps_the_most_recently_used_frames():
+    from shotstream_core.context import ContextLatentCache
+
+    calls = []
+
+    def encode(frame):
+        calls.append(frame.clone())
+        return frame.float().mean(-1)[None]
+
+    cache = ContextLatentCache(encode, capacity=2)
+    a, b, c = (torch.full((4, 4, 3), v, dtype=torch.uint8) for v in (1, 2, 3))
+    wide_a = torch.full((2, 8, 3), 1, dtype=torch.uint8)  # a's bytes at another shape: another frame
+    out = cache.get_many([a, b, a])
+    assert cache.encoded == 2 and [float(x[0, 0, 0]) for x in out] == [1.0, 2.0, 1.0]
+    cache.get_many([a])  # a is now the most recent, so c evicts b
+    cache.get_many([c])
+    assert cache.encoded == 3 and len(cache) == 2
+    cache.get_many([a])
+    assert cache.encoded == 3
+    cache.get_many([b, wide_a])
+    assert cache.encoded == 5 and calls[-1].shape == (2, 8, 3)
+    cache.clear()
+    assert len(cache) == 0
+
+
 def test_same_seed_same_frames_and_new_state_each_shot(engine, story):
     again = engine.generate_story(G, CAPTIONS[:2], seeds=[11, 12])
     assert torch.equal(again.frames(), story.frames())
