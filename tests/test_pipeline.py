@@ -175,11 +175,14 @@ def test_runs_from_before_the_records_go_by_the_done_times(fake_runs, capsys):
         path.unlink()
     _run_stage(fake_runs / "teacher")  # retrained by hand, now
     status = _status(capsys)
-    assert status["ode"].startswith("stale (teacher was retrained after it)")
-    assert status["stage4"].startswith("stale (teacher was retrained after it)")
+    assert status["ode"].startswith("stale (teacher was retrained after it (by the done.json times")
+    assert status["stage4"].startswith("stale (teacher was retrained after it (by the done.json times")
+    assert "copy them again with `cp -a`" in status["ode"]
     capsys.readouterr()
     assert main(["--preset", "micro", "--no-eval"]) == 1
-    assert "ode, stage2, stage3, stage4 were built from an older teacher" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ode, stage2, stage3, stage4 were built from an older teacher" in out
+    assert "judged by the done.json times" in out and "`cp -a`" in out  # a copy without times reads so too
 
 
 def test_status_reads_the_target_step_the_run_itself_was_given(tmp_path):

@@ -77,6 +77,9 @@ BUILT_FROM = "built_from.json"
 # stage's done.json is newer than its own by more than this (a copied run folder gets copy-order times).
 # The data set is left out of this fallback: it is regenerated to the same stories.
 MTIME_SLACK_S = 5.0
+# File times are the one judgement that a copy can fool, so whatever rests on them says so.
+TIMES_HINT = (": this run is older than the built-from records; if the run folders were copied without their "
+              "times, copy them again with `cp -a` instead of rebuilding")
 
 # What the engine loads, and what the report / ablation needs: (file in the export folder, stage, file in
 # the stage's out_dir).
@@ -184,6 +187,7 @@ def record_built_from(preset: str, name: str) -> None:
 class Stale:
     reason: str  # for --status: "teacher was retrained after it"
     roots: tuple[str, ...]  # the stages whose new run made it stale
+    by_times: bool = False  # judged by done.json times (a run from before the built-from records)
 
 
 def stale_stages(preset: str) -> dict[str, Stale]:
@@ -197,7 +201,7 @@ def stale_stages(preset: str) -> dict[str, Stale]:
         if out is None or not out.is_dir():
             continue
         record = _read_built_from(out)
-        changed, via, roots = [], [], []
+        changed, via, roots, by_times = [], [], [], []
         for up in DEPENDS[stage.name]:
             if up not in outs:
                 continue
@@ -216,6 +220,8 @@ def stale_stages(preset: str) -> dict[str, Stale]:
                 hit = (up != "data" and is_done(out) and prints[up] is not None
                        and (outs[up] / "done.json").stat().st_mtime
                        > (out / "done.json").stat().st_mtime + MTIME_SLACK_S)
+                if hit:
+                    by_times.append(up)
             if hit:
                 changed.append(up)
                 if up not in roots:
@@ -224,11 +230,13 @@ def stale_stages(preset: str) -> dict[str, Stale]:
             reason = "; ".join(("the data set was written again, with other stories, after it" if up == "data"
                                 else f"{up} was retrained after it") if prints[up] is not None
                                else f"{up} was deleted or restarted since it was built" for up in changed)
+            if by_times:
+                reason += f" (by the done.json times{TIMES_HINT})"
         elif via:
             reason = f"built from {', '.join(via)}, which {'is' if len(via) == 1 else 'are'} stale"
         else:
             continue
-        stale[stage.name] = Stale(reason, tuple(roots))
+        stale[stage.name] = Stale(reason, tuple(roots), bool(by_times))
     return stale
 
 
@@ -242,7 +250,8 @@ def stale_message(preset: str, stale: dict[str, Stale]) -> str:
     paths = " ".join(_shown(outs[n]) for n in names)
     return (f"{', '.join(names)} {'was' if len(names) == 1 else 'were'} built from an older "
             f"{' and '.join(roots)}: delete {paths} to rebuild {'it' if len(names) == 1 else 'them'} "
-            f"(or run with --rebuild-stale)")
+            f"(or run with --rebuild-stale)" + (f"; judged by the done.json times{TIMES_HINT}"
+                                                if any(s.by_times for s in stale.values()) else ""))
 
 
 def _shown(path: Path) -> str:
