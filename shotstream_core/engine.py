@@ -169,8 +169,9 @@ class ShotStreamEngine:
         c = self.dit.config.in_channels
         if plan.zero_context:
             return torch.zeros(1, c, len(plan.flags), *latent_hw, device=self.device, dtype=self.dtype)
-        latents = self.context_latents.get_many([state.shots[s].frames[i] for s, i in plan.picks])
-        return torch.stack(latents, dim=1)[None].to(self.device, self.dtype)  # [N x C, h, w] -> [1, C, N, h, w]
+        latents = self.context_latents.get_many([state.shots[s].frames[i] for s, i in plan.picks])  # N x [C, h, w]
+        # .to first: a latent cached before the model moved to another device or dtype joins the new ones
+        return torch.stack([z.to(self.device, self.dtype) for z in latents], dim=1)[None]  # [1, C, N, h, w]
 
     def shot_text(self, state: StoryState, request: ShotRequest, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(text [1, P, S, text_dim], prompt_ids [1, Fc+F]) for the next shot of `state`, whose frames carry
