@@ -8,11 +8,12 @@ kept for later shots (ContextLatentCache).
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from .recent import RecentlyUsed
 
 
 def context_budget(num_prev_shots: int, total: int = 6) -> list[int]:
@@ -55,7 +56,7 @@ def plan_context(frames_per_prev_shot: list[int], total: int = 6) -> ContextPlan
     return ContextPlan(tuple(picks), tuple(flags), flags[-1] + 1, False)
 
 
-class ContextLatentCache:
+class ContextLatentCache(RecentlyUsed):
     """Latents of history frames, each encoded alone, kept for the `capacity` most recently used frames.
 
     Later shots reuse most of the frames earlier shots picked (from the seventh shot on, five of the six), so
@@ -66,9 +67,8 @@ class ContextLatentCache:
     """
 
     def __init__(self, encode_frame: Callable[[torch.Tensor], torch.Tensor], capacity: int):
+        super().__init__(capacity)
         self.encode_frame = encode_frame  # uint8 [H, W, 3] -> latent [C, h, w]
-        self.capacity = capacity
-        self._latents: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.encoded = 0  # frames actually sent to the VAE
 
     @staticmethod
@@ -81,18 +81,7 @@ class ContextLatentCache:
         """Latents [C, h, w] of uint8 frames [H, W, 3] (CPU), in order."""
         keys = [self.key(f) for f in frames]
         for k, frame in zip(keys, frames):
-            if k not in self._latents:
-                self._latents[k] = self.encode_frame(frame)
+            if k not in self:
+                self._values[k] = self.encode_frame(frame)
                 self.encoded += 1
-        found = [self._latents[k] for k in keys]
-        for k in keys:
-            self._latents.move_to_end(k)
-        while len(self._latents) > self.capacity:  # a call asking for more than the capacity still gets all
-            self._latents.popitem(last=False)
-        return found
-
-    def __len__(self) -> int:
-        return len(self._latents)
-
-    def clear(self) -> None:
-        self._latents.clear()
+        return self._take(keys)

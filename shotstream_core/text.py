@@ -10,7 +10,6 @@ import html
 import math
 import re
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -20,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .files import dequantize_scaled_fp8, describe_checkpoint, read_tensors
+from .recent import RecentlyUsed
 
 
 @runtime_checkable
@@ -97,7 +97,7 @@ def build_shot_prompt(
 
 # --- prompt cache -------------------------------------------------------------------------------
 
-class PromptCache:
+class PromptCache(RecentlyUsed):
     """Encodes each distinct prompt once and keeps its features on `device`, the `capacity` most recently
     used of them: a ComfyUI session edits captions for hours, and each umT5 prompt holds megabytes.
 
@@ -105,10 +105,9 @@ class PromptCache:
     """
 
     def __init__(self, encoder: TextEncoder, device: str | torch.device = "cpu", capacity: int = 64):
+        super().__init__(capacity)
         self.encoder = encoder
         self.device = torch.device(device)
-        self.capacity = capacity
-        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.encoded = 0  # prompts actually sent to the encoder
 
     def get(self, prompt: str) -> torch.Tensor:
@@ -116,23 +115,12 @@ class PromptCache:
         return self.get_many([prompt])[0]
 
     def get_many(self, prompts: Sequence[str]) -> list[torch.Tensor]:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._features))
+        missing = list(dict.fromkeys(p for p in prompts if p not in self))
         if missing:
             for p, feats in zip(missing, self.encoder.encode(missing)):
-                self._features[p] = feats.to(self.device)
+                self._values[p] = feats.to(self.device)
             self.encoded += len(missing)
-        found = [self._features[p] for p in prompts]
-        for p in prompts:
-            self._features.move_to_end(p)
-        while len(self._features) > self.capacity:  # a call asking for more than the capacity still gets all
-            self._features.popitem(last=False)
-        return found
-
-    def __len__(self) -> int:
-        return len(self._features)
-
-    def clear(self) -> None:
-        self._features.clear()
+        return self._take(prompts)
 
 
 # --- random (hash) encoder ----------------------------------------------------------------------
