@@ -204,11 +204,17 @@ def test_teacher_batch_flags_prompts_and_dropout(store):
     assert b.text.shape[:2] == (2, 3)
     dropped = make_batch(ds, [(2, 2)], FC, DIT.text_len, torch.Generator().manual_seed(0), 1.0, 1.0, "zeros")
     assert not dropped.context.any() and not dropped.text.any()
-    neg = make_batch(ds, [(2, 2)], FC, DIT.text_len, torch.Generator().manual_seed(0), 1.0, 1.0)
+    neg = make_batch(ds, [(2, 2)], FC, DIT.text_len, torch.Generator().manual_seed(0), 0.0, 1.0)
     n = ds.negative.shape[0]
     assert all(torch.equal(neg.text[0, j, :n], ds.negative) for j in range(3))  # CFG's unconditional input
     assert not neg.text[0, :, n:].any()
-    assert dropped.flags[0].tolist() == [0] * FC + [2] * f  # the target keeps its own flag
+    # a dropped context is a first shot's (shotstream.md section 5: the shot flag is the last context flag + 1),
+    # as stages 3-4 and the engine see it, with the target's own caption alone
+    kept = make_batch(ds, [(2, 2)], FC, DIT.text_len, torch.Generator().manual_seed(0), 1.0, 0.0)
+    assert kept.flags[0].tolist() == [0] * FC + [1] * f
+    assert kept.prompt_ids[0].tolist() == [0] * (FC + f) and kept.text.shape[1] == 1
+    own = ds[2].prompt_features[2]
+    assert torch.equal(kept.text[0, 0, : own.shape[0]], own)
 
 
 def test_teacher_overfits_a_fixed_batch(store):

@@ -110,9 +110,9 @@ def make_batch(ds: LatentStoryDataset, targets: list[tuple[int, int]], context_f
         ctx_flags, shot_flag = fl[:-1], fl[-1]
         texts = list(story.prompt_features[: k + 1])  # prompts of shots 0..k; frames pick theirs by flag
         u = torch.rand(2, generator=g)
-        if u[0] < context_dropout:
+        if u[0] < context_dropout:  # as a first shot: zero context, flags 0, the shot flag 1, its own caption
             context = torch.zeros_like(context)
-            ctx_flags = [0] * len(ctx_flags)
+            ctx_flags, shot_flag, texts = [0] * len(ctx_flags), 1, texts[-1:]
         if u[1] < text_dropout:
             texts = ([ds.negative.clone() for _ in texts] if text_dropout_to == "negative"
                      else [torch.zeros_like(t) for t in texts])
