@@ -119,8 +119,13 @@ def test_exit_step_is_the_only_path_for_gradients():
             assert g_noise is not None and g_noise.abs().sum() > 0
         else:  # earlier steps ran without grad: the noise cannot be reached
             assert g_noise is None
-        params = torch.autograd.grad(out.sum(), list(student.parameters()), allow_unused=True)
-        assert any(p is not None and p.abs().sum() > 0 for p in params)
+        names, weights = zip(*student.named_parameters())
+        grads = dict(zip(names, torch.autograd.grad(out.sum(), list(weights), allow_unused=True)))
+        assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
+        # the text path is made outside the graph, as the reference's no-grad cross-attention cache
+        text_path = [n for n in names if n.startswith("text_embedding") or ".cross_attn.k" in n
+                     or ".cross_attn.v" in n or ".cross_attn.norm_k" in n]
+        assert text_path and all(grads[n] is None for n in text_path)
 
 
 def test_rollout_rejects_bad_exit_step():
@@ -249,9 +254,50 @@ def test_cfg_and_uncond_layout():
         uncond_like(text, torch.randn(6, CFG.text_dim + 1))
 
 
+def test_dmd_timesteps_are_drawn_over_the_whole_table_then_clamped():
+    """The reference's draw (shotstream.md section 7 reads it as an index in [20, 980]; the code clamps the
+    value): at shift 8 a seventh of the draws sit at 980 exactly and a few fall below t = 140, which an
+    index in [20, 980] never gives (its lowest timestep is 140.4)."""
+    schedule = FlowSchedule(1000, 8.0)
+    t = DMDLoss(schedule, t_min=20, t_max=980).sample_t(20000, torch.Generator().manual_seed(0))
+    assert float(t.min()) >= 20 and float(t.max()) == 980
+    assert 0.12 < float((t == 980).float().mean()) < 0.16
+    assert 0.01 < float((t < 140).float().mean()) < 0.03
+    assert float(schedule.timesteps[980]) > 140  # the floor of an index drawn in [20, 980]
+
+
+def test_cache_refresh_noise_is_the_tables_sigma_at_t0_for_the_presets_shift():
+    """The reference refreshes with add_noise at t = 0, the nearest table sigma: 0.0079 at Wan's shift 8, 0.001
+    at shift 1 (a fixed 0.008 was 8x that for the tiny preset)."""
+    wan = SelfForcingRollout(dataclasses.replace(SAMPLER, shift=8.0))
+    tiny = SelfForcingRollout(dataclasses.replace(SAMPLER, shift=1.0))
+    assert wan.refresh_sigma == pytest.approx(0.00794, abs=1e-5)
+    assert tiny.refresh_sigma == pytest.approx(0.001, abs=1e-6)
+    assert SelfForcingRollout(SAMPLER, refresh_sigma=0.0).refresh_sigma == 0.0
+    with pytest.raises(ValueError, match="refresh_sigma"):
+        SelfForcingRollout(SAMPLER, refresh_sigma=1.5)
+
+
 def test_generator_and_critic_cycle():
     steps = [is_generator_step(s, 5) for s in range(12)]
     assert steps == [True] + [False] * 5 + [True] + [False] * 5
+
+
+@pytest.mark.parametrize("shots_per_clip", [2, 3, 4, 5, 6])
+def test_stage4_generator_updates_fall_on_every_shot_index(shots_per_clip):
+    """Stage 4 takes one step a shot; a fixed 1:5 cycle gave a 4-shot clip's generator shots 0 and 2 only
+    (and 2-, 3- or 6-shot clips shot 0 only). The slipping cycle spreads them evenly and keeps 1:5 exactly."""
+    from training.stage4_dmd import Stage4Config
+
+    clip_steps = Stage4Config(shots_per_clip=shots_per_clip).hyper().clip_steps
+    assert clip_steps == shots_per_clip
+    steps = 60 * shots_per_clip
+    generator = [s for s in range(steps) if is_generator_step(s, 5, clip_steps)]
+    assert len(generator) == steps // 6
+    per_shot = [sum(1 for s in generator if s % shots_per_clip == k) for k in range(shots_per_clip)]
+    assert max(per_shot) - min(per_shot) <= 1, per_shot
+    # every six consecutive steps of a window hold one generator step at most once slipped: never two in a row
+    assert all(b - a >= 5 for a, b in zip(generator, generator[1:]))
 
 
 def small_trainer(hyper=None, seed=0):

@@ -103,8 +103,9 @@ def note_fitting(rec, geometry: ShotGeometry) -> None:
 
 
 def fit_shot(frames: np.ndarray, n: int) -> np.ndarray:
-    """A shot's frames [F, ...] at n frames: a longer shot subsampled evenly over its whole length, as the
-    reference does (a 10 s real shot stays the whole 10 s, not its first half)."""
+    """A shot's frames [F, ...] at n frames: a longer shot subsampled evenly over its whole length (a 10 s
+    real shot stays the whole 10 s). The reference differs: it takes every (F // n)-th frame and keeps the
+    first n, so a shot under twice n keeps its start at native speed and loses its end (training/README.md)."""
     return frames[np.linspace(0, len(frames) - 1, n).round().astype(int)]
 
 

@@ -13,6 +13,7 @@ t: a shifted-table index uniform in [t_min, t_max] (20..980), one t per sample f
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,9 @@ class DMDLoss:
         self.t_min, self.t_max, self.shot_phase = t_min, t_max, shot_phase
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[B] timesteps on the shifted table, index uniform in [t_min, t_max]."""
-        return self.schedule.sample_training_t((batch,), self.t_min, self.t_max + 1, generator)
+        """[B] timesteps as the reference draws them: a table index uniform over the whole table, then the
+        timestep's value clamped to [t_min, t_max] (so 980 takes every draw above it; at shift 8 about 14%)."""
+        return self.schedule.sample_training_t((batch,), 0, None, generator).clamp(self.t_min, self.t_max)
 
     def score_flow(self, score: nn.Module, x_t, t, cond: ShotConditioning, text_kv) -> torch.Tensor:
         """Flow of the shot frames from a teacher-style score on [clean context | x_t] with one t per sample."""
@@ -111,7 +113,7 @@ class DMDHyper:
     t_min: int = 20
     t_max: int = 980
     critic_per_generator: int = 5  # critic updates per generator update (the reference's 1:5)
-    refresh_sigma: float = 0.008
+    clip_steps: int = 1  # optimiser steps per clip (stage 4: shots per clip; see is_generator_step)
     grad_clip_generator: float = 1.0
     grad_clip_critic: float = 10.0
 
@@ -123,9 +125,17 @@ def make_optimizer(params, lr: float, hyper: DMDHyper) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(hyper.betas), weight_decay=hyper.weight_decay)
 
 
-def is_generator_step(step: int, critic_per_generator: int) -> bool:
-    """Cycle of 1 + n optimiser steps: the generator first, then n critic steps."""
-    return step % (critic_per_generator + 1) == 0
+def is_generator_step(step: int, critic_per_generator: int, clip_steps: int = 1) -> bool:
+    """Cycle of 1 + n optimiser steps: the generator first, then n critic steps.
+
+    Where steps come in clips of `clip_steps` (stage 4: one step a shot, shots in story order), a fixed cycle
+    would pin the generator to a few shot indices (4-shot clips: shots 0 and 2 only; 2, 3 or 6: shot 0, with no
+    history at all). So the cycle slips by one step every lcm(clip_steps, cycle) steps: the generator's updates
+    then fall on every shot index equally often, and the ratio stays exactly 1:n.
+    """
+    cycle = critic_per_generator + 1
+    slip = step // math.lcm(clip_steps, cycle) if clip_steps > 1 else 0
+    return (step + slip) % cycle == 0
 
 
 def sync_gradients(module: nn.Module, dist) -> None:
@@ -163,7 +173,7 @@ class DMDTrainer:
 
     def step(self, step: int, cond: ShotConditioning, uncond_text, noise, generator) -> tuple[dict, torch.Tensor]:
         """One optimiser step; returns (scalars to log, the generated shot [B, C, F, h, w], detached)."""
-        if is_generator_step(step, self.hyper.critic_per_generator):
+        if is_generator_step(step, self.hyper.critic_per_generator, self.hyper.clip_steps):
             self.opt_g.zero_grad(set_to_none=True)
             with self.autocast():
                 x, exit_step = self.generate(cond, noise, generator, grad=True)

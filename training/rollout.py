@@ -8,7 +8,8 @@ leaves the K/V later blocks attend to.
 Training differences (Self-Forcing, shotstream.md section 7):
   * one exit step per rollout, uniform among the few-step times and shared by every block: the block's
     output is the x0 estimate of that step; only that pass runs with autograd, every other pass without;
-  * the cache refresh sees x0 plus a tiny noise (sigma ~ 0.008) while being told t = 0, without grad.
+  * the cache refresh sees x0 plus a tiny noise (the table's sigma nearest t = 0: 0.0079 at shift 8, 0.001 at
+    shift 1) while being told t = 0, without grad.
 With exit step = the last step and refresh_sigma = 0 the rollout is exactly the engine's sampler.
 
 Shapes: B batch, C latent channels, Fc context frames, F shot frames, h x w latent grid,
@@ -73,12 +74,14 @@ def make_conditioning(context: torch.Tensor, prompts: list[list[torch.Tensor]], 
 class SelfForcingRollout:
     """Block-by-block generation of one shot by the causal student, with a shared exit step."""
 
-    def __init__(self, sampler: SamplerConfig, refresh_sigma: float = 0.008):
-        if not 0.0 <= refresh_sigma < 1.0:
-            raise ValueError(f"refresh_sigma must be in [0, 1), got {refresh_sigma}")
+    def __init__(self, sampler: SamplerConfig, refresh_sigma: float | None = None):
         self.sampler = sampler
         self.schedule = FlowSchedule(sampler.num_train_timesteps, sampler.shift)
         self.timesteps = self.schedule.warp(sampler.denoising_steps)  # e.g. 1000, 957.9, 888.9, 737.6
+        if refresh_sigma is None:  # the reference noises at t = 0: the nearest table sigma (0.0079 at shift 8)
+            refresh_sigma = float(self.schedule.sigma(torch.zeros(1))[0])
+        if not 0.0 <= refresh_sigma < 1.0:
+            raise ValueError(f"refresh_sigma must be in [0, 1), got {refresh_sigma}")
         self.refresh_sigma = refresh_sigma
 
     @property
@@ -105,9 +108,11 @@ class SelfForcingRollout:
         cache = KVCache.for_model(student, b, fc + frames, tpf)
         flags, pids = cond.flags, cond.prompt_ids
 
-        with torch.set_grad_enabled(grad):
-            text_kv = student.encode_text(cond.text)  # shared by every pass; in the graph only via exit steps
-        with torch.no_grad():  # global cache: the history at t = 0
+        with torch.no_grad():
+            # The text's K/V are made once, outside the graph: the reference fills its cross-attention cache in
+            # the no-grad context pass, so the generator's text path never trains in the DMD stages.
+            text_kv = student.encode_text(cond.text)
+            # global cache: the history at t = 0
             student.forward_cached(cond.context, torch.zeros(b, fc, device=device), text_kv, flags[:, :fc], cache, 0,
                                    pids[:, :fc], shot_phase=sampler.rope_shot_phase)
 

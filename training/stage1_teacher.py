@@ -74,6 +74,8 @@ class TeacherConfig(StageConfig):
     # What trains: "all" (the tiny teacher, from scratch) or "self_attn" (the blocks' self-attention only,
     # as the reference fine-tunes a pretrained Wan2.1 into the next-shot teacher; use with init_from).
     trainable: str = "all"
+    # AdamW's betas and the clip (common grad_clip, 1.0 here): the reference's stage 1 uses betas (0, 0.999)
+    # and grad_clip 10.0; the tiny recipe's from-scratch teacher keeps (0.9, 0.99) and 1.0.
     beta1: float = 0.9
     beta2: float = 0.99
     # Changes to the preset's DiT shape, e.g. {patch_size: [1, 1, 1]} (tiny: 8x8 tokens a frame, not 4x4).

@@ -41,6 +41,10 @@ class Stage2Config(StageConfig):
     # Latent frames of a shot's first block (0: the preset's block_frames, as the reference). The student
     # file records it, so stages 3-4 and the engine run the blocks it was trained on.
     first_block_frames: int = 0
+    # AdamW's betas: the tiny recipe's (0.9, 0.99), as its from-scratch teacher; the reference's stage 2 uses
+    # (0, 0.999) on its Wan2.1 fine-tune.
+    beta1: float = 0.9
+    beta2: float = 0.99
 
 
 def block_levels(batch: int, block_ids: torch.Tensor, num_levels: int, g) -> torch.Tensor:
@@ -100,7 +104,7 @@ def train(cfg: Stage2Config, dist) -> dict:
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(student)
     model = dist.wrap(student)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
     batches = StepBatches(len(pairs), cfg.batch_size, dist, cfg.seed)
     _, _, _, f, h, w = pairs.latents.shape
     mask = block_causal_mask(pairs.context.shape[2], sampler.block_ids(f), preset.dit.tokens_per_frame(h, w),

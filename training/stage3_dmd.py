@@ -54,10 +54,11 @@ class DMDStageConfig(StageConfig):
     grad_clip: float = 1.0  # generator
     grad_clip_critic: float = 10.0
     guidance: float = 3.0  # CFG on the real score
-    t_min: int = 20  # DMD / critic timestep: shifted-table index in [t_min, t_max]
+    t_min: int = 20  # DMD / critic timestep: a uniform table index's timestep, clamped to [t_min, t_max]
     t_max: int = 980
     critic_per_generator: int = 5
-    refresh_sigma: float = 0.008  # noise on the cache-refresh input (told t = 0)
+    refresh_sigma: float | None = None  # noise on the cache-refresh input (told t = 0); None: the reference's
+    # add_noise at t = 0, the table's sigma nearest it (0.0079 at shift 8, 0.001 at the tiny preset's shift 1)
     history_dropout: float = 0.1  # zero context + own caption, as the teacher was trained
     ckpt_every: int = 50
 
@@ -65,7 +66,7 @@ class DMDStageConfig(StageConfig):
         return DMDHyper(lr_generator=self.lr, lr_critic=self.lr_critic, betas=(self.beta1, self.beta2),
                         weight_decay=self.weight_decay, guidance=self.guidance, t_min=self.t_min,
                         t_max=self.t_max, critic_per_generator=self.critic_per_generator,
-                        refresh_sigma=self.refresh_sigma, grad_clip_generator=self.grad_clip,
+                        grad_clip_generator=self.grad_clip,
                         grad_clip_critic=self.grad_clip_critic)
 
     def lengthens_exactly(self) -> bool:

@@ -18,6 +18,7 @@ mid-clip resumes exactly, under torchrun too.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from shotstream_core.vae import load_vae
 
 from .common import Dist, mark_done, run_stage, save_config, step_generator, train_loop, unwrap
 from .lora import adapter_state_dict, apply_lora, merged_state_dict
+from .dmd import DMDHyper
 from .stage3_dmd import DMDSetup, DMDStageConfig
 
 LORA_STREAM = 20  # step_generator stream of the adapters' initial A matrices (+1: the critic's)
@@ -44,6 +46,10 @@ class Stage4Config(DMDStageConfig):
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float = 0.0  # 0 = rank
     lora_critic: bool = True  # the critic trains LoRA too (as the reference), else fully
+
+    def hyper(self) -> DMDHyper:
+        # one optimiser step a shot: the generator/critic cycle slips so that every shot index trains both
+        return dataclasses.replace(super().hyper(), clip_steps=self.shots_per_clip)
 
 
 class InterShotSetup(DMDSetup):
