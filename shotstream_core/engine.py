@@ -95,6 +95,7 @@ class ShotStreamEngine:
         self.prompts = PromptCache(text_encoder, device=self.device)
         # Room for the context of many stories at once (a ComfyUI session forks and rolls back often).
         self.context_latents = ContextLatentCache(self._encode_frame, capacity=16 * self.sampler.context_frames)
+        self._context_vae: tuple | None = None  # the VAE (dtype, device) the cached latents came from
         self.text_max_tokens = min(getattr(text_encoder, "max_tokens", dit.config.text_len), dit.config.text_len)
         # Ablation switches (evaluation only): history off = every shot sees the zero context of shot 1.
         self.use_history = True
@@ -169,8 +170,11 @@ class ShotStreamEngine:
         c = self.dit.config.in_channels
         if plan.zero_context:
             return torch.zeros(1, c, len(plan.flags), *latent_hw, device=self.device, dtype=self.dtype)
+        vae_weight = next(self.vae.parameters())
+        if self._context_vae != (vae_weight.dtype, vae_weight.device):  # latents of another precision: not reused
+            self.context_latents.clear()
+            self._context_vae = (vae_weight.dtype, vae_weight.device)
         latents = self.context_latents.get_many([state.shots[s].frames[i] for s, i in plan.picks])  # N x [C, h, w]
-        # .to first: a latent cached before the model moved to another device or dtype joins the new ones
         return torch.stack([z.to(self.device, self.dtype) for z in latents], dim=1)[None]  # [1, C, N, h, w]
 
     def shot_text(self, state: StoryState, request: ShotRequest, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +211,8 @@ class ShotStreamEngine:
         return text, ids
 
     def _kv_cache(self, tokens: int) -> KVCache:
-        if self._cache is None or self._cache.max_tokens < tokens or self._cache.keys[0].device != self.device:
+        buffer = None if self._cache is None else self._cache.keys[0]
+        if buffer is None or self._cache.max_tokens < tokens or buffer.device != self.device or buffer.dtype != self.dtype:
             self._cache = None  # free the old buffer before allocating the new one
             cfg = self.dit.config
             self._cache = KVCache(cfg.num_layers, 1, tokens, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
@@ -226,12 +231,12 @@ class ShotStreamEngine:
         ctx_frames = len(plan.flags)
 
         flags = torch.tensor([list(plan.flags) + [shot_flag] * frames_total], device=self.device)  # [1, Fc+F]
-        text, prompt_ids = self.shot_text(state if self.use_history else state.truncate(0), request, flags)
 
         gen = torch.Generator().manual_seed(int(request.seed))
         noise = torch.randn(1, cfg.in_channels, frames_total, h, w, generator=gen)
         spans = sampler.block_spans(frames_total)
-        steps_total = 1 + len(spans) * (len(self.timesteps) + 1)
+        # the context pass, each block's denoising passes, and a cache refresh after every block but the last
+        steps_total = 1 + len(spans) * len(self.timesteps) + len(spans) - 1
         steps_done = 0
 
         def step_done():
@@ -248,6 +253,7 @@ class ShotStreamEngine:
         self._lock_owner = threading.current_thread()
         try:
             dit = self.dit
+            text, prompt_ids = self.shot_text(state if self.use_history else state.truncate(0), request, flags)
             cache = self._kv_cache((ctx_frames + frames_total) * tpf)
             text_kv = dit.encode_text(text)
             ctx = self._context_latents(state, plan, (h, w))
@@ -272,15 +278,18 @@ class ShotStreamEngine:
                         t_next = torch.full_like(t_frames, float(self.timesteps[k + 1]))
                         x = self.schedule.add_noise(x0, fresh, t_next)
                     step_done()
-                # Cache refresh: the clean block at t=0 is what later blocks attend to.
-                dit.forward_cached(x0, torch.zeros_like(t_frames), text_kv, flags[:, sl], cache, sl.start,
-                                   prompt_ids[:, sl], shot_phase=self.shot_phase)
-                step_done()
                 vae_dtype = next(self.vae.parameters()).dtype
                 pixels = decoder.feed(x0.to(vae_dtype))  # [1, 3, n, H, W] in [-1, 1]
                 frames = ((pixels[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()  # [n, H, W, 3]
                 shot_frames.append(frames)
                 yield BlockOutput(state.num_shots, b, len(spans), x0, frames)
+                # Cache refresh: the clean block at t=0 is what later blocks attend to. It runs after the
+                # block is out (one DiT pass less between a block's last step and its frames) and not at
+                # all after the last block, which no block attends to.
+                if b + 1 < len(spans):
+                    dit.forward_cached(x0, torch.zeros_like(t_frames), text_kv, flags[:, sl], cache, sl.start,
+                                       prompt_ids[:, sl], shot_phase=self.shot_phase)
+                    step_done()
             decoder.finish()
         finally:
             self._lock_owner = None

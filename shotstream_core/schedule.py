@@ -33,8 +33,9 @@ class FlowSchedule:
         return s[:, None, :, None, None]
 
     def add_noise(self, x0, noise, t):
-        s = self._expand(self.sigma(t), x0).to(x0.dtype)
-        return (1 - s) * x0 + s * noise
+        # mixed in float32 and rounded once, as the reference: sigma rounded to bf16 first is another t
+        s = self._expand(self.sigma(t), x0)
+        return ((1 - s) * x0.float() + s * noise.float()).to(x0.dtype)
 
     def x0_from_flow(self, x_t, flow, t):
         s = self._expand(self.sigma(t), x_t)

@@ -185,6 +185,48 @@ def test_context_latent_cache_keeps_the_most_recently_used_frames():
     assert len(cache) == 0
 
 
+def test_a_block_is_out_before_its_cache_refresh_and_the_last_block_has_none(engine, story, monkeypatch):
+    """Frames leave as soon as a block's last denoising step is done: its cache refresh (for the next block)
+    runs when the stream is asked for more, and the last block, which no block attends to, has none."""
+    calls = []
+    original = engine.dit.forward_cached
+
+    def spy(x, t, *args, **kwargs):
+        calls.append(bool((t == 0).all()))
+        return original(x, t, *args, **kwargs)
+
+    monkeypatch.setattr(engine.dit, "forward_cached", spy)
+    steps_seen = []
+    stream = engine.stream_shot(story, ShotRequest(G, CAPTIONS[2], seed=13),
+                                on_step=lambda done, total: steps_seen.append((done, total)))
+    blocks = len(engine.sampler.block_spans(story.geometry.latent_frames))
+    denoise = len(engine.timesteps)
+    calls_at_block = [len(calls) for _ in stream]
+    # the context pass, then per block its denoising passes, and the refresh of the block before it
+    assert calls_at_block == [1 + (b + 1) * denoise + b for b in range(blocks)]
+    assert len(calls) == 1 + blocks * denoise + blocks - 1
+    assert calls.count(True) == 1 + blocks - 1  # the context pass and the refreshes, all at t = 0
+    assert steps_seen[-1] == (len(calls), len(calls))  # progress ends at its own total
+    assert torch.equal(stream.frames, engine.generate_shot(story, ShotRequest(G, CAPTIONS[2], seed=13))[1])
+
+
+def test_an_engine_moved_to_another_precision_encodes_and_caches_anew(story):
+    """A DiT and VAE cast to bf16 after an fp32 shot: the K/V buffer and the cached context latents of the
+    fp32 shot are not reused, so the next shot is the one a bf16 engine makes from the start."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moved = load_engine(preset="micro", device="cpu")
+        half = load_engine(preset="micro", device="cpu", dtype="bf16")
+    request = ShotRequest(G, CAPTIONS[2], seed=13)
+    moved.generate_shot(story, request)  # fp32: fills the K/V buffer and the latent cache
+    moved.dit.to(torch.bfloat16)
+    moved.vae.to(torch.bfloat16)
+    before = moved.context_latents.encoded
+    _, frames = moved.generate_shot(story, request)
+    assert moved.context_latents.encoded - before == 6  # every pick encoded again, in bf16
+    assert torch.equal(frames, half.generate_shot(story, request)[1])
+
+
 def test_same_seed_same_frames_and_new_state_each_shot(engine, story):
     again = engine.generate_story(G, CAPTIONS[:2], seeds=[11, 12])
     assert torch.equal(again.frames(), story.frames())
