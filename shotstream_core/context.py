@@ -56,6 +56,14 @@ def plan_context(frames_per_prev_shot: list[int], total: int = 6) -> ContextPlan
     return ContextPlan(tuple(picks), tuple(flags), flags[-1] + 1, False)
 
 
+def encode_frame_alone(vae, frame: torch.Tensor) -> torch.Tensor:
+    """uint8 [H, W, 3] (any device) -> latent [C, h, w] on the VAE's device: the frame as a one-frame clip,
+    encoded on its own (a batch of frames rounds differently, about 2e-7), as the engine and stage 4 need."""
+    weight = next(vae.parameters())
+    pixels = frame.permute(2, 0, 1)[None].to(weight.device, torch.float32) / 127.5 - 1  # [1, 3, H, W] in [-1, 1]
+    return vae.encode_frames(pixels.to(weight.dtype))[0]
+
+
 class ContextLatentCache(RecentlyUsed):
     """Latents of history frames, each encoded alone, kept for the `capacity` most recently used frames.
 

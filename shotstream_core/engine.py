@@ -17,7 +17,7 @@ import torch
 
 from .cache import KVCache
 from .config import Preset, ShotGeometry
-from .context import ContextLatentCache, plan_context
+from .context import ContextLatentCache, encode_frame_alone, plan_context
 from .model import CausalWanDiT
 from .schedule import FlowSchedule
 from .state import ShotRecord, StoryState
@@ -94,7 +94,7 @@ class ShotStreamEngine:
         self.timesteps = self.schedule.warp(self.sampler.denoising_steps)  # e.g. 1000, 957.9, 888.9, 737.6
         self.prompts = PromptCache(text_encoder, device=self.device)
         # Room for the context of many stories at once (a ComfyUI session forks and rolls back often).
-        self.context_latents = ContextLatentCache(self._encode_frame, capacity=16 * self.sampler.context_frames)
+        self.context_latents = ContextLatentCache(lambda frame: encode_frame_alone(self.vae, frame), capacity=16 * self.sampler.context_frames)
         self._context_vae: tuple | None = None  # the VAE (dtype, device) the cached latents came from
         self.text_max_tokens = min(getattr(text_encoder, "max_tokens", dit.config.text_len), dit.config.text_len)
         # Ablation switches (evaluation only): history off = every shot sees the zero context of shot 1.
@@ -159,11 +159,6 @@ class ShotStreamEngine:
         return stream
 
     # --- one shot ----------------------------------------------------------------------------------
-
-    def _encode_frame(self, frame: torch.Tensor) -> torch.Tensor:
-        """uint8 [H, W, 3] -> latent [C, h, w], the frame encoded alone as a one-frame clip."""
-        pixels = frame.permute(2, 0, 1)[None].to(self.device, torch.float32) / 127.5 - 1  # [1, 3, H, W] in [-1, 1]
-        return self.vae.encode_frames(pixels.to(next(self.vae.parameters()).dtype))[0]
 
     def _context_latents(self, state: StoryState, plan, latent_hw) -> torch.Tensor:
         """[1, C, Fc, h, w]: each chosen history frame encoded alone; zeros for the first shot."""

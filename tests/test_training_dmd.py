@@ -109,10 +109,10 @@ def test_exit_step_is_the_only_path_for_gradients():
         noise = torch.randn(1, C, F, H, W, requires_grad=True)
         out = rollout(student, cond, noise, exit_step, torch.Generator().manual_seed(0))
         blocks = -(-F // SAMPLER.block_frames)
-        # context pass, then per block: exit_step + 1 denoising passes and one refresh
-        assert len(calls) == 1 + blocks * (exit_step + 2)
+        # context pass, then per block: exit_step + 1 denoising passes and one refresh (none after the last)
+        assert len(calls) == 1 + blocks * (exit_step + 2) - 1
         per_block = [False] * exit_step + [True] + [False]
-        assert calls == [False] + per_block * blocks
+        assert calls == [False] + (per_block * blocks)[:-1]
         g_noise, g_ctx = torch.autograd.grad(out.sum(), [noise, context], allow_unused=True, retain_graph=True)
         assert g_ctx is None  # the global cache is filled without grad
         if exit_step == 0:  # the noise is the exit pass's own input

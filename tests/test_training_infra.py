@@ -31,6 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 class _Cfg(StageConfig):
     sizes: tuple[int, ...] = (1, 2)
     flag: bool = True
+    noise: float | None = None
+
+
+def test_an_optional_number_reads_yaml_numbers_and_null():
+    """YAML reads 1e-3 as a string: an optional float field (stage 3's refresh_sigma) takes it as a number,
+    as plain float fields do, and null as None."""
+    assert load_stage_config(_Cfg, None, ["noise=1e-3"]).noise == 1e-3
+    assert load_stage_config(_Cfg, None, ["noise=null"]).noise is None
+    with pytest.raises(ValueError, match="config noise: 'soft' is not a number"):
+        load_stage_config(_Cfg, None, ["noise=soft"])
 
 
 def test_config_from_yaml_and_overrides(tmp_path):

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import shutil
+import types
 import sys
 import time
 import typing
@@ -80,8 +81,13 @@ def _coerce(value, typ, where: str = "config value"):
     """YAML value -> the dataclass field's type, or a ValueError that names `where` (e.g. "config lr"),
     the value and what the field takes. YAML reads 1e-3 (no dot) as a string: float fields take it, int
     fields take whole numbers only ("2", 2 and 2.0; not 1.5), str fields take numbers as text and null
-    as "" (the pipeline's "export="). Tuples come from lists; unions, lists and dicts are kept as given."""
+    as "" (the pipeline's "export="). Tuples come from lists; an optional field reads null as None and
+    anything else as its type; other unions, lists and dicts are kept as given."""
     origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
+        # an optional field (e.g. float | None): null is None, anything else is read as the other type
+        return None if value is None else _coerce(value, next(a for a in args if a is not type(None)), where)
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     if typ is bool:

@@ -8,7 +8,8 @@ Both scores are bidirectional next-shot DiTs (teacher architecture, one t per sa
   grad = (x0_fake - x0_real) / mean|x - x0_real|   (per sample)
   L_G  = 0.5 * mse(x, stopgrad(x - grad))           (so dL_G/dx = grad / numel: x moves toward x0_real)
   L_critic = mse(fake flow on x_t of the detached sample, noise - x)
-t: a shifted-table index uniform in [t_min, t_max] (20..980), one t per sample for all its frames.
+t: a uniform index over the whole shifted table, its timestep clamped to [t_min, t_max] (20..980), as the
+reference's code draws it; one t per sample for all its frames.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The math is the engine's streaming loop (shotstream_core/engine.py): one t=0 pass over the context latents
 fills the global cache; each block runs the warped few-step list against [global | local] K/V, re-noising
 its x0 estimate with fresh noise between steps; a t=0 "cache refresh" pass on the block's clean output
-leaves the K/V later blocks attend to.
+leaves the K/V later blocks attend to (every block but the last, which nothing attends to).
 
 Training differences (Self-Forcing, shotstream.md section 7):
   * one exit step per rollout, uniform among the few-step times and shared by every block: the block's
@@ -117,7 +117,8 @@ class SelfForcingRollout:
                                    pids[:, :fc], shot_phase=sampler.rope_shot_phase)
 
         outputs = []
-        for f0, f1 in sampler.block_spans(frames):
+        spans = sampler.block_spans(frames)
+        for b_index, (f0, f1) in enumerate(spans):
             sl = slice(fc + f0, fc + f1)
             x = noise[:, :, f0:f1]
             for k, t in enumerate(self.timesteps):
@@ -131,6 +132,8 @@ class SelfForcingRollout:
                 fresh = torch.randn(x.shape, generator=generator).to(device, x.dtype)
                 x = sched.add_noise(x0, fresh, torch.full_like(t_frames, float(self.timesteps[k + 1])))
             outputs.append(x0)
+            if b_index + 1 == len(spans):  # as the engine: no block attends to the last one
+                break
             with torch.no_grad():  # cache refresh: the (slightly noised) clean block, told t = 0
                 clean = x0.detach()
                 if self.refresh_sigma > 0:

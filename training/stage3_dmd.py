@@ -6,8 +6,8 @@
 Generator = the stage-2 causal student; real score = the frozen stage-1 teacher (CFG on its x0);
 fake score = a trainable copy of the teacher. Each step takes a batch of (story, shot) targets; the
 history of a target shot is its story's ground-truth earlier shots, chosen and encoded by the inference
-rule (data.LatentStoryDataset.history), and with probability history_dropout it is dropped (zero context,
-flag 0, the shot's own caption only). The student rolls the shot out block by block (rollout.py) and one
+rule (data.LatentStoryDataset.history), and with probability history_dropout it is dropped (zero context
+with flags 0, the shot flag 1, the shot's own prompt only). The student rolls the shot out block by block (rollout.py) and one
 optimiser step follows: the generator's DMD step once every 1 + critic_per_generator steps, the critic's
 flow-matching step otherwise. Resume, time budget, logs and plots come from common.train_loop.
 

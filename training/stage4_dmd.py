@@ -5,8 +5,8 @@
 Same losses and 1:critic_per_generator update cycle as stage 3, but a batch of clips is rolled out shot
 by shot, in order, with one optimiser step per shot. The history of shot k is the student's own shots
 0..k-1 of that clip: decoded with the VAE, rounded to 8-bit frames as a story state keeps them, and the
-frames chosen by the inference rule (context.plan_context) re-encoded one by one (vae.encode_frames),
-exactly as the engine builds its context. Shot 0, and a sample whose history is dropped, train with the
+frames chosen by the inference rule (context.plan_context) encoded one at a time
+(context.encode_frame_alone), exactly as the engine builds its context. Shot 0, and a sample whose history is dropped, train with the
 shot's OWN caption alone (the reference paired them with the second shot's caption).
 
 Optionally (lora_rank > 0) generator and critic train LoRA adapters on every Linear of every block; the
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from shotstream_core.context import plan_context
+from shotstream_core.context import encode_frame_alone, plan_context
 from shotstream_core.files import save_tensors
 from shotstream_core.loading import blocks_metadata
 from shotstream_core.vae import load_vae
@@ -84,10 +84,8 @@ class InterShotSetup(DMDSetup):
     def own_history(self, history: list[torch.Tensor], b: int):
         """Context of sample b from its generated shots (the engine's rule): ([C, Fc, h, w], flags, shot flag)."""
         plan = plan_context([self.frames_per_shot] * len(history), self.preset.sampler.context_frames)
-        frames = torch.stack([history[s][b, i] for s, i in plan.picks])  # uint8 [Fc, H, W, 3]
-        pixels = frames.permute(0, 3, 1, 2).to(self.dist.device, torch.float32) / 127.5 - 1
-        latents = self.vae.encode_frames(pixels)  # [Fc, C, h, w], each frame encoded alone
-        return latents.permute(1, 0, 2, 3).cpu(), list(plan.flags), plan.shot_flag
+        latents = [encode_frame_alone(self.vae, history[s][b, i]) for s, i in plan.picks]  # Fc x [C, h, w]
+        return torch.stack(latents, dim=1).cpu(), list(plan.flags), plan.shot_flag
 
     def export_lora(self) -> dict:
         """Merged generator weights; the adapter itself goes to OUT/lora.safetensors."""
