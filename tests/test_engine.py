@@ -128,7 +128,7 @@ def test_global_cache_holds_the_picked_history_frames_each_encoded_alone(engine,
 def test_history_frames_meet_the_vae_once_and_a_warm_cache_changes_no_frame(engine, tmp_path):
     """Each shot encodes only the context frames no earlier shot picked (one a shot from the seventh on),
     and a story comes out bit for bit the same from a cold cache, a warm one, or a saved and reloaded state."""
-    from shotstream_core.context import plan_context
+    from shotstream_core.context import ContextLatentCache, plan_context
 
     fresh = ShotStreamEngine(engine.dit, engine.vae, engine.prompts.encoder, engine.preset, engine.model_id)
     captions = [f"shot {i}, the red circle moves" for i in range(9)]
@@ -136,8 +136,9 @@ def test_history_frames_meet_the_vae_once_and_a_warm_cache_changes_no_frame(engi
     state, seen, new_per_shot, encoded_per_shot = fresh.new_story(), set(), [], []
     for caption, seed in zip(captions, seeds):
         picks = plan_context([s.num_frames for s in state.shots], engine.sampler.context_frames).picks
-        new_per_shot.append(len(set(picks) - seen))
-        seen |= set(picks)
+        keys = {ContextLatentCache.key(state.shots[s].frames[i]) for s, i in picks}  # a frame is its bytes
+        new_per_shot.append(len(keys - seen))
+        seen |= keys
         before = fresh.context_latents.encoded
         state, _ = fresh.generate_shot(state, ShotRequest(G, caption, seed=seed))
         encoded_per_shot.append(fresh.context_latents.encoded - before)
@@ -208,6 +209,22 @@ def test_a_block_is_out_before_its_cache_refresh_and_the_last_block_has_none(eng
     assert calls.count(True) == 1 + blocks - 1  # the context pass and the refreshes, all at t = 0
     assert steps_seen[-1] == (len(calls), len(calls))  # progress ends at its own total
     assert torch.equal(stream.frames, engine.generate_shot(story, ShotRequest(G, CAPTIONS[2], seed=13))[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_noise_is_mixed_in_float32_and_rounded_once(dtype):
+    """Rounding sigma to bf16 first is another timestep (0.8889 -> 0.8906): the mix runs in float32, as the
+    reference's, and only its result takes the latents' dtype."""
+    from shotstream_core.schedule import FlowSchedule
+
+    schedule = FlowSchedule(1000, 8.0)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = (torch.randn(1, 16, 3, 4, 4, generator=gen).to(dtype) for _ in range(2))
+    t = torch.full((1, 3), 888.89)
+    s = float(schedule.sigma(t)[0, 0])
+    expected = ((1 - s) * x0.float() + s * noise.float()).to(dtype)
+    mixed = schedule.add_noise(x0, noise, t)
+    assert mixed.dtype == dtype and torch.equal(mixed, expected)
 
 
 def test_an_engine_moved_to_another_precision_encodes_and_caches_anew(story):

@@ -210,11 +210,11 @@ def test_teacher_batch_flags_prompts_and_dropout(store):
     assert not neg.text[0, :, n:].any()
     # a dropped context is a first shot's (shotstream.md section 5: the shot flag is the last context flag + 1),
     # as stages 3-4 and the engine see it, with the target's own caption alone
-    kept = make_batch(ds, [(2, 2)], FC, DIT.text_len, torch.Generator().manual_seed(0), 1.0, 0.0)
-    assert kept.flags[0].tolist() == [0] * FC + [1] * f
-    assert kept.prompt_ids[0].tolist() == [0] * (FC + f) and kept.text.shape[1] == 1
+    first_shot = make_batch(ds, [(2, 2)], FC, DIT.text_len, torch.Generator().manual_seed(0), 1.0, 0.0)
+    assert first_shot.flags[0].tolist() == [0] * FC + [1] * f
+    assert first_shot.prompt_ids[0].tolist() == [0] * (FC + f) and first_shot.text.shape[1] == 1
     own = ds[2].prompt_features[2]
-    assert torch.equal(kept.text[0, 0, : own.shape[0]], own)
+    assert torch.equal(first_shot.text[0, 0, : own.shape[0]], own)
 
 
 def test_teacher_overfits_a_fixed_batch(store):

@@ -77,9 +77,9 @@ BUILT_FROM = "built_from.json"
 # stage's done.json is newer than its own by more than this (a copied run folder gets copy-order times).
 # The data set is left out of this fallback: it is regenerated to the same stories.
 MTIME_SLACK_S = 5.0
-# File times are the one judgement that a copy can fool, so whatever rests on them says so.
-TIMES_HINT = (": this run is older than the built-from records; if the run folders were copied without their "
-              "times, copy them again with `cp -a` instead of rebuilding")
+# File times are the one judgement that a copy can fool, so whatever rests on them says so, with the way out.
+TIMES_HINT = ("runs from before the built-from records are judged by their done.json times: if the run folders "
+              "were copied without their times, copy them again with `cp -a` instead of rebuilding")
 
 # What the engine loads, and what the report / ablation needs: (file in the export folder, stage, file in
 # the stage's out_dir).
@@ -228,10 +228,9 @@ def stale_stages(preset: str) -> dict[str, Stale]:
                     roots.append(up)
         if changed:
             reason = "; ".join(("the data set was written again, with other stories, after it" if up == "data"
-                                else f"{up} was retrained after it") if prints[up] is not None
+                                else f"{up} was retrained after it" + (", by the done.json times" if up in by_times
+                                                                       else "")) if prints[up] is not None
                                else f"{up} was deleted or restarted since it was built" for up in changed)
-            if by_times:
-                reason += f" (by the done.json times{TIMES_HINT})"
         elif via:
             reason = f"built from {', '.join(via)}, which {'is' if len(via) == 1 else 'are'} stale"
         else:
@@ -250,8 +249,8 @@ def stale_message(preset: str, stale: dict[str, Stale]) -> str:
     paths = " ".join(_shown(outs[n]) for n in names)
     return (f"{', '.join(names)} {'was' if len(names) == 1 else 'were'} built from an older "
             f"{' and '.join(roots)}: delete {paths} to rebuild {'it' if len(names) == 1 else 'them'} "
-            f"(or run with --rebuild-stale)" + (f"; judged by the done.json times{TIMES_HINT}"
-                                                if any(s.by_times for s in stale.values()) else ""))
+            f"(or run with --rebuild-stale)" + (f". {', '.join(n for n, s in stale.items() if s.by_times)}: "
+                                                f"{TIMES_HINT}" if any(s.by_times for s in stale.values()) else ""))
 
 
 def _shown(path: Path) -> str:
