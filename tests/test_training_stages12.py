@@ -217,6 +217,17 @@ def test_teacher_batch_flags_prompts_and_dropout(store):
     assert torch.equal(first_shot.text[0, 0, : own.shape[0]], own)
 
 
+def test_a_dropped_history_is_a_first_shot_for_every_stage():
+    """One rule for stage 1's context dropout and stages 3-4's history dropout (and their shot 0)."""
+    from training.data import first_shot_inputs
+
+    prompts = [torch.full((4, 8), float(i)) for i in range(3)]  # shots 0..2
+    context, flags, shot_flag, own = first_shot_inputs((16, 2, 2), 6, prompts, torch.bfloat16)
+    assert context.shape == (16, 6, 2, 2) and context.dtype == torch.bfloat16 and not context.any()
+    assert flags == [0] * 6 and shot_flag == 1  # the last context flag + 1
+    assert len(own) == 1 and torch.equal(own[0], prompts[2])  # shot 2's own prompt, alone
+
+
 def test_teacher_overfits_a_fixed_batch(store):
     from training.common import step_generator
     from training.data import LatentStoryDataset

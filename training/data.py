@@ -157,6 +157,15 @@ def history_inputs(frame_latents_of_earlier_shots, frames_per_shot, context_fram
     return torch.stack(picked, dim=1), list(plan.flags) + [plan.shot_flag]
 
 
+def first_shot_inputs(latent_shape, context_frames: int, prompts, dtype=torch.float32):
+    """The inputs of a story's first shot, which a sample whose history is dropped copies (stage 1's context
+    dropout, stages 3-4's history dropout): context_frames zero latents with flags 0, the shot flag 1 (the
+    last context flag + 1), and the shot's own prompt alone, the last of `prompts` (shots 0..k).
+    -> (context [C, Fc, h, w], context flags, shot flag, [prompt])"""
+    c, h, w = latent_shape
+    return torch.zeros(c, context_frames, h, w, dtype=dtype), [0] * context_frames, 1, list(prompts[-1:])
+
+
 def context_frame_indices(frames_per_shot: list[int], context_frames: int = 6) -> list[set[int]]:
     """For a story, the pixel frames of each shot that the context rule can pick for ANY later shot."""
     needed = [set() for _ in frames_per_shot]

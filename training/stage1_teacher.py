@@ -30,7 +30,7 @@ from shotstream_core.schedule import FlowSchedule
 from .common import (StageConfig, optimizer_step, StepBatches, autocast, describe_dit, enable_grad_checkpointing,
                      mark_done, run_stage, preset_with_dit, save_config, set_lr, lr_at, step_generator,
                      train_loop)
-from .data import LatentStoryDataset, frame_flags, pad_prompts, prompt_ids_for
+from .data import LatentStoryDataset, first_shot_inputs, frame_flags, pad_prompts, prompt_ids_for
 from .detail import detail_weights
 
 
@@ -112,9 +112,9 @@ def make_batch(ds: LatentStoryDataset, targets: list[tuple[int, int]], context_f
         ctx_flags, shot_flag = fl[:-1], fl[-1]
         texts = list(story.prompt_features[: k + 1])  # prompts of shots 0..k; frames pick theirs by flag
         u = torch.rand(2, generator=g)
-        if u[0] < context_dropout:  # as a first shot: zero context, flags 0, the shot flag 1, its own caption
-            context = torch.zeros_like(context)
-            ctx_flags, shot_flag, texts = [0] * len(ctx_flags), 1, texts[-1:]
+        if u[0] < context_dropout:
+            context, ctx_flags, shot_flag, texts = first_shot_inputs(
+                (context.shape[0], *context.shape[2:]), context.shape[1], texts, context.dtype)
         if u[1] < text_dropout:
             texts = ([ds.negative.clone() for _ in texts] if text_dropout_to == "negative"
                      else [torch.zeros_like(t) for t in texts])

@@ -29,7 +29,7 @@ from shotstream_core.model import CausalWanDiT, WanDiT
 
 from .common import (Dist, StageConfig, autocast, describe_dit, enable_grad_checkpointing, load_dit, mark_done,
                      preset_for_weights, run_stage, save_config, step_generator, train_loop, unwrap)
-from .data import LatentStoryDataset
+from .data import LatentStoryDataset, first_shot_inputs
 from .dmd import DMDHyper, DMDTrainer, is_generator_step, uncond_like
 from .rollout import SelfForcingRollout, make_conditioning
 
@@ -128,11 +128,11 @@ class DMDSetup:
             for group in opt.param_groups:
                 group["lr"] = base * warm
 
-    def zero_history(self):
-        """Context of a first shot or a dropped history: zeros, flag 0; the shot gets flag 1."""
+    def first_shot(self, story, k: int):
+        """(context, context flags, shot flag, prompts) of shot k as a first shot (data.first_shot_inputs):
+        for shot 0, and for a dropped history."""
         c, _, h, w = self.shot_shape
-        fc = self.preset.sampler.context_frames
-        return torch.zeros(c, fc, h, w), [0] * fc, 1
+        return first_shot_inputs((c, h, w), self.preset.sampler.context_frames, story.prompt_features[: k + 1])
 
     def train_step(self, step: int, context, prompts, ctx_flags, shot_flags, generator) -> tuple[dict, torch.Tensor]:
         """Batch the samples and do one generator or critic update; returns (scalars, generated shot)."""
@@ -169,8 +169,7 @@ def intra_shot_batch(setup: DMDSetup, generator: torch.Generator):
         i, k = setup.data.targets[pick]
         story = setup.story(i)
         if k == 0 or drop:  # the shot's OWN caption, alone (the reference used the second shot's)
-            ctx, flags, shot_flag = setup.zero_history()
-            shot_prompts = [story.prompt_features[k]]
+            ctx, flags, shot_flag, shot_prompts = setup.first_shot(story, k)
         else:
             ctx, all_flags = setup.data.history(story, k, fc)
             flags, shot_flag = all_flags[:-1], all_flags[-1]

@@ -116,8 +116,7 @@ def train(cfg: Stage4Config, dist: Dist) -> dict:
         for b, (i, drop) in enumerate(zip(clip["stories"], drops)):
             story = setup.story(i)
             if k == 0 or drop:  # the shot's OWN caption, alone
-                ctx, flags, shot_flag = setup.zero_history()
-                shot_prompts = [story.prompt_features[k]]
+                ctx, flags, shot_flag, shot_prompts = setup.first_shot(story, k)
             else:
                 ctx, flags, shot_flag = setup.own_history(clip["history"], b)
                 shot_prompts = story.prompt_features[: k + 1]
