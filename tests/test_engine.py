@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import re
+import threading
 import warnings
 
 import pytest
@@ -225,6 +226,21 @@ def test_noise_is_mixed_in_float32_and_rounded_once(dtype):
     expected = ((1 - s) * x0.float() + s * noise.float()).to(dtype)
     mixed = schedule.add_noise(x0, noise, t)
     assert mixed.dtype == dtype and torch.equal(mixed, expected)
+
+
+def test_prompts_are_encoded_under_the_engines_lock(engine, story, monkeypatch):
+    """The prompt cache and the text encoder are shared by every stream of the engine: a shot encodes its
+    prompts only once it holds the lock, like every other use of the engine's state."""
+    held = []
+    original = engine.prompts.get_many
+
+    def spy(prompts):
+        held.append(engine._lock.locked() and engine._lock_owner is threading.current_thread())
+        return original(prompts)
+
+    monkeypatch.setattr(engine.prompts, "get_many", spy)
+    engine.generate_shot(story, ShotRequest(G, "a new caption for the lock", seed=5))
+    assert held and all(held)
 
 
 def test_an_engine_moved_to_another_precision_encodes_and_caches_anew(story):
