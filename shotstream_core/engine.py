@@ -94,7 +94,8 @@ class ShotStreamEngine:
         self.timesteps = self.schedule.warp(self.sampler.denoising_steps)  # e.g. 1000, 957.9, 888.9, 737.6
         self.prompts = PromptCache(text_encoder, device=self.device)
         # Room for the context of many stories at once (a ComfyUI session forks and rolls back often).
-        self.context_latents = ContextLatentCache(lambda frame: encode_frame_alone(self.vae, frame), capacity=16 * self.sampler.context_frames)
+        self.context_latents = ContextLatentCache(lambda frame: encode_frame_alone(self.vae, frame),
+                                                  capacity=16 * self.sampler.context_frames)
         self._context_vae: tuple | None = None  # the VAE (dtype, device) the cached latents came from
         self.text_max_tokens = min(getattr(text_encoder, "max_tokens", dit.config.text_len), dit.config.text_len)
         # Ablation switches (evaluation only): history off = every shot sees the zero context of shot 1.
@@ -207,7 +208,8 @@ class ShotStreamEngine:
 
     def _kv_cache(self, tokens: int) -> KVCache:
         buffer = None if self._cache is None else self._cache.keys[0]
-        if buffer is None or self._cache.max_tokens < tokens or buffer.device != self.device or buffer.dtype != self.dtype:
+        if (buffer is None or self._cache.max_tokens < tokens or buffer.device != self.device
+                or buffer.dtype != self.dtype):
             self._cache = None  # free the old buffer before allocating the new one
             cfg = self.dit.config
             self._cache = KVCache(cfg.num_layers, 1, tokens, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
@@ -259,6 +261,7 @@ class ShotStreamEngine:
 
             decoder = StreamingDecoder(self.vae)
             decoder.reset()
+            vae_dtype = next(self.vae.parameters()).dtype
             shot_frames = []
             for b, (f0, f1) in enumerate(spans):
                 sl = slice(ctx_frames + f0, ctx_frames + f1)
@@ -273,7 +276,6 @@ class ShotStreamEngine:
                         t_next = torch.full_like(t_frames, float(self.timesteps[k + 1]))
                         x = self.schedule.add_noise(x0, fresh, t_next)
                     step_done()
-                vae_dtype = next(self.vae.parameters()).dtype
                 pixels = decoder.feed(x0.to(vae_dtype))  # [1, 3, n, H, W] in [-1, 1]
                 frames = ((pixels[0].float().permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu()  # [n, H, W, 3]
                 shot_frames.append(frames)

@@ -17,9 +17,9 @@ import math
 import os
 import random
 import shutil
-import types
 import sys
 import time
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path

@@ -226,11 +226,15 @@ def stale_stages(preset: str) -> dict[str, Stale]:
                 changed.append(up)
                 if up not in roots:
                     roots.append(up)
+        def why(up: str) -> str:
+            if prints[up] is None:
+                return f"{up} was deleted or restarted since it was built"
+            if up == "data":
+                return "the data set was written again, with other stories, after it"
+            return f"{up} was retrained after it" + (", by the done.json times" if up in by_times else "")
+
         if changed:
-            reason = "; ".join(("the data set was written again, with other stories, after it" if up == "data"
-                                else f"{up} was retrained after it" + (", by the done.json times" if up in by_times
-                                                                       else "")) if prints[up] is not None
-                               else f"{up} was deleted or restarted since it was built" for up in changed)
+            reason = "; ".join(why(up) for up in changed)
         elif via:
             reason = f"built from {', '.join(via)}, which {'is' if len(via) == 1 else 'are'} stale"
         else:
@@ -247,10 +251,10 @@ def stale_message(preset: str, stale: dict[str, Stale]) -> str:
         roots += [r for r in s.roots if r not in roots]
     names = list(stale)
     paths = " ".join(_shown(outs[n]) for n in names)
+    timed = [n for n, s in stale.items() if s.by_times]
     return (f"{', '.join(names)} {'was' if len(names) == 1 else 'were'} built from an older "
             f"{' and '.join(roots)}: delete {paths} to rebuild {'it' if len(names) == 1 else 'them'} "
-            f"(or run with --rebuild-stale)" + (f". {', '.join(n for n, s in stale.items() if s.by_times)}: "
-                                                f"{TIMES_HINT}" if any(s.by_times for s in stale.values()) else ""))
+            f"(or run with --rebuild-stale)" + (f". {', '.join(timed)}: {TIMES_HINT}" if timed else ""))
 
 
 def _shown(path: Path) -> str:

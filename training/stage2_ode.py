@@ -104,7 +104,8 @@ def train(cfg: Stage2Config, dist) -> dict:
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(student)
     model = dist.wrap(student)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(cfg.beta1, cfg.beta2))
     batches = StepBatches(len(pairs), cfg.batch_size, dist, cfg.seed)
     _, _, _, f, h, w = pairs.latents.shape
     mask = block_causal_mask(pairs.context.shape[2], sampler.block_ids(f), preset.dit.tokens_per_frame(h, w),

@@ -7,8 +7,8 @@ Generator = the stage-2 causal student; real score = the frozen stage-1 teacher 
 fake score = a trainable copy of the teacher. Each step takes a batch of (story, shot) targets; the
 history of a target shot is its story's ground-truth earlier shots, chosen and encoded by the inference
 rule (data.LatentStoryDataset.history), and with probability history_dropout it is dropped (zero context
-with flags 0, the shot flag 1, the shot's own prompt only). The student rolls the shot out block by block (rollout.py) and one
-optimiser step follows: the generator's DMD step once every 1 + critic_per_generator steps, the critic's
+with flags 0, the shot flag 1, the shot's own prompt only). The student rolls the shot out block by block
+(rollout.py) and one optimiser step follows: the generator's DMD step once every 1 + critic_per_generator steps, the critic's
 flow-matching step otherwise. Resume, time budget, logs and plots come from common.train_loop.
 
 Output: OUT/student.safetensors (the generator, loadable by the engine), OUT/loss.png, OUT/log.jsonl,
@@ -151,7 +151,8 @@ class DMDSetup:
         model = CausalWanDiT(self.preset.dit)
         model.load_state_dict(generator_state if generator_state is not None else unwrap(self.student).state_dict())
         vae = self.data.vae_signature
-        path = save_dit(model, Path(self.cfg.out_dir) / "student.safetensors", self.preset.sampler, vae_signature=vae)
+        path = save_dit(model, Path(self.cfg.out_dir) / "student.safetensors", self.preset.sampler,
+                        vae_signature=vae)
         if self.cfg.export:
             save_dit(model, self.cfg.export, self.preset.sampler, vae_signature=vae)
             print(f"exported {self.cfg.export}", flush=True)

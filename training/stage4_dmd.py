@@ -6,8 +6,8 @@ Same losses and 1:critic_per_generator update cycle as stage 3, but a batch of c
 by shot, in order, with one optimiser step per shot. The history of shot k is the student's own shots
 0..k-1 of that clip: decoded with the VAE, rounded to 8-bit frames as a story state keeps them, and the
 frames chosen by the inference rule (context.plan_context) encoded one at a time
-(context.encode_frame_alone), exactly as the engine builds its context. Shot 0, and a sample whose history is dropped, train with the
-shot's OWN caption alone (the reference paired them with the second shot's caption).
+(context.encode_frame_alone), exactly as the engine builds its context. Shot 0, and a sample whose history
+is dropped, train with the shot's OWN caption alone (the reference paired them with the second shot's).
 
 Optionally (lora_rank > 0) generator and critic train LoRA adapters on every Linear of every block; the
 exported student has them merged into full weights, and OUT/lora.safetensors keeps the generator's
@@ -30,8 +30,8 @@ from shotstream_core.loading import blocks_metadata
 from shotstream_core.vae import load_vae
 
 from .common import Dist, mark_done, run_stage, save_config, step_generator, train_loop, unwrap
-from .lora import adapter_state_dict, apply_lora, merged_state_dict
 from .dmd import DMDHyper
+from .lora import adapter_state_dict, apply_lora, merged_state_dict
 from .stage3_dmd import DMDSetup, DMDStageConfig
 
 LORA_STREAM = 20  # step_generator stream of the adapters' initial A matrices (+1: the critic's)
@@ -70,9 +70,11 @@ class InterShotSetup(DMDSetup):
         if cfg.lora_rank > 0:
             alpha = cfg.lora_alpha or cfg.lora_rank
             # seeded, as every other draw of a stage: the same config trains the same adapter, and resumes it
-            apply_lora(student, cfg.lora_rank, alpha, generator=step_generator(cfg.seed, 0, 0, stream=LORA_STREAM))
+            apply_lora(student, cfg.lora_rank, alpha,
+                       generator=step_generator(cfg.seed, 0, 0, stream=LORA_STREAM))
             if cfg.lora_critic:
-                apply_lora(fake, cfg.lora_rank, alpha, generator=step_generator(cfg.seed, 0, 0, stream=LORA_STREAM + 1))
+                apply_lora(fake, cfg.lora_rank, alpha,
+                           generator=step_generator(cfg.seed, 0, 0, stream=LORA_STREAM + 1))
 
     @torch.no_grad()
     def to_frames(self, shot: torch.Tensor) -> torch.Tensor:
