@@ -301,6 +301,31 @@ def test_a_deleted_data_set_or_a_finished_stage_run_again_stales_nothing(fake_ru
     assert _status(capsys)["ode"].startswith("stale (teacher was retrained after it)")
 
 
+def test_a_stage_run_under_an_older_recipe_of_its_code_is_rebuilt_with_what_was_built_on_it(fake_runs, capsys):
+    """A finished stage whose recipe.json names an older RECIPE than its code's is not what `make train-tiny`
+    gives now: it and the stages built on it are stale, the pipeline says why, and --rebuild-stale retrains
+    them. The same recipe, or no record (a run from before them), stales nothing."""
+    from training.pipeline import main
+    from training.stage3_dmd import DMDStageConfig
+
+    assert main(["--preset", "micro", "--no-eval"]) == 0
+    record = fake_runs / "stage3" / "recipe.json"
+    record.write_text(json.dumps({"recipe": DMDStageConfig.RECIPE}))
+    assert not any(v.startswith("stale") for v in _status(capsys).values())
+    record.write_text(json.dumps({"recipe": DMDStageConfig.RECIPE - 1}))
+    status = _status(capsys)
+    assert status["stage3"].startswith(f"stale (it ran under recipe {DMDStageConfig.RECIPE - 1} of its stage's code")
+    assert status["stage4"].startswith("stale (built from stage3, which is stale)")
+    assert not status["stage2"].startswith("stale")
+    before = (fake_runs / "stage3" / "done.json").read_bytes()
+    assert main(["--preset", "micro", "--no-eval"]) == 1
+    assert ("[pipeline] stopped: stage3 was trained under an older recipe of its stage's code; stage4 was built "
+            "from an older stage3: delete runs/micro/stage3 runs/micro/stage4 to rebuild them") in capsys.readouterr().out
+    assert main(["--preset", "micro", "--no-eval", "--rebuild-stale"]) == 0
+    assert (fake_runs / "stage3" / "done.json").read_bytes() != before
+    assert not any(v.startswith("stale") for v in _status(capsys).values())
+
+
 def test_a_data_set_rendered_otherwise_to_the_same_counts_makes_the_stages_on_it_stale(fake_runs, capsys,
                                                                                        monkeypatch):
     """The data set's record holds a hash of its files, not only its counts: written again to the same

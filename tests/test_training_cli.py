@@ -432,6 +432,48 @@ def test_a_changed_config_is_named_key_by_key_when_the_run_goes_on(tmp_path, cap
                      f"batch_size: 8 -> 4; lr: 0.001 -> 0.0002; sizes: (1, 2) -> (3,)"], lines
 
 
+class _NextRecipe(_Cfg):
+    RECIPE = _Cfg.RECIPE + 1  # the same stage after a change to its training code
+
+
+def test_a_run_is_never_resumed_under_another_recipe_of_its_code(tmp_path, capsys):
+    """A run records the RECIPE it started under; resumed after the stage's code changed it would end half
+    one recipe and half the other: refused by name, its files untouched, unless the user says it is an
+    experiment. A finished run asked for nothing new trains nothing and passes; a run from before the records
+    goes on with a warning, and gets no record (its recipe is unknown)."""
+    def train(cfg, dist):  # one sitting that pauses: a checkpoint, no done.json
+        save_config(cfg, Path(cfg.out_dir) / "config.yaml")
+        (Path(cfg.out_dir) / "checkpoints").mkdir(exist_ok=True)
+        return {}
+
+    out = tmp_path / "run"  # lr_decay_steps: a finished run may be lengthened (refuse_finished_run_changes)
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100"])
+    assert json.loads((out / "recipe.json").read_text()) == {"recipe": _Cfg.RECIPE}
+    run_stage(train, _Cfg, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100"])  # the same code: it resumes
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=rf"{out} holds a run that started under recipe {_Cfg.RECIPE} of this "
+                                         rf"stage's code, which is at recipe {_NextRecipe.RECIPE} now.*delete that "
+                                         r"folder.*allow_recipe_change=true"):
+        run_stage(train, _NextRecipe, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100"])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    capsys.readouterr()
+    run_stage(train, _NextRecipe, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100", "--set", "allow_recipe_change=true"])
+    assert "the result is neither recipe" in capsys.readouterr().out
+    assert json.loads((out / "recipe.json").read_text()) == {"recipe": _Cfg.RECIPE}  # still where it started
+
+    mark_done(out, steps=3)  # finished: the same config under new code trains nothing, so it passes
+    run_stage(train, _NextRecipe, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100"])
+    with pytest.raises(ValueError, match="started under recipe"):  # lengthened, it would train under both
+        run_stage(train, _NextRecipe, ["--set", f"out_dir={out}", "--set", "lr_decay_steps=100", "--set", "max_steps=2000"])
+
+    old = tmp_path / "old"  # a run in progress from before the records
+    (old / "checkpoints").mkdir(parents=True)
+    capsys.readouterr()
+    run_stage(train, _NextRecipe, ["--set", f"out_dir={old}"])
+    assert f"warning: {old} has no recipe.json" in capsys.readouterr().out
+    assert not (old / "recipe.json").exists()
+
+
 def test_a_finished_run_refuses_another_config_and_keeps_its_record(tmp_path, capsys):
     """Run again with another config, a finished run would train nothing yet save the new config as its
     own (the report would name settings it never ran; the stages on it would read as stale): refused by

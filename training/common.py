@@ -66,6 +66,13 @@ class StageConfig:
     grad_checkpointing: bool = False
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     stop_after: int = 0  # simulate a cut run: checkpoint and raise StageInterrupted after this step
+    allow_recipe_change: bool = False  # resume a run that started under another RECIPE (an experiment only)
+
+    # The version of the stage's training code (a class attribute, not a config field): a stage raises it
+    # whenever a change to its code would train another model from the same config. A run records the
+    # version it started under (OUT/recipe.json), so it is never resumed half under one recipe and half under
+    # another (check_recipe), and the pipeline rebuilds a finished run of an older one (stale_stages).
+    RECIPE = 1
 
     @property
     def lr_horizon(self) -> int:
@@ -668,7 +675,7 @@ def stage_sizes(out_dir) -> dict:
 # sitting began, file sizes a re-save may change by metadata bytes): not part of which run it records.
 SITTING_KEYS = ("wall_s", "resumed_from", "output_bytes", "checkpoint_bytes")
 # Config fields of one sitting: a run resumed with others is the same run.
-SITTING_CONFIG = ("max_minutes", "stop_after", "num_threads")
+SITTING_CONFIG = ("max_minutes", "stop_after", "num_threads", "allow_recipe_change")
 # ... and of where a run goes: with those, not part of what a run computes.
 PLACE_CONFIG = ("out_dir", "export", "device")
 # done.json fields added later to tell runs apart (a stage's config, pre-encoding's inputs): an older
@@ -905,6 +912,69 @@ def warn_config_changes(cfg) -> None:
                   f"{describe_diff(diff)}", flush=True)
 
 
+# --- recipe versions -----------------------------------------------------------------------------
+
+# OUT/recipe.json: {"recipe": N}, the stage code's RECIPE when the run started.
+RECIPE_FILE = "recipe.json"
+# What a run folder holds before its stage has computed anything: its config, the pipeline's built-from record.
+_BOOKKEEPING = ("config.yaml", "built_from.json", RECIPE_FILE)
+
+
+def recorded_recipe(out_dir) -> int | None:
+    """The RECIPE a run started under (None: a run from before these records, or no run)."""
+    try:
+        value = json.loads((Path(out_dir) / RECIPE_FILE).read_text()).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def has_progress(out_dir) -> bool:
+    """Whether a run folder holds anything a stage computed (checkpoints, outputs, phases, done.json)."""
+    out = Path(out_dir)
+    return out.is_dir() and any(p.name not in _BOOKKEEPING for p in out.iterdir())
+
+
+def recipe_mismatch(config_cls, out_dir) -> tuple[int, int] | None:
+    """(the run's recipe, the code's) where a run in out_dir started under another RECIPE than the code's."""
+    was = recorded_recipe(out_dir)
+    return None if was is None or was == config_cls.RECIPE else (was, config_cls.RECIPE)
+
+
+def check_recipe(cfg) -> str | None:
+    """Refuse to go on with a run that started under another RECIPE of the stage's code: it would end half
+    one recipe and half the other. A finished run asked for nothing new (the stage trains nothing) passes.
+    Returns a warning for a run in progress from before the records, whose recipe is unknown."""
+    out = Path(cfg.out_dir)
+    if not has_progress(out):
+        return None
+    mismatch = recipe_mismatch(type(cfg), out)
+    if mismatch is None:
+        if recorded_recipe(out) is not None or is_done(out):
+            return None
+        return (f"warning: {out} has no {RECIPE_FILE} (a run from before the recipe records): if the stage's code "
+                f"changed since it started, resuming mixes two recipes; delete the folder to train it again")
+    if is_done(out) and not config_diff(cfg, out / "config.yaml", SITTING_CONFIG + PLACE_CONFIG):
+        return None
+    if cfg.allow_recipe_change:
+        return (f"warning: {out} started under recipe {mismatch[0]} of this stage's code, which is at recipe "
+                f"{mismatch[1]} now; going on anyway (allow_recipe_change): the result is neither recipe")
+    raise ValueError(f"{out} holds a run that started under recipe {mismatch[0]} of this stage's code, which is at "
+                     f"recipe {mismatch[1]} now (training/README.md, \"Recipe versions\"), so resuming it would train "
+                     f"half under each: delete that folder (or set another out_dir) to train it again, or set "
+                     f"allow_recipe_change=true to go on anyway, as an experiment")
+
+
+def record_recipe(cfg) -> None:
+    """OUT/recipe.json for a run starting now (a folder with progress and no record keeps none: its recipe
+    is unknown)."""
+    out = Path(cfg.out_dir)
+    if has_progress(out) or recorded_recipe(out) is not None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECIPE_FILE).write_text(json.dumps({"recipe": type(cfg).RECIPE}) + "\n")
+
+
 # Exit status of a stage run from the command line that stopped on a user error (a config value, a
 # missing or malformed file, an unreadable video, weights that do not fit): one line on stderr, no traceback.
 EXIT_USER_ERROR = 2
@@ -1003,10 +1073,14 @@ def run_stage(train_fn: Callable, config_cls, argv=None):
     try:
         cfg = load_stage_config(config_cls, args.config, args.overrides)
         refuse_finished_run_changes(cfg)
+        recipe_warning = check_recipe(cfg)
         setup_threads(cfg)
         dist = Dist.init(cfg.device)
         if dist.is_main:
             warn_config_changes(cfg)
+            if recipe_warning:
+                print(recipe_warning, flush=True)
+            record_recipe(cfg)
         result = train_fn(cfg, dist)
     except BaseException as e:  # an error, a pause (StageInterrupted) or Ctrl-C: the ranks may have stopped apart
         code = _report_cli_error(e) if argv is None and isinstance(e, Exception) else None

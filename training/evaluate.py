@@ -97,6 +97,8 @@ class EvalConfig:
     crf: int = 12  # the Story World's own mp4 quality, so the analyser reads what it was validated on
     quick: bool = False
     split: str = "eval"  # "dev" for experiments: the evaluation split is for the final report only
+    noise_seed: int = 0  # 0: the split's fixed noise; others draw other noise for the same stories, so a
+    # comparison can be repeated over several (the closed loop turns tiny changes into visibly other stories)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -115,6 +117,8 @@ class EvalConfig:
             raise ValueError(f"--teacher-steps must be >= 1, got {self.teacher_steps}")
         if self.split not in ("eval", "dev"):
             raise ValueError(f"--split must be eval or dev, got {self.split!r}")
+        if self.noise_seed < 0:
+            raise ValueError(f"--noise-seed must be >= 0 (0 = the split's fixed noise), got {self.noise_seed}")
 
 
 # --- the evaluation split -----------------------------------------------------------------------------
@@ -126,10 +130,12 @@ class EvalStory:
     seeds: tuple[int, ...]  # noise seed of every shot: fixed, the same for every variant
 
 
-def shot_seeds(story: Story, index: int) -> tuple[int, ...]:
-    """Per-shot noise seeds from the story's own seed (or its index): every variant draws the same noise."""
+def shot_seeds(story: Story, index: int, noise_seed: int = 0) -> tuple[int, ...]:
+    """Per-shot noise seeds from the story's own seed (or its index) and the run's noise seed: every variant
+    draws the same noise. Noise seed 0 keeps the seeds every committed report was made with."""
     base = story.seed if story.seed is not None else index
-    state = np.random.SeedSequence([EVAL_SEED, int(base)]).generate_state(story.num_shots, dtype=np.uint64)
+    entropy = [EVAL_SEED, int(base)] + ([int(noise_seed)] if noise_seed else [])
+    state = np.random.SeedSequence(entropy).generate_state(story.num_shots, dtype=np.uint64)
     return tuple(int(s) & (2**63 - 1) for s in state)
 
 
@@ -147,12 +153,13 @@ def split_stories(split: str, shots: int, n: int, aspect: float) -> list[Story]:
     return make_split("train", n, num_shots=shots, start=start, aspect=aspect)
 
 
-def evaluation_split(n5: int, n10: int, aspect: float, split: str = "eval") -> list[EvalStory]:
-    """n5 five-shot and n10 ten-shot stories of `split` ("eval" or "dev"), with their fixed noise seeds."""
+def evaluation_split(n5: int, n10: int, aspect: float, split: str = "eval",
+                     noise_seed: int = 0) -> list[EvalStory]:
+    """n5 five-shot and n10 ten-shot stories of `split` ("eval" or "dev"), with their noise seeds."""
     out = []
     for shots, n, tag in ((5, n5, "s5"), (10, n10, "s10")):
         for i, story in enumerate(split_stories(split, shots, n, aspect) if n else []):
-            out.append(EvalStory(f"{tag}_{i:03d}", story, shot_seeds(story, i)))
+            out.append(EvalStory(f"{tag}_{i:03d}", story, shot_seeds(story, i, noise_seed)))
     return out
 
 
@@ -461,7 +468,7 @@ def _run(cfg: EvalConfig, progress: bool) -> dict:
     zoo = ModelZoo(cfg)
     geometry = zoo.base.geometry  # the preset's, on the latent grid of the VAE it loaded
     aspect = geometry.width / geometry.height
-    items = evaluation_split(cfg.stories, cfg.stories10, aspect, cfg.split)
+    items = evaluation_split(cfg.stories, cfg.stories10, aspect, cfg.split, cfg.noise_seed)
     teacher_items = [i for i in items if i.story.num_shots < 10][: cfg.teacher_stories] + \
                     [i for i in items if i.story.num_shots >= 10][: cfg.teacher_stories10]
 
@@ -510,7 +517,7 @@ def _run(cfg: EvalConfig, progress: bool) -> dict:
         "weights_dir": _rel(cfg.weights_dir),
         "vae": zoo.vae_source,
         "split": {"name": cfg.split, "seed": EVAL_SEED if cfg.split == "eval" else None,
-                  "dev_start": DEV_START if cfg.split == "dev" else None,
+                  "dev_start": DEV_START if cfg.split == "dev" else None, "noise_seed": cfg.noise_seed,
                   "stories5": cfg.stories, "stories10": cfg.stories10,
                   "teacher_stories5": min(cfg.teacher_stories, cfg.stories),
                   "teacher_stories10": min(cfg.teacher_stories10, cfg.stories10),
@@ -563,6 +570,8 @@ def command_line(cfg: EvalConfig) -> str:
         parts.append(f"--weights-dir {_rel(cfg.weights_dir)}")
     if cfg.split != defaults.split:
         parts.append(f"--split {cfg.split}")
+    if cfg.noise_seed != defaults.noise_seed:
+        parts.append(f"--noise-seed {cfg.noise_seed}")
     return " ".join(parts)
 
 
@@ -616,6 +625,9 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--split", choices=("eval", "dev"), default=d.split,
                    help="eval: the held-out evaluation stories, for the final report (default); dev: "
                         "development stories from the training seed that no training set reaches, for experiments")
+    p.add_argument("--noise-seed", type=int, default=d.noise_seed,
+                   help="0: the split's fixed noise (default); N > 0: other noise for the same stories, to repeat "
+                        "a comparison over several seeds (python -m training.compare_evals)")
     a = p.parse_args(argv)
     sizes = dict(QUICK) if a.quick else {}
     for k in ("stories", "stories10", "teacher_stories", "teacher_stories10"):
@@ -624,7 +636,8 @@ def parse_args(argv=None) -> EvalConfig:
     try:
         return EvalConfig(model=a.model, out=a.out, teacher_steps=a.teacher_steps, guidance=a.guidance,
                           variants=tuple(dict.fromkeys(a.variants)), weights_dir=a.weights_dir,
-                          device=a.device, threads=a.threads, quick=a.quick, split=a.split, **sizes)
+                          device=a.device, threads=a.threads, quick=a.quick, split=a.split,
+                          noise_seed=a.noise_seed, **sizes)
     except ValueError as e:
         p.error(str(e))
 

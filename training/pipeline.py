@@ -30,7 +30,7 @@ from pathlib import Path
 from shotstream_core.files import copy_file
 
 from .common import (EXIT_PAUSED, Checkpointer, done_record, folder_bytes, is_done, load_stage_config,
-                     mark_done, paused_message, read_log, stage_sizes)
+                     mark_done, paused_message, read_log, recipe_mismatch, stage_sizes)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -188,17 +188,24 @@ class Stale:
     reason: str  # for --status: "teacher was retrained after it"
     roots: tuple[str, ...]  # the stages whose new run made it stale
     by_times: bool = False  # judged by done.json times (a run from before the built-from records)
+    recipe: bool = False  # run under an older version of its own stage's code (common.StageConfig.RECIPE)
 
 
 def stale_stages(preset: str) -> dict[str, Stale]:
     """The stages whose run folder was built from another run of an upstream stage than the one there now
-    (directly, or through a stale upstream stage). Reads the run folders only."""
+    (directly, or through a stale upstream stage), or that ran under an older recipe of their own code.
+    Reads the run folders only."""
     outs = _out_dirs(preset)
     prints = {name: _fingerprint(out) for name, out in outs.items()}
     stale: dict[str, Stale] = {}
     for stage in STAGES:
         out = outs.get(stage.name)
         if out is None or not out.is_dir():
+            continue
+        mismatch = recipe_mismatch(_config_class(stage.config_cls), out)
+        if mismatch is not None:
+            stale[stage.name] = Stale(f"it ran under recipe {mismatch[0]} of its stage's code, which is at recipe "
+                                      f"{mismatch[1]} now", (stage.name,), recipe=True)
             continue
         record = _read_built_from(out)
         changed, via, roots, by_times = [], [], [], []
@@ -252,8 +259,13 @@ def stale_message(preset: str, stale: dict[str, Stale]) -> str:
     names = list(stale)
     paths = " ".join(_shown(outs[n]) for n in names)
     timed = [n for n, s in stale.items() if s.by_times]
-    return (f"{', '.join(names)} {'was' if len(names) == 1 else 'were'} built from an older "
-            f"{' and '.join(roots)}: delete {paths} to rebuild {'it' if len(names) == 1 else 'them'} "
+    own = [n for n, s in stale.items() if s.recipe]
+    built = [n for n in names if n not in own]
+    was = lambda group: "was" if len(group) == 1 else "were"  # noqa: E731
+    why = ([f"{', '.join(own)} {was(own)} trained under an older recipe of {'its' if len(own) == 1 else 'their'} "
+            f"stage's code"] if own else []) + \
+          ([f"{', '.join(built)} {was(built)} built from an older {' and '.join(roots)}"] if built else [])
+    return (f"{'; '.join(why)}: delete {paths} to rebuild {'it' if len(names) == 1 else 'them'} "
             f"(or run with --rebuild-stale)" + (f". {', '.join(timed)}: {TIMES_HINT}" if timed else ""))
 
 

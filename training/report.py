@@ -244,6 +244,7 @@ def write_report(metrics: dict, out_dir, samples: dict | None = None) -> Path:
                   "(no training set reaches them; not the evaluation split)")
     else:
         source = f"Story World's evaluation seed {split['seed']} (training never uses it)"
+    noise = f" (noise seed {split['noise_seed']}, not the split's own)" if split.get("noise_seed") else ""
     md = [
         f"# ShotStream on the Story World: evaluation of `{metrics['model']}`",
         "",
@@ -254,7 +255,7 @@ def write_report(metrics: dict, out_dir, samples: dict | None = None) -> Path:
         f"{source}, "
         f"{split['geometry']['width']}x{split['geometry']['height']} pixels, "
         f"{split['geometry']['frames_per_shot']} frames a shot. Every story's shots use fixed noise seeds, the "
-        "same for every row. Each video is written as mp4 and scored, as read back, by the Story World analyser "
+        f"same for every row{noise}. Each video is written as mp4 and scored, as read back, by the Story World analyser "
         "(`training/storyworld/analyse.py` defines the metrics).",
         "",
         *[f"- {n}" for n in notes],
