@@ -97,7 +97,7 @@ def test_teacher_and_stage3_rows_load_or_explain(tmp_path):
     assert teacher["sec_per_frame"] > 0 and teacher["drift"] is None  # no 10-shot story asked for
     assert not stage3["available"] and "could not be loaded" in stage3["reason"]
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "teacher row uses 1 five-shot + 0 ten-shot stories" in report
+    assert "teacher row uses 1 five-shot + 0 ten-shot stories" in report and "not the split's own" not in report
 
 
 def test_stage3_row_says_when_it_is_the_shipped_student(tmp_path):
@@ -106,11 +106,13 @@ def test_stage3_row_says_when_it_is_the_shipped_student(tmp_path):
     save_dit(CausalWanDiT(get_preset("micro").dit), weights / "dit.safetensors")
     (weights / "student_stage3.safetensors").write_bytes((weights / "dit.safetensors").read_bytes())
     metrics = _run(["--model", "micro", "--out", str(tmp_path / "out"), "--weights-dir", str(weights),
-                    "--stories", "1", "--stories10", "0", "--variants", "student", "stage3"])
+                    "--stories", "1", "--stories10", "0", "--variants", "student", "stage3", "--noise-seed", "5"])
     student, stage3 = metrics["variants"]["student"], metrics["variants"]["stage3"]
     assert "RANDOM" not in student["weights"] and student["model_id"] == stage3["model_id"]
     assert stage3["adherence"] == student["adherence"]  # same weights, same noise: the same videos
-    assert "stage 4 has not been exported" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "stage 4 has not been exported" in report
+    assert metrics["split"]["noise_seed"] == 5 and "(noise seed 5, not the split's own)" in report
 
 
 def test_every_variant_draws_the_same_noise():
