@@ -319,11 +319,54 @@ def test_a_stage_run_under_an_older_recipe_of_its_code_is_rebuilt_with_what_was_
     assert not status["stage2"].startswith("stale")
     before = (fake_runs / "stage3" / "done.json").read_bytes()
     assert main(["--preset", "micro", "--no-eval"]) == 1
-    assert ("[pipeline] stopped: stage3 was trained under an older recipe of its stage's code; stage4 was built "
-            "from an older stage3: delete runs/micro/stage3 runs/micro/stage4 to rebuild them") in capsys.readouterr().out
+    assert (f"[pipeline] stopped: stage3: it ran under recipe {DMDStageConfig.RECIPE - 1} of its stage's code, which "
+            f"is at recipe {DMDStageConfig.RECIPE} now; stage4 was built from an older stage3: delete runs/micro/stage3 "
+            "runs/micro/stage4 to rebuild them") in capsys.readouterr().out
     assert main(["--preset", "micro", "--no-eval", "--rebuild-stale"]) == 0
     assert (fake_runs / "stage3" / "done.json").read_bytes() != before
     assert not any(v.startswith("stale") for v in _status(capsys).values())
+
+
+def _ran_with(out: Path, **changes) -> None:
+    """OUT/config.yaml: micro stage 3's config file as the pipeline runs it, with `changes`."""
+    from training.common import load_stage_config, save_config
+    from training.pipeline import STAGES, _config_class, pipeline_overrides, stage_config_path
+
+    stage = next(s for s in STAGES if s.name == "stage3")
+    cfg = load_stage_config(_config_class(stage.config_cls), stage_config_path("micro", stage), pipeline_overrides(stage))
+    save_config(dataclasses.replace(cfg, **changes), out / "config.yaml")
+
+
+def test_a_stage_run_with_another_config_than_its_file_is_stale_and_a_shorter_one_goes_on(fake_runs, capsys):
+    """A finished stage whose config file changed since it ran (a recipe change pulled into a checkout with
+    finished runs) is not what the pipeline would train now: stale, with the keys named. Where only max_steps
+    grew and the stage goes on exactly (constant learning rates), the pipeline runs it instead of skipping it.
+    A sitting's settings (a time budget, threads) change nothing."""
+    from training.common import load_stage_config
+    from training.pipeline import STAGES, main, stage_config_path
+    from training.stage3_dmd import DMDStageConfig
+
+    assert main(["--preset", "micro", "--no-eval"]) == 0
+    out = fake_runs / "stage3"
+    _ran_with(out, max_minutes=1.0, num_threads=1)
+    assert not any(v.startswith("stale") for v in _status(capsys).values())
+
+    _ran_with(out, lr=1e-3)
+    status = _status(capsys)
+    assert status["stage3"].startswith("stale (it ran with another config than micro-stage3.yaml (lr: 0.001 -> ")
+    assert status["stage4"].startswith("stale (built from stage3, which is stale)")
+    assert main(["--preset", "micro", "--no-eval"]) == 1
+    assert "[pipeline] stopped: stage3: it ran with another config than micro-stage3.yaml (lr: 0.001" in \
+        capsys.readouterr().out
+
+    stage3 = next(s for s in STAGES if s.name == "stage3")
+    steps = load_stage_config(DMDStageConfig, stage_config_path("micro", stage3)).max_steps
+    _ran_with(out, max_steps=steps - 1)
+    assert _status(capsys)["stage3"].endswith(f"its config file asks for {steps} steps: the next run goes on")
+    before = (out / "done.json").read_bytes()
+    assert main(["--preset", "micro", "--no-eval", "--rebuild-stale"]) == 0
+    assert "[pipeline] stage3: done at fewer steps than its config file's max_steps: going on" in capsys.readouterr().out
+    assert (out / "done.json").read_bytes() != before  # the stage ran again (here a stand-in; the real one goes on)
 
 
 def test_a_data_set_rendered_otherwise_to_the_same_counts_makes_the_stages_on_it_stale(fake_runs, capsys,

@@ -29,8 +29,9 @@ from pathlib import Path
 
 from shotstream_core.files import copy_file
 
-from .common import (EXIT_PAUSED, Checkpointer, done_record, folder_bytes, is_done, load_stage_config,
-                     mark_done, paused_message, read_log, recipe_mismatch, stage_sizes)
+from .common import (EXIT_PAUSED, PLACE_CONFIG, SITTING_CONFIG, Checkpointer, config_diff, describe_diff,
+                     done_record, folder_bytes, is_done, load_stage_config, mark_done, paused_message, read_log,
+                     recipe_mismatch, stage_sizes)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -188,7 +189,7 @@ class Stale:
     reason: str  # for --status: "teacher was retrained after it"
     roots: tuple[str, ...]  # the stages whose new run made it stale
     by_times: bool = False  # judged by done.json times (a run from before the built-from records)
-    recipe: bool = False  # run under an older version of its own stage's code (common.StageConfig.RECIPE)
+    own: bool = False  # stale in itself (an older recipe of its code, or another config than its file's)
 
 
 def stale_stages(preset: str) -> dict[str, Stale]:
@@ -205,7 +206,12 @@ def stale_stages(preset: str) -> dict[str, Stale]:
         mismatch = recipe_mismatch(_config_class(stage.config_cls), out)
         if mismatch is not None:
             stale[stage.name] = Stale(f"it ran under recipe {mismatch[0]} of its stage's code, which is at recipe "
-                                      f"{mismatch[1]} now", (stage.name,), recipe=True)
+                                      f"{mismatch[1]} now", (stage.name,), own=True)
+            continue
+        changes = config_changes(preset, stage, out) if is_done(out) else []
+        if changes and not goes_on(preset, stage, changes):
+            stale[stage.name] = Stale(f"it ran with another config than {stage_config_path(preset, stage).name} "
+                                      f"({describe_diff(changes)})", (stage.name,), own=True)
             continue
         record = _read_built_from(out)
         changed, via, roots, by_times = [], [], [], []
@@ -259,14 +265,30 @@ def stale_message(preset: str, stale: dict[str, Stale]) -> str:
     names = list(stale)
     paths = " ".join(_shown(outs[n]) for n in names)
     timed = [n for n, s in stale.items() if s.by_times]
-    own = [n for n, s in stale.items() if s.recipe]
-    built = [n for n in names if n not in own]
-    was = lambda group: "was" if len(group) == 1 else "were"  # noqa: E731
-    why = ([f"{', '.join(own)} {was(own)} trained under an older recipe of {'its' if len(own) == 1 else 'their'} "
-            f"stage's code"] if own else []) + \
-          ([f"{', '.join(built)} {was(built)} built from an older {' and '.join(roots)}"] if built else [])
+    built = [n for n, s in stale.items() if not s.own]
+    why = [f"{n}: {s.reason}" for n, s in stale.items() if s.own] + \
+          ([f"{', '.join(built)} {'was' if len(built) == 1 else 'were'} built from an older {' and '.join(roots)}"]
+           if built else [])
     return (f"{'; '.join(why)}: delete {paths} to rebuild {'it' if len(names) == 1 else 'them'} "
             f"(or run with --rebuild-stale)" + (f". {', '.join(timed)}: {TIMES_HINT}" if timed else ""))
+
+
+def config_changes(preset: str, stage: Stage, out: Path) -> list:
+    """(key, ran with, config file's) for each field in which the run in `out` (its config.yaml) differs from
+    the stage's config file as the pipeline runs it, less a sitting's settings and where it ran."""
+    path = stage_config_path(preset, stage)
+    if not path.is_file():
+        return []
+    cfg = load_stage_config(_config_class(stage.config_cls), path, pipeline_overrides(stage))
+    return config_diff(cfg, out / "config.yaml", SITTING_CONFIG + PLACE_CONFIG)
+
+
+def goes_on(preset: str, stage: Stage, changes: list) -> bool:
+    """Whether a finished run whose config file now differs only by a larger max_steps goes on as a longer
+    run would (common.refuse_finished_run_changes): the pipeline then runs the stage instead of skipping it."""
+    if len(changes) != 1 or changes[0][0] != "max_steps" or not changes[0][2] > changes[0][1]:
+        return False
+    return load_stage_config(_config_class(stage.config_cls), stage_config_path(preset, stage)).lengthens_exactly()
 
 
 def _shown(path: Path) -> str:
@@ -558,8 +580,11 @@ def main(argv=None) -> int:
         for stage in STAGES:
             if wanted is None or stage.name in wanted:
                 where = stage_status(preset, stage)
+                out = stage_out_dir(preset, stage)
                 if stage.name in stale:
                     where = f"stale ({stale[stage.name].reason}); {where}"
+                elif out is not None and is_done(out) and (changes := config_changes(preset, stage, out)):
+                    where += f"; its config file asks for {changes[0][2]} steps: the next run goes on"
                 print(f"{stage.name}: {where}")
         return 0
 
@@ -606,6 +631,9 @@ def _run(args, preset: str, export_dir: Path, data_dir: Path, wanted, running: l
         if stale:  # a stage this run trained again made it stale (no record of its own to tell it earlier)
             if not _stop_or_rebuild(preset, stale, args):
                 return 1
+        elif is_done(out) and config_changes(preset, stage, out):  # only max_steps grew (else it is stale)
+            print(f"[pipeline] {stage.name}: done at fewer steps than its config file's max_steps: going on",
+                  flush=True)
         elif is_done(out):
             if not _read_built_from(out) and not args.dry_run:
                 record_built_from(preset, stage.name)  # a run from before these records, found not stale
