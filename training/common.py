@@ -885,6 +885,13 @@ def describe_diff(diff) -> str:
     return "; ".join(f"{key}: {old!r} -> {now!r}" for key, old, now in diff)
 
 
+def lengthens_only(cfg, diff) -> bool:
+    """Whether a config_diff against a finished run is only a larger max_steps, with which the stage goes on
+    as an uninterrupted run of that length would (cfg.lengthens_exactly)."""
+    return (cfg.lengthens_exactly() and len(diff) == 1 and diff[0][0] == "max_steps"
+            and isinstance(diff[0][1], int) and diff[0][2] > diff[0][1])
+
+
 def refuse_finished_run_changes(cfg) -> None:
     """A finished run (done.json) keeps the config its weights were made with: run again with another one it
     would train nothing ("already done") yet record the new config as its own, so the report would name
@@ -894,8 +901,7 @@ def refuse_finished_run_changes(cfg) -> None:
     if not is_done(out):
         return
     diff = config_diff(cfg, out / "config.yaml", SITTING_CONFIG + PLACE_CONFIG)
-    if not diff or (cfg.lengthens_exactly() and len(diff) == 1 and diff[0][0] == "max_steps"
-                    and isinstance(diff[0][1], int) and diff[0][2] > diff[0][1]):
+    if not diff or lengthens_only(cfg, diff):
         return
     raise ValueError(f"{out} holds a finished run made with another config ({describe_diff(diff)}), and this "
                      f"config would not be used: delete that folder to train it again with this config, set "
@@ -948,12 +954,14 @@ def check_recipe(cfg) -> str | None:
     out = Path(cfg.out_dir)
     if not has_progress(out):
         return None
-    mismatch = recipe_mismatch(type(cfg), out)
-    if mismatch is None:
-        if recorded_recipe(out) is not None or is_done(out):
-            return None
-        return (f"warning: {out} has no {RECIPE_FILE} (a run from before the recipe records): if the stage's code "
-                f"changed since it started, resuming mixes two recipes; delete the folder to train it again")
+    was = recorded_recipe(out)
+    if was is None:
+        return None if is_done(out) else (
+            f"warning: {out} has no {RECIPE_FILE} (a run from before the recipe records): if the stage's code "
+            f"changed since it started, resuming mixes two recipes; delete the folder to train it again")
+    if was == type(cfg).RECIPE:
+        return None
+    mismatch = (was, type(cfg).RECIPE)
     if is_done(out) and not config_diff(cfg, out / "config.yaml", SITTING_CONFIG + PLACE_CONFIG):
         return None
     if cfg.allow_recipe_change:

@@ -30,8 +30,8 @@ from pathlib import Path
 from shotstream_core.files import copy_file
 
 from .common import (EXIT_PAUSED, PLACE_CONFIG, SITTING_CONFIG, Checkpointer, config_diff, describe_diff,
-                     done_record, folder_bytes, is_done, load_stage_config, mark_done, paused_message, read_log,
-                     recipe_mismatch, stage_sizes)
+                     done_record, folder_bytes, is_done, lengthens_only, load_stage_config, mark_done,
+                     paused_message, read_log, recipe_mismatch, stage_sizes)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -208,8 +208,8 @@ def stale_stages(preset: str) -> dict[str, Stale]:
             stale[stage.name] = Stale(f"it ran under recipe {mismatch[0]} of its stage's code, which is at recipe "
                                       f"{mismatch[1]} now", (stage.name,), own=True)
             continue
-        changes = config_changes(preset, stage, out) if is_done(out) else []
-        if changes and not goes_on(preset, stage, changes):
+        changes, goes_on = config_changes(preset, stage, out) if is_done(out) else ([], False)
+        if changes and not goes_on:
             stale[stage.name] = Stale(f"it ran with another config than {stage_config_path(preset, stage).name} "
                                       f"({describe_diff(changes)})", (stage.name,), own=True)
             continue
@@ -273,22 +273,17 @@ def stale_message(preset: str, stale: dict[str, Stale]) -> str:
             f"(or run with --rebuild-stale)" + (f". {', '.join(timed)}: {TIMES_HINT}" if timed else ""))
 
 
-def config_changes(preset: str, stage: Stage, out: Path) -> list:
-    """(key, ran with, config file's) for each field in which the run in `out` (its config.yaml) differs from
-    the stage's config file as the pipeline runs it, less a sitting's settings and where it ran."""
+def config_changes(preset: str, stage: Stage, out: Path) -> tuple[list, bool]:
+    """(changes, goes_on) for the run in `out`: (key, ran with, config file's) for each field in which its
+    config.yaml differs from the stage's config file as the pipeline runs it, less a sitting's settings and
+    where it ran; goes_on where they are only a larger max_steps that the stage continues exactly
+    (common.lengthens_only), so the pipeline runs it instead of skipping it."""
     path = stage_config_path(preset, stage)
     if not path.is_file():
-        return []
+        return [], False
     cfg = load_stage_config(_config_class(stage.config_cls), path, pipeline_overrides(stage))
-    return config_diff(cfg, out / "config.yaml", SITTING_CONFIG + PLACE_CONFIG)
-
-
-def goes_on(preset: str, stage: Stage, changes: list) -> bool:
-    """Whether a finished run whose config file now differs only by a larger max_steps goes on as a longer
-    run would (common.refuse_finished_run_changes): the pipeline then runs the stage instead of skipping it."""
-    if len(changes) != 1 or changes[0][0] != "max_steps" or not changes[0][2] > changes[0][1]:
-        return False
-    return load_stage_config(_config_class(stage.config_cls), stage_config_path(preset, stage)).lengthens_exactly()
+    changes = config_diff(cfg, out / "config.yaml", SITTING_CONFIG + PLACE_CONFIG)
+    return changes, lengthens_only(cfg, changes)
 
 
 def _shown(path: Path) -> str:
@@ -583,7 +578,7 @@ def main(argv=None) -> int:
                 out = stage_out_dir(preset, stage)
                 if stage.name in stale:
                     where = f"stale ({stale[stage.name].reason}); {where}"
-                elif out is not None and is_done(out) and (changes := config_changes(preset, stage, out)):
+                elif out is not None and is_done(out) and (changes := config_changes(preset, stage, out)[0]):
                     where += f"; its config file asks for {changes[0][2]} steps: the next run goes on"
                 print(f"{stage.name}: {where}")
         return 0
@@ -631,7 +626,7 @@ def _run(args, preset: str, export_dir: Path, data_dir: Path, wanted, running: l
         if stale:  # a stage this run trained again made it stale (no record of its own to tell it earlier)
             if not _stop_or_rebuild(preset, stale, args):
                 return 1
-        elif is_done(out) and config_changes(preset, stage, out):  # only max_steps grew (else it is stale)
+        elif is_done(out) and config_changes(preset, stage, out)[0]:  # only max_steps grew (else it is stale)
             print(f"[pipeline] {stage.name}: done at fewer steps than its config file's max_steps: going on",
                   flush=True)
         elif is_done(out):
