@@ -470,6 +470,61 @@ def test_stage_resume_is_exact(micro_run, tmp_path, stage):
     assert (tmp_path / "whole" / "loss.png").is_file()
 
 
+def stage4_history_sources(micro_run, out, monkeypatch, share):
+    """Run stage 4 with truth_history=share; per shot >= 1 sample: "truth" where its context is one the
+    latent store's ground-truth history gave, "own" where it is one own_history gave."""
+    from training import stage4_dmd
+    from training.data import LatentStoryDataset
+
+    truth, own, sources = [], [], []
+    real_truth, real_own = LatentStoryDataset.history, stage4_dmd.InterShotSetup.own_history
+    real_step = stage4_dmd.InterShotSetup.train_step
+
+    def recording_truth(self, *args, **kw):
+        got = real_truth(self, *args, **kw)
+        truth.append(got[0])
+        return got
+
+    def recording_own(self, *args, **kw):
+        got = real_own(self, *args, **kw)
+        own.append(got[0])
+        return got
+
+    def recording_step(self, step, context, prompts, *rest):
+        for ctx, shot_prompts in zip(context, prompts):
+            if len(shot_prompts) > 1:  # shot >= 1 with its history (history_dropout is 0 here)
+                sources.append("truth" if any(ctx is t for t in truth) else "own" if any(ctx is o for o in own)
+                               else "neither")
+        return real_step(self, step, context, prompts, *rest)
+
+    monkeypatch.setattr(LatentStoryDataset, "history", recording_truth)
+    monkeypatch.setattr(stage4_dmd.InterShotSetup, "own_history", recording_own)
+    monkeypatch.setattr(stage4_dmd.InterShotSetup, "train_step", recording_step)
+    stage4_dmd.main(stage_args(micro_run, 4, out, "history_dropout=0.0", f"truth_history={share}",
+                               "ckpt_every=100"))
+    return sources
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_stage4_truth_history_conditions_that_share_on_ground_truth(micro_run, tmp_path, monkeypatch, share):
+    sources = stage4_history_sources(micro_run, tmp_path / "run", monkeypatch, share)
+    assert len(sources) == 8  # 2 clips x shots 1-2 x batch 2
+    assert "neither" not in sources
+    if share == 0.0:
+        assert set(sources) == {"own"}
+    elif share == 1.0:
+        assert set(sources) == {"truth"}
+    else:
+        assert set(sources) == {"truth", "own"}  # this seed's draws give both
+
+
+def test_stage4_truth_history_is_a_share(micro_run, tmp_path):
+    from training import stage4_dmd
+
+    with pytest.raises(ValueError, match="truth_history is a share"):
+        stage4_dmd.main(stage_args(micro_run, 4, tmp_path / "bad", "truth_history=2"))
+
+
 def test_stage4_lora_trains_adapters_and_exports_merged_weights(micro_run, tmp_path):
     from safetensors.torch import load_file
 

@@ -8,6 +8,8 @@ by shot, in order, with one optimiser step per shot. The history of shot k is th
 frames chosen by the inference rule (context.plan_context) encoded one at a time
 (context.encode_frame_alone), exactly as the engine builds its context. Shot 0, and a sample whose history
 is dropped, train with the shot's OWN caption alone (the reference paired them with the second shot's).
+Optionally (truth_history > 0) a share of the later shots' samples take their story's ground-truth
+history instead, as in stage 3 (replay of the stage-3 task; off in the tiny recipe).
 
 Optionally (lora_rank > 0) generator and critic train LoRA adapters on every Linear of every block; the
 exported student has them merged into full weights, and OUT/lora.safetensors keeps the generator's
@@ -35,6 +37,7 @@ from .lora import adapter_state_dict, apply_lora, merged_state_dict
 from .stage3_dmd import DMDSetup, DMDStageConfig
 
 LORA_STREAM = 20  # step_generator stream of the adapters' initial A matrices (+1: the critic's)
+TRUTH_STREAM = 30  # stream of the truth_history draws: its own, so the recipe's other draws stay as they were
 
 
 @dataclass
@@ -46,6 +49,8 @@ class Stage4Config(DMDStageConfig):
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float = 0.0  # 0 = rank
     lora_critic: bool = True  # the critic trains LoRA too (as the reference), else fully
+    truth_history: float = 0.0  # share of shot >= 1 samples conditioned on their story's ground-truth
+    # history (stage 3's task) instead of their own; the clip still rolls on with the shot they generate
 
     def hyper(self) -> DMDHyper:
         # one optimiser step a shot: the generator/critic cycle slips so that every shot index trains both
@@ -54,6 +59,8 @@ class Stage4Config(DMDStageConfig):
 
 class InterShotSetup(DMDSetup):
     def __init__(self, cfg: Stage4Config, dist: Dist):
+        if not 0.0 <= cfg.truth_history <= 1.0:
+            raise ValueError(f"truth_history is a share of samples, got {cfg.truth_history}: set it in 0..1")
         super().__init__(cfg, dist)
         if not Path(cfg.vae_path).is_file():
             raise FileNotFoundError(f"VAE weights not found at {cfg.vae_path}: run the VAE stage first, or set vae_path=")
@@ -114,11 +121,19 @@ def train(cfg: Stage4Config, dist: Dist) -> dict:
         k = clip["shot"]
         gen = step_generator(cfg.seed, step, dist.rank)
         drops = (torch.rand(cfg.batch_size, generator=gen) < cfg.history_dropout).tolist()
+        truths = [False] * cfg.batch_size
+        if cfg.truth_history > 0:
+            pick_truth = step_generator(cfg.seed, step, dist.rank, stream=TRUTH_STREAM)
+            truths = (torch.rand(cfg.batch_size, generator=pick_truth) < cfg.truth_history).tolist()
         context, prompts, ctx_flags, shot_flags = [], [], [], []
-        for b, (i, drop) in enumerate(zip(clip["stories"], drops)):
+        for b, (i, drop, truth) in enumerate(zip(clip["stories"], drops, truths)):
             story = setup.story(i)
             if k == 0 or drop:  # the shot's OWN caption, alone
                 ctx, flags, shot_flag, shot_prompts = setup.first_shot(story, k)
+            elif truth:
+                ctx, all_flags = setup.data.history(story, k, setup.preset.sampler.context_frames)
+                flags, shot_flag = all_flags[:-1], all_flags[-1]
+                shot_prompts = story.prompt_features[: k + 1]
             else:
                 ctx, flags, shot_flag = setup.own_history(clip["history"], b)
                 shot_prompts = story.prompt_features[: k + 1]
