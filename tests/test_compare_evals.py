@@ -7,9 +7,10 @@ import pytest
 from training import compare_evals as ce
 
 
-def write_eval(folder, seed, adherence, memory, cut_f1=0.94, drift=-0.02, split="dev", stories=(32, 4)):
+def write_eval(folder, seed, adherence, memory, cut_f1=0.94, drift=-0.02, split="dev", stories=(32, 4), model="m0"):
     folder.mkdir(parents=True)
-    row = {"available": True, "adherence": adherence, "memory": memory, "cut_f1": cut_f1, "drift": drift}
+    row = {"available": True, "adherence": adherence, "memory": memory, "cut_f1": cut_f1, "drift": drift,
+           "model_id": model}
     metrics = {"split": {"name": split, "stories5": stories[0], "stories10": stories[1], "noise_seed": seed},
                "variants": {"student": row, "teacher": {"available": False}}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -76,3 +77,41 @@ def test_bad_input_is_named_on_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ce.main([str(a), "--vs", str(a), "--variant", "teacher"])
     assert "no scored `teacher` row" in capsys.readouterr().err
+
+
+def training_runs(tmp_path, side, memories_by_model):
+    """Per model, its evaluations at noise seeds 0.. with these memories (adherence fixed)."""
+    return [ce.load_run(write_eval(tmp_path / f"{side}_{model}_{seed}", seed, 0.2, memory, model=model))
+            for model, memories in memories_by_model.items() for seed, memory in enumerate(memories)]
+
+
+def test_several_trained_models_a_side_compare_over_training_runs(tmp_path):
+    # every noise seed says the new model keeps memory better than the first shipped run (+0.10 each seed,
+    # paired: far beyond noise), but a second training run of the old recipe lands as high: over training
+    # runs the gain is inside their spread
+    shipped = training_runs(tmp_path, "a", {"ship": [0.40, 0.42, 0.44]})
+    new = training_runs(tmp_path, "b", {"new": [0.50, 0.52, 0.54]})
+    assert ce.compare(shipped, new)["memory"]["beyond_noise"]
+    rerun = training_runs(tmp_path, "a", {"rerun": [0.52, 0.56, 0.54]})
+    result = ce.compare(shipped + rerun, new)["memory"]
+    assert result["training_runs"] == (2, 1) and not result["paired"]
+    assert result["base"][0] == pytest.approx(0.48) and result["base"][1] == pytest.approx(0.12 / 2 ** 0.5)
+    # the one-model side borrows the other's spread
+    assert result["se"] == pytest.approx(result["base"][1] * (1 / 2 + 1 / 1) ** 0.5)
+    assert not result["beyond_noise"]
+    # and a gain far past the training runs' spread is beyond it
+    better = training_runs(tmp_path, "c", {"x": [0.90, 0.92, 0.94], "y": [0.91, 0.93, 0.95]})
+    assert ce.compare(shipped + rerun, better)["memory"]["beyond_noise"]
+
+
+def test_models_of_one_side_must_share_noise_seeds(tmp_path):
+    a = training_runs(tmp_path, "a", {"m1": [0.4, 0.5], "m2": [0.4]})
+    b = training_runs(tmp_path, "b", {"m3": [0.4, 0.5]})
+    with pytest.raises(ValueError, match="same --noise-seed values"):
+        ce.compare(a, b)
+
+
+def test_one_seed_of_two_models_is_not_a_repeat(tmp_path):
+    a = training_runs(tmp_path, "a", {"m1": [0.4], "m2": [0.5]})
+    b = training_runs(tmp_path, "b", {"m3": [0.4], "m4": [0.6]})
+    assert ce.compare(a, b)["memory"]["diff"] == pytest.approx(0.05)

@@ -8,6 +8,12 @@ by less than that. Evaluate each model on the same stories with several `--noise
 
 prints each metric's mean and spread over the seeds for both groups, the difference, its standard error
 (paired by seed where both groups ran the same seeds) and whether the difference is beyond two of them.
+
+Noise seeds measure sampling only: two training runs of one recipe (another `seed`) differ by more
+(docs/EXPERIMENTS.md, "Training runs"). Give a side the evaluations of several trained models (told apart
+by their weights' model_id) and the comparison is over training runs: each model's mean over its noise
+seeds, the side's mean and spread over its models, and a standard error from that spread (the other side's
+where a side has one model only, as two runs of the same recipe spread alike).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class EvalRun:
     noise_seed: int
     split: tuple  # (split name, 5-shot stories, 10-shot stories): runs compared must share it
     row: dict  # the variant's metrics
+    model: str  # the weights' model_id: runs of one model repeat its sampling, other models its training
 
 
 def load_run(path, variant: str = "student") -> EvalRun:
@@ -48,8 +55,9 @@ def load_run(path, variant: str = "student") -> EvalRun:
         raise ValueError(f"{file} has no scored `{variant}` row (it has {have}): choose one with --variant, "
                          f"or evaluate with --variants {variant}")
     split = metrics.get("split", {})
+    model = row.get("model_id") or str(metrics.get("weights_dir"))
     return EvalRun(path, int(split.get("noise_seed") or 0),
-                   (split.get("name", "eval"), split.get("stories5"), split.get("stories10")), row)
+                   (split.get("name", "eval"), split.get("stories5"), split.get("stories10")), row, model)
 
 
 def mean_and_sd(values: list[float]) -> tuple[float, float | None]:
@@ -61,14 +69,24 @@ def mean_and_sd(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
-def _check_group(runs: list[EvalRun], name: str) -> None:
-    seen: dict[int, Path] = {}
+def _check_group(runs: list[EvalRun], name: str) -> dict[str, list[EvalRun]]:
+    """The side's runs by model, each model's seeds once."""
+    seen: dict[tuple, Path] = {}
+    by_model: dict[str, list[EvalRun]] = {}
     for r in runs:
-        if r.noise_seed in seen:
-            raise ValueError(f"{name}: {seen[r.noise_seed]} and {r.path} both ran noise seed {r.noise_seed}, and an "
-                             f"evaluation repeats exactly, so the second adds nothing: evaluate each repeat with "
+        key = (r.model, r.noise_seed)
+        if key in seen:
+            raise ValueError(f"{name}: {seen[key]} and {r.path} both ran noise seed {r.noise_seed} of one model, and "
+                             f"an evaluation repeats exactly, so the second adds nothing: evaluate each repeat with "
                              f"its own --noise-seed")
-        seen[r.noise_seed] = r.path
+        seen[key] = r.path
+        by_model.setdefault(r.model, []).append(r)
+    seed_sets = {tuple(sorted(r.noise_seed for r in rs)) for rs in by_model.values()}
+    if len(seed_sets) > 1:
+        raise ValueError(f"{name}: its {len(by_model)} models ran different noise seeds ({sorted(seed_sets)}): "
+                         f"evaluate every model with the same --noise-seed values, so that each model's mean is "
+                         f"over the same draws")
+    return by_model
 
 
 def compare(base: list[EvalRun], other: list[EvalRun]) -> dict:
@@ -76,13 +94,15 @@ def compare(base: list[EvalRun], other: list[EvalRun]) -> dict:
     None where the groups are too small to estimate a spread)."""
     if not base or not other:
         raise ValueError("give at least one evaluation on each side")
-    _check_group(base, "the first group")
-    _check_group(other, "--vs")
+    models_a = _check_group(base, "the first group")
+    models_b = _check_group(other, "--vs")
     splits = {r.split for r in base + other}
     if len(splits) > 1:
         listed = "; ".join(f"{r.path}: {r.split[0]}, {r.split[1]} + {r.split[2]} stories" for r in base + other)
         raise ValueError(f"these evaluations ran on different stories ({listed}): compare runs of one split and "
                          f"size (--split, --stories, --stories10), differing only in the model and --noise-seed")
+    if len(models_a) > 1 or len(models_b) > 1:
+        return compare_training_runs(models_a, models_b)
     seeds_a = sorted(r.noise_seed for r in base)
     paired = seeds_a == sorted(r.noise_seed for r in other) and len(base) >= 2
     out = {}
@@ -106,20 +126,53 @@ def compare(base: list[EvalRun], other: list[EvalRun]) -> dict:
     return out
 
 
+def compare_training_runs(models_a: dict, models_b: dict) -> dict:
+    """As compare, where a side holds several trained models: each model's mean over its noise seeds is one
+    value, and the spread between them is the training runs' (which their noise seeds' spread is part of)."""
+    out = {}
+    for metric in METRICS:
+        means = []
+        for models in (models_a, models_b):
+            values = [[r.row.get(metric) for r in runs] for runs in models.values()]
+            if any(v is None for vs in values for v in vs):
+                break
+            means.append([sum(vs) / len(vs) for vs in values])
+        else:
+            (mean_a, sd_a), (mean_b, sd_b) = mean_and_sd(means[0]), mean_and_sd(means[1])
+            # a side with one model borrows the other's spread: another run of a recipe spreads alike
+            sd_a, sd_b = sd_a if sd_a is not None else sd_b, sd_b if sd_b is not None else sd_a
+            se = math.sqrt(sd_a ** 2 / len(means[0]) + sd_b ** 2 / len(means[1]))
+            diff = mean_b - mean_a
+            out[metric] = {"base": mean_and_sd(means[0]), "other": mean_and_sd(means[1]), "diff": diff, "se": se,
+                           "paired": False, "training_runs": (len(means[0]), len(means[1])),
+                           "beyond_noise": abs(diff) > BEYOND_NOISE_SE * se}
+    return out
+
+
 def _pm(mean: float, sd: float | None) -> str:
     return f"{mean:.3f}" if sd is None else f"{mean:.3f} ± {sd:.3f}"
 
 
+def _describe(runs: list[EvalRun]) -> str:
+    models = {r.model for r in runs}
+    seeds = sorted({r.noise_seed for r in runs})
+    return (f"{len(runs)} run(s)" + (f" of {len(models)} trained models" if len(models) > 1 else "")
+            + f", noise seeds {seeds}")
+
+
 def format_table(result: dict, base: list[EvalRun], other: list[EvalRun]) -> str:
-    lines = [f"first group: {len(base)} run(s), noise seeds {sorted(r.noise_seed for r in base)}; "
-             f"--vs: {len(other)} run(s), noise seeds {sorted(r.noise_seed for r in other)}",
-             "", "| metric | first (mean ± sd over seeds) | --vs | difference | standard error | verdict |",
+    over_runs = any("training_runs" in c for c in result.values())
+    over = "over training runs" if over_runs else "over seeds"
+    lines = [f"first group: {_describe(base)}; --vs: {_describe(other)}",
+             "", f"| metric | first (mean ± sd {over}) | --vs | difference | standard error | verdict |",
              "|---|---|---|---|---|---|"]
     for metric, c in result.items():
         if c["se"] is None:
             verdict, se = "spread unknown: run at least 2 noise seeds a side", "-"
         else:
             verdict = ("beyond noise" if c["beyond_noise"] else "within noise") + (" (paired)" if c["paired"] else "")
+            if "training_runs" in c:
+                verdict += " (over training runs)"
             se = f"{c['se']:.3f}"
         lines.append(f"| {metric} | {_pm(*c['base'])} | {_pm(*c['other'])} | {c['diff']:+.3f} | {se} | {verdict} |")
     lines += ["", f"beyond noise: the difference exceeds {BEYOND_NOISE_SE:g} standard errors."]
