@@ -117,7 +117,7 @@ def compare(base: list[EvalRun], other: list[EvalRun]) -> dict:
             mean_d, sd_d = mean_and_sd([b[s] - a[s] for s in seeds_a])
             se = sd_d / math.sqrt(len(seeds_a))
         elif sd_a is not None and sd_b is not None:
-            se = math.sqrt(sd_a ** 2 / len(a) + sd_b ** 2 / len(b))
+            se = unpaired_se(sd_a, len(a), sd_b, len(b))
         else:
             se = None
         diff = mean_b - mean_a
@@ -126,26 +126,33 @@ def compare(base: list[EvalRun], other: list[EvalRun]) -> dict:
     return out
 
 
+def unpaired_se(sd_a: float, n_a: int, sd_b: float, n_b: int) -> float:
+    """Standard error of the difference of two means of independent samples (Welch's)."""
+    return math.sqrt(sd_a ** 2 / n_a + sd_b ** 2 / n_b)
+
+
+def model_means(models: dict, metric: str) -> list[float] | None:
+    """Each model's mean of `metric` over its noise seeds (None where a run did not measure it)."""
+    values = [[r.row.get(metric) for r in runs] for runs in models.values()]
+    if any(v is None for vs in values for v in vs):
+        return None
+    return [sum(vs) / len(vs) for vs in values]
+
+
 def compare_training_runs(models_a: dict, models_b: dict) -> dict:
     """As compare, where a side holds several trained models: each model's mean over its noise seeds is one
     value, and the spread between them is the training runs' (which their noise seeds' spread is part of)."""
     out = {}
     for metric in METRICS:
-        means = []
-        for models in (models_a, models_b):
-            values = [[r.row.get(metric) for r in runs] for runs in models.values()]
-            if any(v is None for vs in values for v in vs):
-                break
-            means.append([sum(vs) / len(vs) for vs in values])
-        else:
-            (mean_a, sd_a), (mean_b, sd_b) = mean_and_sd(means[0]), mean_and_sd(means[1])
-            # a side with one model borrows the other's spread: another run of a recipe spreads alike
-            sd_a, sd_b = sd_a if sd_a is not None else sd_b, sd_b if sd_b is not None else sd_a
-            se = math.sqrt(sd_a ** 2 / len(means[0]) + sd_b ** 2 / len(means[1]))
-            diff = mean_b - mean_a
-            out[metric] = {"base": mean_and_sd(means[0]), "other": mean_and_sd(means[1]), "diff": diff, "se": se,
-                           "paired": False, "training_runs": (len(means[0]), len(means[1])),
-                           "beyond_noise": abs(diff) > BEYOND_NOISE_SE * se}
+        a, b = model_means(models_a, metric), model_means(models_b, metric)
+        if a is None or b is None:
+            continue
+        (mean_a, sd_a), (mean_b, sd_b) = mean_and_sd(a), mean_and_sd(b)
+        # a side with one model borrows the other's spread: another run of a recipe spreads alike
+        se = unpaired_se(sd_a if sd_a is not None else sd_b, len(a), sd_b if sd_b is not None else sd_a, len(b))
+        diff = mean_b - mean_a
+        out[metric] = {"base": (mean_a, sd_a), "other": (mean_b, sd_b), "diff": diff, "se": se, "paired": False,
+                       "training_runs": (len(a), len(b)), "beyond_noise": abs(diff) > BEYOND_NOISE_SE * se}
     return out
 
 

@@ -134,6 +134,12 @@ class DMDSetup:
         c, _, h, w = self.shot_shape
         return first_shot_inputs((c, h, w), self.preset.sampler.context_frames, story.prompt_features[: k + 1])
 
+    def truth_history(self, story, k: int):
+        """(context, context flags, shot flag) of shot k from its story's ground-truth earlier shots, chosen and
+        encoded by the inference rule (data.LatentStoryDataset.history)."""
+        ctx, flags = self.data.history(story, k, self.preset.sampler.context_frames)
+        return ctx, flags[:-1], flags[-1]
+
     def train_step(self, step: int, context, prompts, ctx_flags, shot_flags, generator) -> tuple[dict, torch.Tensor]:
         """Batch the samples and do one generator or critic update; returns (scalars, generated shot)."""
         dev = self.dist.device
@@ -162,7 +168,6 @@ class DMDSetup:
 def intra_shot_batch(setup: DMDSetup, generator: torch.Generator):
     """Per sample: a random (story, shot) target with its ground-truth history (or a dropped one)."""
     cfg = setup.cfg
-    fc = setup.preset.sampler.context_frames
     picks = torch.randint(0, len(setup.data.targets), (cfg.batch_size,), generator=generator).tolist()
     drops = (torch.rand(cfg.batch_size, generator=generator) < cfg.history_dropout).tolist()
     context, prompts, ctx_flags, shot_flags = [], [], [], []
@@ -172,8 +177,7 @@ def intra_shot_batch(setup: DMDSetup, generator: torch.Generator):
         if k == 0 or drop:  # the shot's OWN caption, alone (the reference used the second shot's)
             ctx, flags, shot_flag, shot_prompts = setup.first_shot(story, k)
         else:
-            ctx, all_flags = setup.data.history(story, k, fc)
-            flags, shot_flag = all_flags[:-1], all_flags[-1]
+            ctx, flags, shot_flag = setup.truth_history(story, k)
             shot_prompts = story.prompt_features[: k + 1]
         context.append(ctx)
         prompts.append(shot_prompts)

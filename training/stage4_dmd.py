@@ -130,12 +130,9 @@ def train(cfg: Stage4Config, dist: Dist) -> dict:
             story = setup.story(i)
             if k == 0 or drop:  # the shot's OWN caption, alone
                 ctx, flags, shot_flag, shot_prompts = setup.first_shot(story, k)
-            elif truth:
-                ctx, all_flags = setup.data.history(story, k, setup.preset.sampler.context_frames)
-                flags, shot_flag = all_flags[:-1], all_flags[-1]
-                shot_prompts = story.prompt_features[: k + 1]
             else:
-                ctx, flags, shot_flag = setup.own_history(clip["history"], b)
+                history = setup.truth_history(story, k) if truth else setup.own_history(clip["history"], b)
+                ctx, flags, shot_flag = history
                 shot_prompts = story.prompt_features[: k + 1]
             context.append(ctx)
             prompts.append(shot_prompts)
