@@ -1,7 +1,8 @@
-"""The five ShotStream nodes (classic V1 API: loads in old and new ComfyUI hosts).
+"""The six ShotStream nodes (classic V1 API: loads in old and new ComfyUI hosts).
 
     LoadShotStream --model--> NextShotGenerate --state--> NextShotGenerate --state--> ... --> VideoCombine
     ShotPrompt ----prompt---^                                                       CacheState (show/save/...)
+    ShotFromImages: the user's own frames as a shot (a story can start from an image or go on from footage)
 
 Nodes are thin: all logic is in shotstream_core. Story states are immutable (every node returns a new one),
 which is what makes the host's output cache safe: editing shot 3 re-runs shot 3 and later from the cached,
@@ -234,6 +235,42 @@ def _preview_strip(frames: torch.Tensor, count: int = 4):
     return Image.fromarray((strip * 255).round().to(torch.uint8).numpy())
 
 
+def _new_story_inputs(continues_what: str) -> dict:
+    """Size and length widgets of a node that starts a story when no state is connected."""
+    g = DEFAULT_GEOMETRY
+    unused = f"Greyed out, and unused, while a state is connected ({continues_what})."
+    return {
+        "width": ("INT", {"default": g.width, "min": 16, "max": 4096, "step": 16,
+                          "tooltip": f"Frame width of a new story (multiple of 16). {unused}"}),
+        "height": ("INT", {"default": g.height, "min": 16, "max": 4096, "step": 16,
+                           "tooltip": f"Frame height of a new story (multiple of 16). {unused}"}),
+        "frames_per_shot": ("INT", {"default": g.frames_per_shot, "min": 1, "max": 1025, "step": 1,
+                                    "tooltip": f"Frames per shot of a new story (4k+1). {unused}"}),
+    }
+
+
+def _validate_new_story(width, height, frames_per_shot, state) -> bool | str:
+    if state is not _NOT_CONNECTED:  # it continues a story, whose own size wins: these widgets go unused
+        return True  # (and the editor greys them out, so an error on one could not be fixed in place)
+    if _is_widget_value(width) and _is_widget_value(height):
+        # The model is unknown here: Wan's 2x2 patch (the widgets' step of 16; the bundled model's too).
+        # The node checks the size again through the model's own geometry when it runs.
+        msg = _validation_message(validate_size, int(height), int(width))
+        if msg is not True:
+            return msg
+    if _is_widget_value(frames_per_shot):
+        return _validation_message(validate_frames, int(frames_per_shot))
+    return True
+
+
+def _story(model, state, width: int, height: int, frames_per_shot: int):
+    """`state`, or a new story of this size and length on `model` when none is connected."""
+    if state is not None:
+        return state
+    geometry = model.geometry.replace(height=int(height), width=int(width), frames_per_shot=int(frames_per_shot))
+    return model.new_story(geometry)
+
+
 class NextShotGenerate:
     DESCRIPTION = ("Generates the next shot of a story, conditioned on the earlier shots in the story state. "
                    "Without a state input it starts a new story of the given size and length. Each block's "
@@ -246,20 +283,11 @@ class NextShotGenerate:
 
     @classmethod
     def INPUT_TYPES(cls):
-        g = DEFAULT_GEOMETRY
         return {
             "required": {
                 "model": (MODEL, {"tooltip": "The model from Load ShotStream."}),
                 "prompt": (PROMPT, {"tooltip": "This shot's captions and seed, from Shot Prompt."}),
-                "width": ("INT", {
-                    "default": g.width, "min": 16, "max": 4096, "step": 16,
-                    "tooltip": "Frame width of a new story (multiple of 16). Greyed out, and unused, while a state is connected."}),
-                "height": ("INT", {
-                    "default": g.height, "min": 16, "max": 4096, "step": 16,
-                    "tooltip": "Frame height of a new story (multiple of 16). Greyed out, and unused, while a state is connected."}),
-                "frames_per_shot": ("INT", {
-                    "default": g.frames_per_shot, "min": 1, "max": 1025, "step": 1,
-                    "tooltip": "Frames per shot of a new story (4k+1). Greyed out, and unused, while a state is connected."}),
+                **_new_story_inputs("the story's own size wins"),
             },
             "optional": {
                 "state": (STATE, {"tooltip": "The story so far. Leave unconnected to start a new story."}),
@@ -268,25 +296,13 @@ class NextShotGenerate:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, frames_per_shot=None, state=_NOT_CONNECTED):
-        if state is not _NOT_CONNECTED:  # it continues a story, whose own size wins: these widgets go unused
-            return True  # (and the editor greys them out, so an error on one could not be fixed in place)
-        if _is_widget_value(width) and _is_widget_value(height):
-            # The model is unknown here: Wan's 2x2 patch (the widgets' step of 16; the bundled model's too).
-            # generate() checks the size again through the model's own geometry.
-            msg = _validation_message(validate_size, int(height), int(width))
-            if msg is not True:
-                return msg
-        if _is_widget_value(frames_per_shot):
-            return _validation_message(validate_frames, int(frames_per_shot))
-        return True
+        return _validate_new_story(width, height, frames_per_shot, state)
 
     def generate(self, model, prompt, width, height, frames_per_shot, state=None):
         if not isinstance(prompt, ShotPromptSpec):
             raise TypeError(f"prompt must come from a Shot Prompt node, got {type(prompt).__name__}")
         if state is None:
-            geometry = model.geometry.replace(height=int(height), width=int(width),
-                                              frames_per_shot=prompt.frames or int(frames_per_shot))
-            state = model.new_story(geometry)
+            state = _story(model, None, width, height, prompt.frames or frames_per_shot)
         elif prompt.frames and prompt.frames != state.geometry.frames_per_shot:
             raise ValueError(
                 f"this shot asks for {prompt.frames} frames but the story has {state.geometry.frames_per_shot} "
@@ -309,6 +325,51 @@ class NextShotGenerate:
                     progress.update(progress.value, preview=_preview_strip(block.frames))
         self.last_progress = progress  # for tests: how many previews this shot sent
         return {"ui": {"text": notes.lines}, "result": (stream.state, stream.frames)}
+
+
+# --- ShotFromImages ----------------------------------------------------------------------------------
+
+class ShotFromImages:
+    DESCRIPTION = ("Your own frames as the next shot of a story: one image (a story that starts from a picture) "
+                   "or a clip's frames (footage to go on from). They are fitted to the story's size (centre crop, "
+                   "then resize) and frames per shot (evenly spaced frames; one image becomes a still shot). Nothing "
+                   "is generated: later shots see these frames as they would a generated shot, and read this "
+                   "caption for them, so say what the images show. Without a state input it starts a new story "
+                   "of the given size and length. Returns the new state and the fitted frames.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (STATE, "IMAGE")
+    RETURN_NAMES = ("state", "frames")
+    FUNCTION = "add"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL, {"tooltip": "The model from Load ShotStream (it encodes these frames for later shots)."}),
+                "images": ("IMAGE", {"tooltip": "One image, or a batch of frames (a clip), from Load Image or a video loader."}),
+                "global_caption": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "Describes the characters and the world; keep it identical across the shots of a story."}),
+                "caption": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "What these images show, as a shot caption. Must not be empty."}),
+                **_new_story_inputs("the images are fitted to the story's size"),
+            },
+            "optional": {
+                "state": (STATE, {"tooltip": "The story so far. Leave unconnected to start a new story with these images."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, caption=None, width=None, height=None, frames_per_shot=None, state=_NOT_CONNECTED):
+        if _is_widget_value(caption) and not str(caption).strip():
+            return "the shot caption is empty: describe what the images show"
+        return _validate_new_story(width, height, frames_per_shot, state)
+
+    def add(self, model, images, global_caption, caption, width, height, frames_per_shot, state=None):
+        story = _story(model, state, width, height, frames_per_shot)
+        new_state = model.add_footage(story, images, global_caption, caption)
+        return (new_state, new_state.shot_frames(new_state.num_shots - 1))
 
 
 # --- files under the output folder -------------------------------------------------------------------
@@ -494,6 +555,7 @@ NODE_CLASS_MAPPINGS = {
     "LoadShotStream": LoadShotStream,
     "ShotPrompt": ShotPrompt,
     "NextShotGenerate": NextShotGenerate,
+    "ShotFromImages": ShotFromImages,
     "CacheState": CacheState,
     "VideoCombine": VideoCombine,
 }
@@ -501,6 +563,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadShotStream": "Load ShotStream Model",
     "ShotPrompt": "Shot Prompt",
     "NextShotGenerate": "Next Shot (ShotStream)",
+    "ShotFromImages": "Shot From Images (ShotStream)",
     "CacheState": "Story State (show / rollback / fork / save / load)",
     "VideoCombine": "Video Combine (ShotStream)",
 }

@@ -23,6 +23,7 @@ from .schedule import FlowSchedule
 from .state import ShotRecord, StoryState
 from .text import PromptCache, build_shot_prompt
 from .vae import StreamingDecoder
+from .video import fit_frames
 
 StepCallback = Callable[[int, int], None]
 
@@ -152,6 +153,19 @@ class ShotStreamEngine:
         for caption, seed in zip(captions, seeds, strict=True):
             state, _ = self.generate_shot(state, ShotRequest(global_caption, caption, negative, seed))
         return state
+
+    def add_footage(self, state: StoryState, frames, global_caption: str, caption: str) -> StoryState:
+        """The story with the user's `frames` as its next shot (an image-to-video start, or footage to go on
+        from). frames: [N, H, W, 3] or one [H, W, 3] image, float in [0, 1] or uint8; fitted to the story's
+        size and frames per shot (video.fit_frames). Later shots see the footage exactly as they would a
+        generated shot with these frames: through the global context cache, reading `caption`, so the
+        caption should say what the footage shows. Nothing is sampled; `state` is untouched."""
+        self.check_state(state)
+        ShotRequest(global_caption, caption)  # the same caption check as a generated shot's
+        geo = state.geometry
+        pixels = fit_frames(frames, geo.height, geo.width, geo.frames_per_shot)
+        flag = plan_context([s.num_frames for s in state.shots], self.sampler.context_frames).shot_flag
+        return state.with_shot(ShotRecord(global_caption, caption, "", 0, flag, pixels, source="footage"))
 
     def stream_shot(self, state: StoryState, request: ShotRequest, on_step: StepCallback | None = None) -> ShotStream:
         self.check_state(state)

@@ -3,6 +3,7 @@
 Generating a shot returns a new state; the old one is untouched, so a failed or interrupted shot loses
 nothing, and an edited later prompt can restart from any earlier state. Only what later shots need is
 kept: captions, seeds, flags, and the decoded frames (future context selection re-encodes a few of them).
+A shot can also be footage given by the user (its `source`): later shots see it exactly as a generated one.
 Saved as safetensors (frames) + JSON (everything else); no pickle.
 """
 from __future__ import annotations
@@ -22,9 +23,11 @@ from .files import save_tensors
 
 # 2: the geometry records the DiT's patch (dit_patch). Format 1 states, all made under Wan's 2x2 patch,
 # still load; a build that knows only format 1 refuses a format 2 state by name instead of failing on
-# the new field.
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+# the new field. 3: each shot records its source (generated or footage); older states are all generated.
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
+SOURCES = ("generated", "footage")  # footage: frames the user gave, not sampled (its seed means nothing)
+SHOT_FIELDS = ("global_caption", "caption", "negative", "seed", "flag", "source")
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,6 +38,11 @@ class ShotRecord:
     seed: int
     flag: int
     frames: torch.Tensor = field(repr=False)  # uint8 [F, H, W, 3], CPU
+    source: str = "generated"  # one of SOURCES
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"a shot's source is one of {', '.join(SOURCES)}, not {self.source!r}")
 
     @property
     def num_frames(self) -> int:
@@ -42,7 +50,7 @@ class ShotRecord:
 
     # By value, frames included (a tensor's own == is elementwise, which the generated methods cannot use).
     def _text_fields(self) -> tuple:
-        return self.global_caption, self.caption, self.negative, self.seed, self.flag
+        return tuple(getattr(self, k) for k in SHOT_FIELDS)
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, ShotRecord):
@@ -99,7 +107,8 @@ class StoryState:
         lines = [f"story {self.story_id}: {self.num_shots} shots, {g.width}x{g.height}, {g.frames_per_shot} frames/shot "
                  f"at {g.fps} fps, {self.memory_bytes() / 2**20:.1f} MiB of frames, model {self.model_id}"]
         for i, s in enumerate(self.shots):
-            lines.append(f"  shot {i + 1} (flag {s.flag}, seed {s.seed}, {s.num_frames} frames): {s.caption}")
+            origin = "footage" if s.source == "footage" else f"seed {s.seed}"
+            lines.append(f"  shot {i + 1} (flag {s.flag}, {origin}, {s.num_frames} frames): {s.caption}")
         if self.shots:
             lines.insert(1, f"  global: {self.shots[-1].global_caption}")
         return "\n".join(lines)
@@ -113,7 +122,7 @@ class StoryState:
         return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
 
     def save(self, path: str | Path) -> Path:
-        """Write PATH.safetensors (frames) and PATH.json (captions, seeds, flags, geometry)."""
+        """Write PATH.safetensors (frames) and PATH.json (captions, seeds, flags, sources, geometry)."""
         path = self.file_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -121,7 +130,7 @@ class StoryState:
             "model_id": self.model_id,
             "story_id": self.story_id,
             "geometry": dataclasses.asdict(self.geometry),
-            "shots": [{k: getattr(s, k) for k in ("global_caption", "caption", "negative", "seed", "flag")} for s in self.shots],
+            "shots": [{k: getattr(s, k) for k in SHOT_FIELDS} for s in self.shots],
         }
         tensors = {f"shot{i}.frames": s.frames.contiguous() for i, s in enumerate(self.shots)}
         save_tensors(tensors, path, metadata={"shotstream_state": str(FORMAT_VERSION)})
@@ -143,8 +152,9 @@ class StoryState:
         except (ValueError, UnicodeDecodeError) as e:
             raise damaged(f"unreadable JSON ({e})") from None
         if not isinstance(meta, dict) or meta.get("format_version") not in READABLE_FORMATS:
-            raise ValueError(f"{meta_path} is not a ShotStream story state of format "
-                             f"{' or '.join(map(str, READABLE_FORMATS))} (a newer pack may read it)")
+            *older, newest = map(str, READABLE_FORMATS)
+            raise ValueError(f"{meta_path} is not a ShotStream story state of format {', '.join(older)} or "
+                             f"{newest} (a newer pack may read it)")
         missing = [k for k in ("model_id", "story_id", "geometry", "shots") if k not in meta]
         if missing:
             raise damaged(f"no {', '.join(missing)}")
@@ -165,6 +175,6 @@ class StoryState:
                 raise damaged(f"shot {i + 1}'s frames are {found}, not uint8 {expected} as the story's size says")
             try:
                 state = state.with_shot(ShotRecord(frames=frames, **fields))
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise damaged(f"shot {i + 1}: {e}") from None
         return state

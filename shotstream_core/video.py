@@ -1,4 +1,5 @@
-"""Video output: an incremental writer (.mp4 H.264 via PyAV, animated .webp via Pillow) and a reader.
+"""Video files and frames: an incremental writer (.mp4 H.264 via PyAV, animated .webp via Pillow), a reader,
+and the fitting of footage to a story's size and length.
 
 Frames are [N, H, W, 3], float in [0, 1] or uint8 (numpy or torch), the layout ComfyUI and the engine use.
 The mp4 writer encodes each block as it arrives, so a streaming shot is on disk as soon as it is decoded.
@@ -12,6 +13,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 SUFFIXES = (".mp4", ".webp")
 
@@ -30,6 +33,8 @@ def to_uint8(frames) -> np.ndarray:
         return np.ascontiguousarray(frames)
     if not np.issubdtype(frames.dtype, np.floating):
         raise ValueError(f"frames must be float in [0, 1] or uint8, got {frames.dtype}")
+    if not np.isfinite(frames).all():
+        raise ValueError("the frames contain NaN or infinite values: give float frames in [0, 1]")
     return (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -193,3 +198,33 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     if not frames:
         raise ValueError(f"{path} has no video frames")
     return np.stack(frames), float(rate)
+
+
+def fit_frames(frames, height: int, width: int, count: int) -> torch.Tensor:
+    """Footage -> uint8 [count, height, width, 3]: the shot a story of that size and length can hold.
+
+    frames: [N, H, W, 3] or one [H, W, 3] image, float in [0, 1] or uint8, numpy or torch. `count` frames are
+    taken evenly spaced over the clip (the first and last kept; a single image becomes a still shot), then
+    each is centre-cropped to the target's aspect and resized with an antialiased bilinear filter, so
+    nothing is stretched and a larger source is not aliased.
+    """
+    pixels = torch.from_numpy(to_uint8(frames))  # [N, H, W, 3]
+    n, h, w, _ = pixels.shape
+    if n == 0 or h == 0 or w == 0:
+        raise ValueError(f"no frames to fit (shape {tuple(pixels.shape)}): give at least one image")
+    picks = torch.linspace(0, n - 1, count).round().long()
+    pixels = pixels[picks]  # [count, H, W, 3]
+    # The largest centre crop of the target's aspect (width / height compared as cross products: exact).
+    if w * height > width * h:
+        crop_w = max(1, round(h * width / height))
+        x0 = (w - crop_w) // 2
+        pixels = pixels[:, :, x0:x0 + crop_w]
+    elif w * height < width * h:
+        crop_h = max(1, round(w * height / width))
+        y0 = (h - crop_h) // 2
+        pixels = pixels[:, y0:y0 + crop_h]
+    if tuple(pixels.shape[1:3]) == (height, width):
+        return pixels.contiguous()
+    x = pixels.permute(0, 3, 1, 2).float()  # [count, 3, h', w']
+    x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

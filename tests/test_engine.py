@@ -492,11 +492,14 @@ def test_a_patch_1_dit_tells_a_story_at_a_size_wan_patches_cannot_tile(engine, p
 
 
 def _as_saved_before_dit_patch(path):
-    """A saved state's JSON made to look as it did before ShotGeometry had dit_patch (format 1)."""
+    """A saved state's JSON made to look as it did before ShotGeometry had dit_patch (format 1; nor had shots
+    a source, format 3)."""
     json_path = path.with_suffix(".json")
     meta = json.loads(json_path.read_text())
-    assert meta["format_version"] == 2
+    assert meta["format_version"] == 3
     del meta["geometry"]["dit_patch"]
+    for shot in meta["shots"]:
+        del shot["source"]
     meta["format_version"] = 1
     json_path.write_text(json.dumps(meta))
     return path
@@ -520,6 +523,6 @@ def test_states_saved_before_the_dit_patch_load_with_wans_and_continue(engine, p
         assert more.num_shots == old.num_shots + 1
     future = story.save(tmp_path / "future")  # a format this pack does not know is refused by name
     meta = json.loads(future.with_suffix(".json").read_text())
-    future.with_suffix(".json").write_text(json.dumps({**meta, "format_version": 3}))
-    with pytest.raises(ValueError, match="of format 1 or 2"):
+    future.with_suffix(".json").write_text(json.dumps({**meta, "format_version": 4}))
+    with pytest.raises(ValueError, match="of format 1, 2 or 3"):
         StoryState.load(future)

@@ -3,8 +3,8 @@
 //    /shotstream/workflows/<name>.json) or any same-server URL starting with "/". Tests and docs use it:
 //    http://127.0.0.1:8188/?load=story_3shot_starter.json
 //  * Story State nodes show their summary text after they run; Next Shot and the loader their notes, if any.
-//  * Next Shot's size widgets are greyed out while a story state is connected: the story's own size
-//    wins then, and a widget that cannot be edited cannot re-run a shot for nothing.
+//  * The size widgets of Next Shot and Shot From Images are greyed out while a story state is connected:
+//    the story's own size wins then, and a widget that cannot be edited cannot re-run a shot for nothing.
 //  * A new Shot Prompt's seed starts "fixed", not the editor's "randomize": a new seed every queue would
 //    re-render every shot, where editing shot 3 must re-run shot 3 and later only. A saved workflow's
 //    own setting still wins (configure runs after this).
@@ -71,6 +71,7 @@ function showText(node, lines) {
 }
 
 const NEW_STORY_WIDGETS = ["width", "height", "frames_per_shot"];
+const STORY_STARTERS = ["NextShotGenerate", "ShotFromImages"];  // nodes with those widgets
 
 function syncNewStoryWidgets(node) {
   const continues = node.inputs?.find((i) => i.name === "state")?.link != null;
@@ -91,13 +92,14 @@ app.registerExtension({
     if (control) control.value = "fixed";
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name === "NextShotGenerate") {
+    if (STORY_STARTERS.includes(nodeData.name)) {
       // called for each input on load (LGraphNode.configure) and on every link change
       const onConnectionsChange = nodeType.prototype.onConnectionsChange;
       nodeType.prototype.onConnectionsChange = function () {
         onConnectionsChange?.apply(this, arguments);
         syncNewStoryWidgets(this);
       };
+      if (nodeData.name === "ShotFromImages") return;  // it has no notes to show
     } else if (nodeData.name !== "CacheState" && nodeData.name !== "LoadShotStream") {
       return;
     }
