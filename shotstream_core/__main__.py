@@ -2,8 +2,11 @@
 
     python -m shotstream_core generate STORY.json --out OUT.mp4 [--model tiny|PATH] [--seed S]
         [--size WxH] [--frames-per-shot N] [--vae PATH] [--text-encoder PATH] [--device auto] [--threads N]
+        [--footage IMAGE_OR_VIDEO]
 
 STORY.json: {"global_caption": "...", "shot1": "...", "shot2": "...", ...} (1-based, as the reference).
+With --footage, shot 1 is that image or clip (fitted to the story's size and frames per shot) and shot1's
+caption says what it shows; generation starts at shot 2.
 Frames are written as each block is decoded, to a hidden partial file beside OUT that replaces OUT only
 when the whole story is done: a failed or interrupted run (Ctrl-C, SIGTERM: exit 130 / 143) leaves OUT
 as it was.
@@ -109,6 +112,12 @@ def check_args(args, shots: int) -> None:
             raise ValueError(f"--frames-per-shot: {e}") from None
     if args.size:
         parse_size(args.size)  # positive numbers; the model's stride and patch are checked once it is loaded
+    if args.footage is not None:
+        if not Path(args.footage).is_file():
+            raise ValueError(f"--footage {args.footage}: no such file; give an image or a video")
+        if shots < 2:
+            raise ValueError("--footage is shot 1, and the story has no shot 2 to generate after it: add shot2 "
+                             "to the story file")
     if args.threads is not None and args.threads < 0:
         raise ValueError(f"--threads must be 1 or more (0: torch's default); got {args.threads}")
     out = Path(args.out)
@@ -138,10 +147,16 @@ def check_writable_path(flag: str, path: Path) -> None:
 def generate(args) -> int:
     from .engine import ShotRequest
     from .loading import load_engine
-    from .video import VideoWriter
+    from .video import VideoWriter, read_video
 
     global_caption, captions = read_story(Path(args.story))
     check_args(args, len(captions))
+    footage = None
+    if args.footage is not None:  # read (and refused, if unreadable) before the model loads
+        try:
+            footage = read_video(args.footage)[0]
+        except ValueError as e:
+            raise ValueError(f"--footage: {e}") from None
     is_preset = args.model in ("tiny", "micro")
     threads = args.threads
     if threads is None:
@@ -171,8 +186,14 @@ def generate(args) -> int:
     blocks_per_shot = len(engine.sampler.block_spans(geo.latent_frames))
     start = time.perf_counter()
     first_frame_at = None
-    with VideoWriter(out, fps=geo.fps) as writer, tqdm(total=len(captions) * blocks_per_shot, unit="block") as bar:
+    generated = len(captions) - (footage is not None)
+    with VideoWriter(out, fps=geo.fps) as writer, tqdm(total=generated * blocks_per_shot, unit="block") as bar:
+        if footage is not None:
+            state = engine.add_footage(state, footage, global_caption, captions[0])
+            writer.write(state.shots[0].frames)
         for i, caption in enumerate(captions):
+            if i < state.num_shots:  # the footage
+                continue
             bar.set_description(f"shot {i + 1}/{len(captions)}")
             stream = engine.stream_shot(state, ShotRequest(global_caption, caption, seed=args.seed + i))
             for block in stream:
@@ -226,6 +247,8 @@ def main(argv=None) -> int:
     g.add_argument("--threads", type=int, default=None,
                    help=f"CPU threads for torch; 0 = torch's default (default: {SMALL_MODEL_THREADS} for a bundled "
                         f"model on the CPU, where it is fastest, else torch's default)")
+    g.add_argument("--footage", default=None,
+                   help="an image or video that is shot 1 (shot1's caption says what it shows); shots 2.. follow it")
     g.add_argument("--save-state", default=None,
                    help="also save the story state here (PATH.safetensors + PATH.json)")
     args = parser.parse_args(argv)

@@ -171,14 +171,19 @@ class VideoWriter:
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float]:
-    """(uint8 frames [N, H, W, 3], fps) of an .mp4 or animated .webp file."""
+    """(uint8 frames [N, H, W, 3], fps) of a video or an image: .mp4 (or another container PyAV reads), or
+    any image Pillow reads, animated (.webp, .gif, .png) or still (one frame, fps 0)."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such video: {path}")
-    if path.suffix.lower() == ".webp":
-        from PIL import Image, ImageSequence
-
-        with Image.open(path) as im:
+    if path.suffix.lower() in Image.registered_extensions():
+        try:
+            im = Image.open(path)
+        except UnidentifiedImageError:
+            raise ValueError(f"{path} is not an image Pillow can read") from None
+        with im:
             frames, durations = [], []
             for frame in ImageSequence.Iterator(im):
                 frames.append(np.asarray(frame.convert("RGB")))
@@ -191,10 +196,16 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
 
     import av
 
-    with av.open(str(path)) as container:
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as e:
+        raise ValueError(f"{path} is not a video PyAV can read ({e})") from None
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
         stream = container.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        rate = stream.average_rate or stream.guessed_rate
+        rate = stream.average_rate or stream.guessed_rate or 0
     if not frames:
         raise ValueError(f"{path} has no video frames")
     return np.stack(frames), float(rate)

@@ -89,6 +89,8 @@ def no_model(monkeypatch):
     (["--text-encoder", "no_such_umt5"], "--text-encoder no_such_umt5: no such file"),
     (["--device", "mps"], "MPS (Apple GPU) is not available"),
     (["--save-state", "story.mp4/st"], "is a file, not a folder"),
+    (["--footage", "no_such.png"], "--footage no_such.png: no such file"),
+    (["--footage", "story.mp4"], "the story has no shot 2 to generate after it"),
 ])
 def test_bad_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, no_model, extra, problem, monkeypatch):
     from shotstream_core.__main__ import main
@@ -100,6 +102,40 @@ def test_bad_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, no_
                  *extra]) == 2
     err = capsys.readouterr().err
     assert problem in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_unreadable_footage_is_one_line_before_the_model_loads(tmp_path, capsys, no_model):
+    from shotstream_core.__main__ import main
+
+    (tmp_path / "start.png").write_bytes(b"not a picture")
+    assert main(["generate", str(write_story(tmp_path, shots=2)), "--out", str(tmp_path / "x.mp4"),
+                 "--model", "micro", "--footage", str(tmp_path / "start.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --footage: ") and "is not an image Pillow can read" in err and err.count("\n") == 1
+
+
+def test_footage_is_shot_one_and_the_story_goes_on_from_it(tmp_path, capsys):
+    from PIL import Image
+
+    from shotstream_core.__main__ import main
+
+    image = torch.zeros(96, 64, 3, dtype=torch.uint8)  # another size and aspect than micro's 32x32
+    image[..., 0] = 200
+    image[40:60, 20:44] = torch.tensor([20, 40, 220], dtype=torch.uint8)
+    image[:16, :, 1] = image[80:, :, 1] = 255  # green bands the centre crop removes (a squash would keep them)
+    Image.fromarray(image.numpy()).save(tmp_path / "start.png")
+    out, saved = tmp_path / "story.mp4", tmp_path / "state"
+    assert main(["generate", str(write_story(tmp_path, shots=3)), "--out", str(out), "--model", "micro",
+                 "--threads", "1", "--footage", str(tmp_path / "start.png"), "--save-state", str(saved)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    state = StoryState.load(saved)
+    assert [s.source for s in state.shots] == ["footage", "generated", "generated"]
+    still = state.shots[0].frames
+    assert all(torch.equal(f, still[0]) for f in still)  # one image: a still shot
+    assert still[0, 16, 16].tolist() == [20, 40, 220] and still[..., 1].max() == 40  # centre-cropped, not squashed
+    frames, _ = read_video(out)
+    assert frames.shape == (3 * 21, 32, 32, 3)
+    assert (torch.as_tensor(frames[:21]).float() - still.float()).abs().mean() < 4  # the video opens with it
 
 
 def test_save_state_is_checked_at_the_files_it_will_write(tmp_path, capsys, no_model):

@@ -155,3 +155,20 @@ def test_a_finished_video_that_cannot_take_its_place_is_kept_and_named(tmp_path)
     kept = w.partial_path
     assert str(kept) in str(failed.value) and path.is_dir()
     assert read_video(kept)[0].shape[0] == 9
+
+
+def test_images_read_as_footage_and_unreadable_files_are_named(tmp_path):
+    from PIL import Image
+
+    still = to_uint8(clip(1))[0]
+    Image.fromarray(still).save(tmp_path / "still.png")
+    frames, fps = read_video(tmp_path / "still.png")
+    assert frames.shape == (1, *still.shape) and np.array_equal(frames[0], still) and fps == 0
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="not an image Pillow can read"):
+        read_video(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="not a video PyAV can read"):
+        read_video(tmp_path / "bad.mp4")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        to_uint8(np.full((1, 4, 4, 3), np.nan, np.float32))
