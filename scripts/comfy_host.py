@@ -176,6 +176,11 @@ def _has_control_widget(name: str, spec) -> bool:
     return spec[0] == "INT" and (name in ("seed", "noise_seed") or bool(opts.get("control_after_generate")))
 
 
+def _has_upload_widget(spec) -> bool:
+    """Load Image's file list gets an 'upload' button widget after it (image_upload)."""
+    return len(spec) > 1 and isinstance(spec[1], dict) and bool(spec[1].get("image_upload"))
+
+
 def ui_to_api(ui: dict, object_info: dict) -> dict:
     """Convert an editor-saved (UI format) workflow to API format, as the web UI's graphToPrompt does.
 
@@ -199,6 +204,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                                      f"definition has widgets (no value for {name!r}): re-save it in the editor")
                 if _has_control_widget(name, input_spec):
                     next(values, None)
+                if _has_upload_widget(input_spec):  # the web UI of this host sends it along ("image")
+                    inputs["upload"] = next(values, "image")
         for slot in node.get("inputs") or []:  # links (also widgets converted to inputs) win
             if slot.get("link") is not None:
                 link = links[slot["link"]]
@@ -305,6 +312,10 @@ class ComfyHost:
         link = custom_nodes / PACK_NAME
         if not link.exists():
             link.symlink_to(self.pack_dir, target_is_directory=True)
+        # the pictures the pack's workflows load (Load Image lists the input folder); the user's own files win
+        for picture in sorted((self.pack_dir / "workflows" / "inputs").glob("*.png")):
+            if not (self.input_dir / picture.name).exists():
+                shutil.copyfile(picture, self.input_dir / picture.name)
         config = self.workdir / "extra_model_paths.yaml"
         # JSON is valid YAML: no quoting surprises in paths.
         config.write_text(json.dumps({"shotstream_pack": {

@@ -161,7 +161,8 @@ class ShotStreamEngine:
         generated shot with these frames: through the global context cache, reading `caption`, so the
         caption should say what the footage shows. Nothing is sampled; `state` is untouched."""
         self.check_state(state)
-        ShotRequest(global_caption, caption)  # the same caption check as a generated shot's
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError("the shot caption is empty: describe what the images show")
         geo = state.geometry
         pixels = fit_frames(frames, geo.height, geo.width, geo.frames_per_shot)
         flag = plan_context([s.num_frames for s in state.shots], self.sampler.context_frames).shot_flag

@@ -219,12 +219,12 @@ def fit_frames(frames, height: int, width: int, count: int) -> torch.Tensor:
     each is centre-cropped to the target's aspect and resized with an antialiased bilinear filter, so
     nothing is stretched and a larger source is not aliased.
     """
-    pixels = torch.from_numpy(to_uint8(frames))  # [N, H, W, 3]
-    n, h, w, _ = pixels.shape
+    footage = to_uint8(frames)  # [N, H, W, 3]
+    n, h, w, _ = footage.shape
     if n == 0 or h == 0 or w == 0:
-        raise ValueError(f"no frames to fit (shape {tuple(pixels.shape)}): give at least one image")
+        raise ValueError(f"no frames to fit (shape {footage.shape}): give at least one image")
     picks = torch.linspace(0, n - 1, count).round().long()
-    pixels = pixels[picks]  # [count, H, W, 3]
+    pixels = torch.from_numpy(footage[picks.numpy()])  # [count, H, W, 3], a copy (the input may be read-only)
     # The largest centre crop of the target's aspect (width / height compared as cross products: exact).
     if w * height > width * h:
         crop_w = max(1, round(h * width / height))

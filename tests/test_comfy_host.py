@@ -4,7 +4,8 @@ One host for the module (scripts/comfy_host.py); tests run in file order and sha
   1 /object_info
   2 + 6, per workflow: it runs through the API (videos checked), then headless Chromium loads its UI form,
         queues it from the web UI and the video appears. The workflows tell one story (same node ids and
-        inputs for shots 1-3), so the host's cache keeps the tiny-model work to 6 shots in all.
+        inputs for shots 1-3), so the host's cache keeps the tiny-model work to 6 shots in all, and 2 more
+        for story_from_image (its opening picture, from the input folder, is not generated).
   3 editing shot 3 re-runs shot 3 and later only   4 /interrupt + requeue   5 bad inputs
         (3-5 use a micro-preset checkpoint from the models folder: same nodes, 10x faster shots)
 Skipped (with the reason) only when the ComfyUI snapshot cannot be fetched.
@@ -27,12 +28,12 @@ from shotstream_core.state import StoryState
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 ARTIFACTS = REPO / "out" / "comfy_host"
-NODE_NAMES = {"LoadShotStream", "ShotPrompt", "NextShotGenerate", "CacheState", "VideoCombine"}
+NODE_NAMES = {"LoadShotStream", "ShotPrompt", "NextShotGenerate", "ShotFromImages", "CacheState", "VideoCombine"}
 TINY = get_preset("tiny")
 MICRO = get_preset("micro")
 MICRO_FILE, OTHER_MICRO_FILE = "micro_a.safetensors", "micro_b.safetensors"
 TEACHER_FILE = "micro_teacher.safetensors"
-NAMES = ["story_3shot_starter", "story_5shot_video", "story_branching"]
+NAMES = ["story_3shot_starter", "story_5shot_video", "story_branching", "story_from_image"]
 SAVE = "900"  # id of the CacheState(save) node the tests append to a workflow
 
 
@@ -71,7 +72,7 @@ def on_micro(api, dit_name=MICRO_FILE):
     for node in api.values():
         if node["class_type"] == "LoadShotStream":
             node["inputs"]["dit_name"] = dit_name
-        if node["class_type"] == "NextShotGenerate":
+        if node["class_type"] in ("NextShotGenerate", "ShotFromImages"):
             node["inputs"].update(width=g.width, height=g.height, frames_per_shot=g.frames_per_shot)
     return api
 
@@ -80,7 +81,7 @@ def chain_length(api, node_id):
     """Shots in the story that reaches `node_id` through state links."""
     node = api[node_id]
     state = node["inputs"].get("state")
-    own = 1 if node["class_type"] == "NextShotGenerate" else 0
+    own = 1 if node["class_type"] in ("NextShotGenerate", "ShotFromImages") else 0
     return own + (chain_length(api, state[0]) if state else 0)
 
 
@@ -125,7 +126,7 @@ def reference(comfy):
 
 # --- 1 ---------------------------------------------------------------------------------------------
 
-def test_object_info_lists_the_five_nodes_with_their_inputs(comfy, pack):
+def test_object_info_lists_the_six_nodes_with_their_inputs(comfy, pack):
     host, _ = comfy
     info = host.object_info()
     assert NODE_NAMES <= set(info), host.log_tail()
@@ -221,7 +222,7 @@ class TestEachWorkflow:
         assert prompt == {k: {"inputs": v["inputs"], "class_type": v["class_type"]} for k, v in api.items()}
         # a shot that continues a state has its new-story size widgets greyed out; a first shot does not
         greyed = browser.execute_script("""
-            return app.graph._nodes.filter(n => n.type === "NextShotGenerate").map(n => [String(n.id),
+            return app.graph._nodes.filter(n => ["NextShotGenerate", "ShotFromImages"].includes(n.type)).map(n => [String(n.id),
                 n.widgets.filter(w => ["width", "height", "frames_per_shot"].includes(w.name)).map(w => !!w.disabled)]);""")
         for node_id, flags in greyed:
             assert flags == [("state" in api[node_id]["inputs"])] * 3, (node_id, flags)
@@ -345,15 +346,18 @@ def node_error(host, prompt) -> tuple[str, str]:
     return error["node_id"], error["exception_message"]
 
 
-@pytest.mark.parametrize("node_class, field, value, expected", [
-    ("LoadShotStream", "dit_name", "missing_dit.safetensors", ["missing_dit.safetensors", "not found", "bundled: tiny"]),
-    ("NextShotGenerate", "frames_per_shot", 32, ["4k+1", "29 or 33"]),
-    ("NextShotGenerate", "width", 72, ["divisible by 16", "width 72"]),
-    ("ShotPrompt", "caption", "  ", ["caption is empty"]),
+@pytest.mark.parametrize("workflow, node_class, field, value, expected", [
+    ("story_3shot_starter", "LoadShotStream", "dit_name", "missing_dit.safetensors",
+     ["missing_dit.safetensors", "not found", "bundled: tiny"]),
+    ("story_3shot_starter", "NextShotGenerate", "frames_per_shot", 32, ["4k+1", "29 or 33"]),
+    ("story_3shot_starter", "NextShotGenerate", "width", 72, ["divisible by 16", "width 72"]),
+    ("story_3shot_starter", "ShotPrompt", "caption", "  ", ["caption is empty"]),
+    ("story_from_image", "ShotFromImages", "caption", "  ", ["caption is empty", "what the images show"]),
+    ("story_from_image", "ShotFromImages", "height", 40, ["divisible by 16", "height 40"]),
 ])
-def test_bad_widget_values_are_clear_node_errors(comfy, node_class, field, value, expected):
+def test_bad_widget_values_are_clear_node_errors(comfy, workflow, node_class, field, value, expected):
     host, _ = comfy
-    api = on_micro(api_workflow("story_3shot_starter"))  # its model is in the host's cache already
+    api = on_micro(api_workflow(workflow))  # its model is in the host's cache already
     node_id = ids_of(api, node_class)[0]
     api[node_id]["inputs"][field] = value
     where, message = node_error(host, api)

@@ -12,7 +12,8 @@ import pytest
 from scripts.comfy_host import ui_to_api
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-NAMES = ["story_3shot_starter", "story_5shot_video", "story_branching"]
+NAMES = ["story_3shot_starter", "story_5shot_video", "story_branching", "story_from_image"]
+HOST_NODES = {"LoadImage"}  # ComfyUI's own nodes the workflows use
 
 
 def load(name, api=False):
@@ -21,7 +22,11 @@ def load(name, api=False):
 
 @pytest.fixture(scope="module")
 def object_info(pack):
-    return {name: {"input": cls.INPUT_TYPES()} for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
+    info = {name: {"input": cls.INPUT_TYPES()} for name, cls in pack.NODE_CLASS_MAPPINGS.items()}
+    # ComfyUI's Load Image, as a host with the pack's workflow pictures in its input folder defines it
+    pictures = sorted(p.name for p in (WORKFLOWS / "inputs").glob("*.png"))
+    info["LoadImage"] = {"input": {"required": {"image": (pictures, {"image_upload": True})}}}
+    return info
 
 
 def strip_meta(api):
@@ -50,7 +55,22 @@ def test_conversion_catches_a_changed_widget(object_info):
 
 def test_every_pack_node_appears_in_some_workflow(pack):
     used = {node["class_type"] for name in NAMES for node in load(name, api=True).values()}
-    assert used == set(pack.NODE_CLASS_MAPPINGS)
+    assert used == set(pack.NODE_CLASS_MAPPINGS) | HOST_NODES
+
+
+def test_the_pictures_the_workflows_load_ship_and_are_the_story_worlds(object_info):
+    """Every Load Image names a shipped picture, and each picture is what scripts/workflow_inputs.py draws."""
+    import numpy as np
+    from PIL import Image
+
+    from scripts.workflow_inputs import INPUTS
+
+    loaded = {node["inputs"]["image"] for name in NAMES for node in load(name, api=True).values()
+              if node["class_type"] == "LoadImage"}
+    assert loaded and loaded <= set(INPUTS)
+    for name, draw in INPUTS.items():
+        shipped = np.asarray(Image.open(WORKFLOWS / "inputs" / name).convert("RGB"))
+        assert np.array_equal(shipped, draw()), f"{name} differs: run python scripts/workflow_inputs.py"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -68,6 +88,8 @@ def test_ui_links_are_consistent(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_widget_values_pass_the_nodes_validation(name, pack):
     for node_id, node in load(name, api=True).items():
+        if node["class_type"] in HOST_NODES:
+            continue  # checked against the host by tests/test_comfy_host.py
         cls = pack.NODE_CLASS_MAPPINGS[node["class_type"]]
         types = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}
         for key, value in node["inputs"].items():
@@ -137,7 +159,32 @@ def test_the_workflows_tell_one_story():
     # shots from its cache for the others (the host tests rely on it to stay fast).
     starter = load("story_3shot_starter", api=True)
     shared = [k for k, v in starter.items() if v["class_type"] != "VideoCombine"]
-    for name in NAMES[1:]:
+    for name in ("story_5shot_video", "story_branching"):
         other = load(name, api=True)
         for k in shared:
             assert (other[k]["class_type"], other[k]["inputs"]) == (starter[k]["class_type"], starter[k]["inputs"])
+
+
+def test_story_from_image_opens_with_the_picture_and_goes_on_as_the_starter_does():
+    api = load("story_from_image", api=True)
+    starter = load("story_3shot_starter", api=True)
+    (opening,) = [n for n in api.values() if n["class_type"] == "ShotFromImages"]
+    assert "state" not in opening["inputs"] and api[opening["inputs"]["images"][0]]["class_type"] == "LoadImage"
+    chain = shots_chain(api)  # generated shots only: the picture starts the story
+    assert sorted(depth(chain, n) for n in chain) == [1, 2]
+    first = next(n for n in chain if depth(chain, n) == 1)
+    assert api[first]["inputs"]["state"] == [next(k for k, v in api.items() if v is opening), 0]
+
+    def prompts(workflow, shots):
+        return [{k: workflow[workflow[n]["inputs"]["prompt"][0]]["inputs"][k] for k in ("global_caption", "caption", "seed")}
+                for n in shots]
+
+    ours = sorted(chain, key=lambda n: depth(chain, n))
+    starter_chain = shots_chain(starter)
+    theirs = sorted(starter_chain, key=lambda n: depth(starter_chain, n))
+    # the picture is the starter's first shot, by its captions; shots 2 and 3 are the starter's own prompts
+    (shot1,) = prompts(starter, theirs[:1])
+    assert (opening["inputs"]["global_caption"], opening["inputs"]["caption"]) == (shot1["global_caption"], shot1["caption"])
+    assert prompts(api, ours) == prompts(starter, theirs[1:])
+    video = next(n for n in api.values() if n["class_type"] == "VideoCombine")
+    assert video["inputs"]["state"][0] == ours[-1]
