@@ -338,3 +338,35 @@ def test_each_row_samples_on_the_blocks_its_own_file_records(tmp_path):
     state = student.new_story()
     blocks = list(student.stream_shot(state, ShotRequest("a meadow.", "a red circle", seed=1)))
     assert [b.latents.shape[2] for b in blocks] == [1, 3, 2]
+
+
+def test_truth_opening_goes_on_from_the_true_first_shot_untimed():
+    """The opt-in row: shot 1 is the story's render, untouched and untimed; shots 2.. are the student's, as
+    the full student would draw them after that shot (the same engine, given the render as footage)."""
+    from training.storyworld.render import render_shot
+
+    cfg = ev.EvalConfig(model="micro", out="unused", weights_dir="/nonexistent", stories=1, stories10=0)
+    assert "truth_opening" in ev.VARIANTS and "truth_opening" not in ev.DEFAULT_VARIANTS  # the issue's table stays
+    engine = ev.ModelZoo(cfg).load(ev.VARIANTS["truth_opening"]).runner
+    item = ev.evaluation_split(1, 0, 1.0)[0]
+
+    class Frames:
+        def __init__(self):
+            self.written = []
+
+        def write(self, frames):
+            self.written.append(ev.frames_to_uint8(frames))
+
+    video, timing = Frames(), ev.Timing()
+    ranges = ev.generate_story(engine, item, video, timing, truth_opening=True)
+    frames = np.concatenate(video.written)
+    g = engine.geometry
+    assert ranges == [(k * g.frames_per_shot, (k + 1) * g.frames_per_shot) for k in range(item.story.num_shots)]
+    assert np.array_equal(frames[:g.frames_per_shot], render_shot(item.story, 0, g))
+    assert len(timing.first_frame_s) == item.story.num_shots - 1  # only generated shots are timed
+    # shot 2 is what the engine draws after the render as footage, with shot 2's own seed
+    opened = engine.add_footage(engine.new_story(), render_shot(item.story, 0, g), item.story.global_caption,
+                                item.story.shot_captions[0])
+    _, shot2 = engine.generate_shot(opened, ShotRequest(item.story.global_caption, item.story.shot_captions[1],
+                                                        seed=item.seeds[1]))
+    assert np.array_equal(frames[ranges[1][0]:ranges[1][1]], ev.frames_to_uint8(shot2))

@@ -12,7 +12,9 @@ One run = for every variant (a row of the ablation table, story-world.md):
 Rows: the causal student; the same with the global cache emptied every shot (engine.use_history = False);
 the same with the RoPE shot indicator off (engine.shot_phase = 0); the student after stage 3 only; the
 bidirectional teacher (50 Euler steps, CFG) in a story loop built from the engine's own pieces; and the
-ground-truth renders (the analyser's ceiling). The metric definitions live in training.storyworld.analyse.
+ground-truth renders (the analyser's ceiling). Opt-in, outside the issue's table (`--variants ...
+truth_opening`): the student going on from each story's true shot 1, given as footage (engine.add_footage).
+The metric definitions live in training.storyworld.analyse.
 Timings are wall-clock seconds of generation only (not mp4 writing or scoring), measured in this run.
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ from training.common import describe_dit
 from training.dmd import uncond_like
 from training.ode_pairs import to_uint8
 from training.storyworld.analyse import aggregate, score_story
-from training.storyworld.render import render_story
+from training.storyworld.render import render_shot, render_story
 from training.storyworld.storage import read_mp4
 from training.storyworld.world import DEV_START, EVAL_SEED, Story, make_split
 
@@ -60,6 +62,7 @@ class Variant:
     shot_phase_off: bool = False
     teacher: bool = False
     through_vae: bool = False  # ground truth encoded and decoded by the shipped VAE
+    truth_opening: bool = False  # shot 1 is the ground-truth render, given as footage (engine.add_footage)
 
 
 VARIANTS = {v.key: v for v in (
@@ -71,8 +74,12 @@ VARIANTS = {v.key: v for v in (
     Variant("truth", "ground-truth renders (analyser ceiling)", None),
     Variant("truth_vae", "ground truth through the shipped VAE (ceiling of any model using it)", None,
             through_vae=True),
+    # Not in the issue's table: the student going on from a true shot 1, as from a user's footage. Memory then
+    # asks only whether the cache carries what shot 1 showed, not also whether the student drew it.
+    Variant("truth_opening", "student after a ground-truth shot 1 given as footage (adherence counts that shot)",
+            "dit", truth_opening=True),
 )}
-DEFAULT_VARIANTS = tuple(VARIANTS)
+DEFAULT_VARIANTS = tuple(k for k, v in VARIANTS.items() if not v.truth_opening)
 
 # The issue's acceptance targets for the shipped student (issue 6, acceptance 3): metric -> least value.
 TARGETS = {"adherence": 0.90, "memory": 0.90, "cut_f1": 0.95, "drift": -0.05}
@@ -333,11 +340,18 @@ class _StoryVideo:
         return np.concatenate(self.blocks)
 
 
-def generate_story(runner, item: EvalStory, video: _StoryVideo, timing: Timing) -> list[tuple[int, int]]:
-    """Every shot of the story in order, each block into `video`; returns the per-shot frame ranges."""
+def generate_story(runner, item: EvalStory, video: _StoryVideo, timing: Timing,
+                   truth_opening: bool = False) -> list[tuple[int, int]]:
+    """Every shot of the story in order, each block into `video`; returns the per-shot frame ranges.
+    truth_opening: shot 1 is the story's ground-truth render, added as footage (not generated, not timed)."""
     state = runner.new_story()
     story, ranges = item.story, []
-    for caption, seed in zip(story.shot_captions, item.seeds):
+    if truth_opening:
+        state = runner.add_footage(state, render_shot(story, 0, state.geometry), story.global_caption,
+                                   story.shot_captions[0])
+        video.write(state.shots[0].frames)
+        ranges.append((0, state.shots[0].num_frames))
+    for caption, seed in list(zip(story.shot_captions, item.seeds))[state.num_shots:]:
         request = ShotRequest(story.global_caption, caption, seed=seed)
         t0 = time.perf_counter()
         stream = runner.stream_shot(state, request)
@@ -404,7 +418,7 @@ class VariantRun:
             frames = video.close()
         else:
             video = _StoryVideo(path, geo.fps, self.cfg.crf)
-            ranges = generate_story(self.runner, item, video, self.timing)
+            ranges = generate_story(self.runner, item, video, self.timing, self.variant.truth_opening)
             frames = video.close()
         if self.sample is None:
             self.sample = (item.name, frames, ranges)
