@@ -171,6 +171,10 @@ class LoadShotStream:
 
 # --- ShotPrompt --------------------------------------------------------------------------------------
 
+GLOBAL_CAPTION_INPUT = ("STRING", {  # Shot Prompt's and Shot From Images'
+    "multiline": True, "default": "",
+    "tooltip": "Describes the characters and the world; keep it identical across the shots of a story."})
+
 @dataclass(frozen=True)
 class ShotPromptSpec:
     """What flows on a SHOTSTREAM_PROMPT link: the engine's request plus per-shot settings."""
@@ -192,9 +196,7 @@ class ShotPrompt:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "global_caption": ("STRING", {
-                    "multiline": True, "default": "",
-                    "tooltip": "Describes the characters and the world; keep it identical across the shots of a story."}),
+                "global_caption": GLOBAL_CAPTION_INPUT,
                 "caption": ("STRING", {
                     "multiline": True, "default": "",
                     "tooltip": "What happens in this shot. Must not be empty."}),
@@ -347,9 +349,7 @@ class ShotFromImages:
             "required": {
                 "model": (MODEL, {"tooltip": "The model from Load ShotStream (it encodes these frames for later shots)."}),
                 "images": ("IMAGE", {"tooltip": "One image, or a batch of frames (a clip), from Load Image or a video loader."}),
-                "global_caption": ("STRING", {
-                    "multiline": True, "default": "",
-                    "tooltip": "Describes the characters and the world; keep it identical across the shots of a story."}),
+                "global_caption": GLOBAL_CAPTION_INPUT,
                 "caption": ("STRING", {
                     "multiline": True, "default": "",
                     "tooltip": "What these images show, as a shot caption. Must not be empty."}),

@@ -1,4 +1,4 @@
-"""Engine and story state (issue 2, acceptance 1 at engine level and 7)."""
+"""Engine and story state (issue 2, acceptance 1 at engine level and 7), and footage shots."""
 import dataclasses
 import json
 import re
@@ -526,3 +526,75 @@ def test_states_saved_before_the_dit_patch_load_with_wans_and_continue(engine, p
     future.with_suffix(".json").write_text(json.dumps({**meta, "format_version": 4}))
     with pytest.raises(ValueError, match="of format 1, 2 or 3"):
         StoryState.load(future)
+
+
+def next_shot(engine, state, seed=13):
+    return engine.generate_shot(state, ShotRequest(G, CAPTIONS[2], seed=seed))[1]
+
+
+# --- footage: the user's own frames as a shot ------------------------------------------------------------
+
+def test_footage_conditions_later_shots_exactly_as_the_generated_shots_it_copies(engine, story):
+    """A story rebuilt from the generated shots' frames, given as footage, continues bit for bit like the
+    generated story: later shots see footage through the same global cache and prompts."""
+    rebuilt = engine.new_story(story.geometry)
+    for shot in story.shots:
+        rebuilt = engine.add_footage(rebuilt, shot.frames.float() / 255, shot.global_caption, shot.caption)
+    assert [s.source for s in rebuilt.shots] == ["footage", "footage"]
+    assert [s.flag for s in rebuilt.shots] == [s.flag for s in story.shots]
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(rebuilt.shots, story.shots))
+    assert torch.equal(next_shot(engine, rebuilt), next_shot(engine, story))
+
+
+def test_the_footage_is_what_later_shots_see(engine, story):
+    # The check above can fail: other footage under the same captions gives another next shot.
+    other = engine.new_story(story.geometry)
+    for shot in story.shots:
+        other = engine.add_footage(other, shot.frames.flip(2), shot.global_caption, shot.caption)
+    assert not torch.equal(next_shot(engine, other), next_shot(engine, story))
+
+
+def test_footage_of_any_size_starts_a_story_that_goes_on(engine):
+    geo = engine.geometry
+    image = torch.rand(3 * geo.height, 2 * geo.width, 3)  # another size and aspect, one image
+    state = engine.add_footage(engine.new_story(), image, G, CAPTIONS[0])
+    assert state.num_shots == 1 and state.shots[0].frames.shape == (geo.frames_per_shot, geo.height, geo.width, 3)
+    after, frames = engine.generate_shot(state, ShotRequest(G, CAPTIONS[1], seed=3))
+    assert after.num_shots == 2 and after.shots[0] is state.shots[0] and frames.shape[0] == geo.frames_per_shot
+    assert [s.source for s in after.shots] == ["footage", "generated"]
+
+
+def test_bad_footage_calls_leave_the_story_as_it_was(engine, story):
+    before = list(story.shots)
+    with pytest.raises(ValueError, match="caption is empty"):
+        engine.add_footage(story, story.shots[0].frames, G, "  ")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        engine.add_footage(story, torch.full((3, 8, 8, 3), float("inf")), G, CAPTIONS[0])
+    foreign = StoryState("someothermodel", story.geometry, story.shots)
+    with pytest.raises(ValueError, match="not the loaded model"):
+        engine.add_footage(foreign, story.shots[0].frames, G, CAPTIONS[0])
+    assert list(story.shots) == before
+
+
+def test_a_footage_shot_is_saved_shown_and_loaded_as_footage(engine, story, tmp_path):
+    state = engine.add_footage(story, story.shots[0].frames, G, "the meadow again")
+    assert "footage" in state.summary().splitlines()[-1] and "seed" not in state.summary().splitlines()[-1]
+    loaded = StoryState.load(state.save(tmp_path / "s"))
+    assert loaded == state and [s.source for s in loaded.shots] == ["generated", "generated", "footage"]
+    assert torch.equal(next_shot(engine, loaded), next_shot(engine, state))
+
+
+def test_a_state_saved_before_sources_loads_as_generated_and_an_unknown_source_is_refused(story, tmp_path):
+    path = story.save(tmp_path / "s")
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 2
+    for shot in meta["shots"]:
+        del shot["source"]
+    meta_path.write_text(json.dumps(meta))
+    assert StoryState.load(path) == story
+    meta["format_version"] = 3
+    meta["shots"][1]["source"] = "dreamt"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="shot 2: a shot's source is one of generated, footage, not 'dreamt'"):
+        StoryState.load(path)

@@ -1,11 +1,12 @@
-"""Incremental video writing and reading back (.mp4 H.264, animated .webp)."""
+"""Incremental video writing and reading back (.mp4 H.264, animated .webp), and footage fitted to a story."""
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from shotstream_core.video import VideoWriter, read_video, to_uint8
+from shotstream_core.video import VideoWriter, fit_frames, read_video, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,3 +173,61 @@ def test_images_read_as_footage_and_unreadable_files_are_named(tmp_path):
         read_video(tmp_path / "bad.mp4")
     with pytest.raises(ValueError, match="NaN or infinite"):
         to_uint8(np.full((1, 4, 4, 3), np.nan, np.float32))
+
+
+# --- footage fitted to a story ---------------------------------------------------------------------------
+
+def test_frames_of_the_storys_size_and_length_pass_unchanged():
+    frames = torch.randint(0, 256, (9, 16, 24, 3), dtype=torch.uint8)
+    assert torch.equal(fit_frames(frames, 16, 24, 9), frames)
+    as_float = fit_frames(frames.float() / 255, 16, 24, 9)  # ComfyUI's IMAGE: float in [0, 1]
+    assert torch.equal(as_float, frames)
+
+
+def test_one_image_becomes_a_still_shot():
+    image = np.zeros((32, 32, 3), np.float32)
+    image[8:24, 8:24] = (1.0, 0.0, 0.0)
+    shot = fit_frames(image, 16, 16, 5)
+    assert shot.shape == (5, 16, 16, 3) and shot.dtype == torch.uint8
+    assert all(torch.equal(f, shot[0]) for f in shot)
+    assert shot[0, 8, 8].tolist() == [255, 0, 0] and shot[0, 0, 0].tolist() == [0, 0, 0]  # the square, halved
+
+
+def test_frames_are_taken_evenly_over_the_clip_first_and_last_kept():
+    clip = torch.arange(9, dtype=torch.uint8).view(9, 1, 1, 1).expand(9, 4, 4, 3) * 20  # frame i has value 20 i
+    picked = fit_frames(clip, 4, 4, 5)[:, 0, 0, 0] // 20
+    assert picked.tolist() == [0, 2, 4, 6, 8]
+    stretched = fit_frames(clip[:3], 4, 4, 5)[:, 0, 0, 0] // 20  # shorter footage repeats frames in order
+    assert stretched.tolist() == [0, 0, 1, 2, 2]
+
+
+def test_another_aspect_is_centre_cropped_not_stretched():
+    # 64 wide, 32 high into a square: the outer 16 columns each side fall away; a stretch would keep them.
+    frames = torch.zeros(1, 32, 64, 3, dtype=torch.uint8)
+    frames[..., :16, 2] = 255  # blue left edge
+    frames[..., 48:, 2] = 255  # blue right edge
+    frames[..., 16:48, 1] = 255  # green centre
+    square = fit_frames(frames, 16, 16, 1)[0]
+    assert square[..., 2].max() == 0 and square[..., 1].min() == 255
+    tall = fit_frames(frames.transpose(1, 2), 16, 16, 1)[0]  # 32 wide, 64 high: rows are cropped instead
+    assert tall[..., 2].max() == 0 and tall[..., 1].min() == 255
+
+
+def test_a_larger_source_is_filtered_not_aliased():
+    # A one-pixel checkerboard shrunk 3x is its mean grey; a filter without antialiasing samples one source
+    # pixel per output pixel at this factor and keeps black and white.
+    board = ((torch.arange(48)[:, None] + torch.arange(48)[None]) % 2 * 255).to(torch.uint8)
+    frames = board[None, :, :, None].expand(1, 48, 48, 3)
+    small = fit_frames(frames, 16, 16, 1).float()
+    assert (small - 127.5).abs().max() <= 2
+
+
+@pytest.mark.parametrize("frames, problem", [
+    (torch.zeros(0, 16, 16, 3), "no frames to fit"),
+    (torch.zeros(2, 16, 16, 4), "RGB, channels last"),
+    (torch.full((2, 16, 16, 3), float("nan")), "NaN or infinite"),
+    (np.zeros((2, 16, 16, 3), np.int32), "float in [0, 1] or uint8"),
+])
+def test_bad_footage_is_refused_by_name(frames, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        fit_frames(frames, 16, 16, 5)
