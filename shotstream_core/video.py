@@ -219,13 +219,19 @@ def fit_frames(frames, height: int, width: int, count: int) -> torch.Tensor:
     each is centre-cropped to the target's aspect and resized with an antialiased bilinear filter, so
     nothing is stretched and a larger source is not aliased.
     """
-    footage = to_uint8(frames)  # [N, H, W, 3]
-    n, h, w, _ = footage.shape
-    if n == 0 or h == 0 or w == 0:
-        raise ValueError(f"no frames to fit (shape {footage.shape}): give at least one image")
-    picks = torch.linspace(0, n - 1, count).round().long()
-    pixels = torch.from_numpy(footage[picks.numpy()])  # [count, H, W, 3], a copy (the input may be read-only)
+    if not hasattr(frames, "shape"):
+        frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or 0 in frames.shape[:3]:
+        to_uint8(frames)  # names a wrong layout
+        raise ValueError(f"no frames to fit (shape {tuple(frames.shape)}): give at least one image")
+    # Pick first, then convert: a long clip of float frames is never copied whole.
+    picks = torch.linspace(0, frames.shape[0] - 1, count).round().long()
+    picked = frames[picks] if isinstance(frames, torch.Tensor) else frames[picks.numpy()]
+    pixels = torch.from_numpy(np.array(to_uint8(picked)))  # [count, H, W, 3], writable
     # The largest centre crop of the target's aspect (width / height compared as cross products: exact).
+    h, w = pixels.shape[1:3]
     if w * height > width * h:
         crop_w = max(1, round(h * width / height))
         x0 = (w - crop_w) // 2
