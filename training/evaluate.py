@@ -13,7 +13,8 @@ Rows: the causal student; the same with the global cache emptied every shot (eng
 the same with the RoPE shot indicator off (engine.shot_phase = 0); the student after stage 3 only; the
 bidirectional teacher (50 Euler steps, CFG) in a story loop built from the engine's own pieces; and the
 ground-truth renders (the analyser's ceiling). Opt-in, outside the issue's table (`--variants ...
-truth_opening`): the student going on from each story's true shot 1, given as footage (engine.add_footage).
+truth_opening truth_opening_no_history`): the student going on from each story's true shot 1, given as
+footage (engine.add_footage), with and without its global cache.
 The metric definitions live in training.storyworld.analyse.
 Timings are wall-clock seconds of generation only (not mp4 writing or scoring), measured in this run.
 """
@@ -78,6 +79,8 @@ VARIANTS = {v.key: v for v in (
     # asks only whether the cache carries what shot 1 showed, not also whether the student drew it.
     Variant("truth_opening", "student after a ground-truth shot 1 given as footage (adherence counts that shot)",
             "dit", truth_opening=True),
+    Variant("truth_opening_no_history", "the same, global cache emptied every shot", "dit", use_history=False,
+            truth_opening=True),
 )}
 DEFAULT_VARIANTS = tuple(k for k, v in VARIANTS.items() if not v.truth_opening)
 
