@@ -346,7 +346,7 @@ def test_truth_opening_goes_on_from_the_true_first_shot_untimed():
     from training.storyworld.render import render_shot
 
     cfg = ev.EvalConfig(model="micro", out="unused", weights_dir="/nonexistent", stories=1, stories10=0)
-    assert {"truth_opening", "truth_opening_no_history"} <= set(ev.VARIANTS) - set(ev.DEFAULT_VARIANTS)  # the table stays
+    assert {"truth_opening", "truth_opening_no_history", "teacher_truth_opening"} <= set(ev.VARIANTS) - set(ev.DEFAULT_VARIANTS)  # the table stays
     engine = ev.ModelZoo(cfg).load(ev.VARIANTS["truth_opening"]).runner
     item = ev.evaluation_split(1, 0, 1.0)[0]
 

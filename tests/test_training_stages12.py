@@ -288,6 +288,58 @@ def test_diagnose_reads_flow_error_and_text_gain(store):
     assert scores["latent_std:frame0"] == pytest.approx(x0[:, :, 0].std().item(), abs=1e-4)
 
 
+def test_context_gain_reads_how_much_of_the_error_the_history_removes(store, tmp_path):
+    """A model right only when it sees the history gains 1, one that ignores it gains 0; hidden-place
+    targets are the later shots of the stories whose truth hides the place."""
+    import json
+    import shutil
+
+    from training.data import LatentStoryDataset
+    from training.diagnose import context_gain, hidden_place_targets
+    from training.stage1_teacher import make_batch
+
+    ds = LatentStoryDataset(store / "latents")
+    later = [(i, k) for i, k in ds.targets if k > 0]
+    assert later
+    schedule = FlowSchedule(SAMPLER.num_train_timesteps, SAMPLER.shift)
+    x0 = make_batch(ds, later, FC, DIT.text_len).x0
+
+    class Oracle(torch.nn.Module):  # the exact flow, scaled by `trust` where the history is there, else by `blind`
+        def __init__(self, trust, blind):
+            super().__init__()
+            self.trust, self.blind = trust, blind
+
+        def forward(self, seq, t, text, flags, prompt_ids, shot_phase):
+            fc = seq.shape[2] - x0.shape[2]
+            sigma = schedule.sigma(t).view(-1, 1, 1, 1, 1)
+            flow = (seq[:, :, fc:] - (1 - sigma) * x0) / sigma - x0
+            sees = (seq[:, :, :fc].abs().amax(dim=(1, 2, 3, 4)) > 0).view(-1, 1, 1, 1, 1)
+            return torch.cat([seq[:, :, :fc], flow * torch.where(sees, self.trust, self.blind)], dim=2)
+
+    sigmas = (0.5, 0.9)
+    assert context_gain(Oracle(1.0, 0.0), ds, PRESET, later, sigmas) == {"context_gain@0.5": 1.0, "context_gain@0.9": 1.0}
+    assert context_gain(Oracle(0.5, 0.5), ds, PRESET, later, sigmas) == {"context_gain@0.5": 0.0, "context_gain@0.9": 0.0}
+    assert context_gain(Oracle(1.0, 0.0), ds, PRESET, [], sigmas) == {}
+
+    assert hidden_place_targets(ds) == [] or all(k > 0 for _, k in hidden_place_targets(ds))
+    copy = tmp_path / "latents"
+    shutil.copytree(store / "latents", copy)
+    data = tmp_path / "data"
+    shutil.copytree(store / "data", data)
+    index = json.loads((copy / "index.json").read_text())
+    for story in index["stories"]:  # point the copy at the copied data
+        story["json_path"] = str(data / Path(story["json_path"]).name)
+    (copy / "index.json").write_text(json.dumps(index))
+    pick = max(range(len(index["stories"])), key=lambda i: index["stories"][i]["num_shots"])
+    for i, story in enumerate(index["stories"]):
+        other = Path(story["json_path"]).with_suffix(".truth.json")
+        t = json.loads(other.read_text())
+        t["story"]["hidden"] = {"kind": "place", "value": t["story"]["place"]} if i == pick else None
+        other.write_text(json.dumps(t))
+    assert index["stories"][pick]["num_shots"] > 1
+    assert hidden_place_targets(LatentStoryDataset(copy)) == [(pick, k) for k in range(1, index["stories"][pick]["num_shots"])]
+
+
 def test_diagnose_command_line_compares_checkpoints_and_samples(store, tmp_path, capsys):
     from shotstream_core.loading import save_dit
     from training.diagnose import main

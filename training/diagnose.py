@@ -14,6 +14,10 @@ two checkpoints compare number for number. Per noise level sigma:
 - text_gain (sigma >= 0.8 only): 1 - char_mse / char_mse with every caption replaced by the negative
   prompt. It is the share of the character error the captions remove where the captions are all a model
   has to go on: about 0 means the characters' words are ignored.
+--context-gain adds context_gain@sigma: 1 - flow_mse / flow_mse with the history dropped as stage 1's context
+dropout drops it (zero latents, a first shot's flags and prompt), over later shots (shot 2 on) only, and
+the same over the later shots of stories whose captions leave the place out (context_gain_hidden_place;
+Story World stores, read from each story's .truth.json), where only the history shows the background.
 --by-block and --by-frame split flow_mse over the shot's blocks or its latent frames (the first latent
 frame is the VAE's single-frame code, and where a teacher's error there is above the rest's, its samples
 open on a frame unlike the next).
@@ -116,6 +120,45 @@ def diagnose(model, ds: LatentStoryDataset, preset: Preset, num_targets: int = 4
             _, uncond_char, _ = errors(t, x_t, negative)
             out[f"text_gain@{sigma}"] = 1.0 - out[f"char_mse@{sigma}"] / max(uncond_char, 1e-12)
     return {k: round(v, 4) for k, v in out.items()}
+
+
+def hidden_place_targets(ds: LatentStoryDataset) -> list[tuple[int, int]]:
+    """Later-shot targets of Story World stories whose captions leave the place out (their .truth.json)."""
+    out = []
+    for i, story in enumerate(ds.stories):
+        truth = Path(story["json_path"]).with_suffix(".truth.json")
+        hidden = json.loads(truth.read_text())["story"].get("hidden") if truth.is_file() else None
+        if hidden and hidden["kind"] == "place":
+            out += [(i, k) for k in range(1, story["num_shots"])]
+    return out
+
+
+@torch.no_grad()
+def context_gain(model, ds: LatentStoryDataset, preset: Preset, targets: list[tuple[int, int]], sigmas=SIGMAS,
+                 seed: int = 123) -> dict[str, float]:
+    """{context_gain@sigma}: the share of the flow error on `targets` (later shots) that their history
+    removes, against the same targets with the history dropped as training drops it."""
+    if not targets:
+        return {}
+    kw = dict(context_frames=preset.sampler.context_frames, text_len=preset.dit.text_len)
+    with_history = make_batch(ds, targets, **kw)
+    without = make_batch(ds, targets, **kw, context_dropout=1.0, g=torch.Generator().manual_seed(0))
+    schedule = FlowSchedule(preset.sampler.num_train_timesteps, preset.sampler.shift)
+    noise = torch.randn(with_history.x0.shape, generator=torch.Generator().manual_seed(seed))
+    target = schedule.flow_target(with_history.x0, noise)
+    fc = with_history.context.shape[2]
+
+    def flow_mse(batch, t, x_t):
+        seq = torch.cat([batch.context, x_t], dim=2)
+        flow = model(seq, t, batch.text, batch.flags, batch.prompt_ids, shot_phase=preset.sampler.rope_shot_phase)
+        return ((flow[:, :, fc:].float() - target) ** 2).mean().item()
+
+    out = {}
+    for sigma in sigmas:
+        t = torch.full((len(targets),), sigma * preset.sampler.num_train_timesteps)
+        x_t = schedule.add_noise(with_history.x0, noise, t)
+        out[f"context_gain@{sigma}"] = round(1.0 - flow_mse(with_history, t, x_t) / max(flow_mse(without, t, x_t), 1e-12), 4)
+    return out
 
 
 def held_out_shots(preset: Preset, num_shots: int) -> torch.Tensor:
@@ -263,6 +306,8 @@ def main(argv=None) -> dict:
     p.add_argument("--latent-dir", default="runs/tiny/latents", help="pre-encoded latents (training.preencode)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--targets", type=int, default=48, help="target shots in the fixed batch")
+    p.add_argument("--context-gain", action="store_true",
+                   help="also how much of the flow error on later shots the history removes (see above)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--sample-shots", type=int, default=0,
                    help="also sample this many training-split shots (the last targets of the store, as the ODE "
@@ -309,6 +354,12 @@ def main(argv=None) -> dict:
     for path in a.weights:
         teacher = load_dit(path, WanDiT, "teacher", "cpu", frozen=True)
         results[path] = diagnose(teacher, ds, preset, a.targets, by_block=a.by_block, by_frame=a.by_frame)
+        if a.context_gain:
+            later = [(i, k) for i, k in ds.targets if k > 0]
+            results[path].update(context_gain(teacher, ds, preset, later[::max(1, len(later) // a.targets)][:a.targets]))
+            hidden = hidden_place_targets(ds)
+            results[path].update({k.replace("context_gain", "context_gain_hidden_place"): v for k, v in
+                                  context_gain(teacher, ds, preset, hidden[::max(1, len(hidden) // a.targets)][:a.targets]).items()})
         if vae is not None:
             sheet = Path(a.sample_sheet) / f"{Path(path).parent.name}_{Path(path).stem}.png" if a.sample_sheet else None
             results[path].update(sample_check(teacher, ds, preset, a.sample_shots, vae, a.guidance, a.steps,

@@ -13,8 +13,8 @@ Rows: the causal student; the same with the global cache emptied every shot (eng
 the same with the RoPE shot indicator off (engine.shot_phase = 0); the student after stage 3 only; the
 bidirectional teacher (50 Euler steps, CFG) in a story loop built from the engine's own pieces; and the
 ground-truth renders (the analyser's ceiling). Opt-in, outside the issue's table (`--variants ...
-truth_opening truth_opening_no_history`): the student going on from each story's true shot 1, given as
-footage (engine.add_footage), with and without its global cache.
+truth_opening truth_opening_no_history teacher_truth_opening`): the student going on from each story's true
+shot 1, given as footage (engine.add_footage), with and without its global cache, and the teacher.
 The metric definitions live in training.storyworld.analyse.
 Timings are wall-clock seconds of generation only (not mp4 writing or scoring), measured in this run.
 """
@@ -81,6 +81,8 @@ VARIANTS = {v.key: v for v in (
             "dit", truth_opening=True),
     Variant("truth_opening_no_history", "the same, global cache emptied every shot", "dit", use_history=False,
             truth_opening=True),
+    Variant("teacher_truth_opening", "teacher after a ground-truth shot 1 given as footage", "teacher",
+            teacher=True, truth_opening=True),
 )}
 DEFAULT_VARIANTS = tuple(k for k, v in VARIANTS.items() if not v.truth_opening)
 
@@ -191,6 +193,9 @@ class TeacherStoryEngine:
 
     def new_story(self) -> StoryState:
         return self.pieces.new_story()
+
+    def add_footage(self, state: StoryState, frames, global_caption: str, caption: str) -> StoryState:
+        return self.pieces.add_footage(state, frames, global_caption, caption)
 
     def stream_shot(self, state: StoryState, request: ShotRequest) -> ShotStream:
         self.pieces.check_state(state)
