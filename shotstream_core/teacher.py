@@ -1,4 +1,5 @@
-"""Sampling the bidirectional next-shot teacher: Euler over the shifted flow schedule with CFG.
+"""Sampling the bidirectional next-shot teacher: Euler over the shifted flow schedule with CFG, and optional
+history guidance (the flow pushed away from the same shot sampled without its history).
 
 Used for ODE-pair generation (stage 2 of training) and as the teacher row of the evaluation. The teacher
 sees [clean context | noisy shot] with full attention and one timestep per sample; the context frames get
@@ -20,15 +21,21 @@ def teacher_sigmas(steps: int, shift: float) -> torch.Tensor:
 @torch.no_grad()
 def sample_teacher(teacher: WanDiT, context, noise, text, flags, prompt_ids=None, uncond_text=None,
                    steps: int = 50, guidance: float = 6.0, shift: float = 8.0, save_at=(), num_train_timesteps=1000,
-                   shot_phase: float = 1.0 / 6.0):
+                   shot_phase: float = 1.0 / 6.0, history_guidance: float = 1.0, alone=None):
     """context [B, C, Fc, h, w] clean; noise [B, C, F, h, w]; text/uncond_text [B, P, S, text_dim];
     flags / prompt_ids [B, Fc+F]. Returns (x0 [B, C, F, h, w], {t: x_t} for every t in save_at that lies
-    on the grid, matched to the nearest grid step)."""
+    on the grid, matched to the nearest grid step).
+    History guidance (history_guidance h != 1): v = CFG(v) + (h - 1) (v_cond - v_alone), where v_alone is the
+    conditional flow of the same shots as first shots: alone = (context, text, flags, prompt_ids) of that
+    form (zero context, a first shot's flags, each shot's own prompt), as context dropout trains it."""
+    if history_guidance != 1.0 and alone is None:
+        raise ValueError("history guidance needs the shots' history-free inputs (alone)")
     sigmas = teacher_sigmas(steps, shift)
     grid_t = sigmas[:-1] * num_train_timesteps
     wanted = {int((grid_t - t).abs().argmin()): t for t in save_at}
     text_kv = teacher.encode_text(text)
     uncond_kv = teacher.encode_text(uncond_text) if (uncond_text is not None and guidance != 1.0) else None
+    alone_kv = teacher.encode_text(alone[1]) if history_guidance != 1.0 else None
     fc = context.shape[2]
     x = noise.float()
     saved = {}
@@ -37,9 +44,14 @@ def sample_teacher(teacher: WanDiT, context, noise, text, flags, prompt_ids=None
             saved[wanted[i]] = x.clone()
         t = torch.full((x.shape[0],), float(grid_t[i]), device=x.device)
         seq = torch.cat([context.float(), x], 2)
-        v = teacher(seq, t, None, flags, prompt_ids, text_kv=text_kv, shot_phase=shot_phase)[:, :, fc:]
+        v_c = teacher(seq, t, None, flags, prompt_ids, text_kv=text_kv, shot_phase=shot_phase)[:, :, fc:]
+        v = v_c
         if uncond_kv is not None:
             v_u = teacher(seq, t, None, flags, prompt_ids, text_kv=uncond_kv, shot_phase=shot_phase)[:, :, fc:]
-            v = v_u + guidance * (v - v_u)
+            v = v_u + guidance * (v_c - v_u)
+        if alone_kv is not None:
+            seq_alone = torch.cat([alone[0].float(), x], 2)
+            v_a = teacher(seq_alone, t, None, alone[2], alone[3], text_kv=alone_kv, shot_phase=shot_phase)[:, :, fc:]
+            v = v + (history_guidance - 1.0) * (v_c - v_a)
         x = x + float(sigmas[i + 1] - sigmas[i]) * v
     return x, saved

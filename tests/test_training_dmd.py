@@ -245,6 +245,53 @@ def test_dmd_direction_and_gradient_follow_the_spec_cfg(guidance):
     torch.testing.assert_close(grad, expected / x.numel(), rtol=1e-4, atol=1e-8)
 
 
+def second_shot_cond(seed=5):
+    """A later shot: history latents from shot 0, the prompts of shots 0 and 1 (the shot reads its own)."""
+    g = torch.Generator().manual_seed(seed)
+    plan = plan_context([GEO.frames_per_shot], FC)
+    prompts = [[torch.randn(4, CFG.text_dim, generator=g), torch.randn(6, CFG.text_dim, generator=g)]]
+    return make_conditioning(torch.randn(1, C, FC, H, W, generator=g), prompts, [list(plan.flags)],
+                             [plan.shot_flag], F)
+
+
+def test_a_shot_without_history_is_a_first_shot_with_its_own_prompt():
+    cond = second_shot_cond()
+    alone = cond.without_history()
+    first = first_shot_cond()
+    assert torch.equal(alone.context, torch.zeros_like(cond.context))
+    assert torch.equal(alone.flags, first.flags) and torch.equal(alone.prompt_ids, first.prompt_ids)
+    own = cond.prompt_ids[0, FC]
+    assert alone.text.shape[1] == 1 and torch.equal(alone.text[0, 0], cond.text[0, own])
+    assert own == 1  # the second shot's own caption, not the first shot's
+
+
+@pytest.mark.parametrize("history_guidance", [1.0, 3.0])
+def test_history_guidance_pushes_the_real_score_towards_its_history(history_guidance):
+    """real = cond + g (cond - uncond) + (h - 1) (cond - cond without history); h = 1 is the recipe's DMD,
+    and a first shot, whose history-free branch is itself, is left as it was."""
+    sched = FlowSchedule()
+    g = torch.Generator().manual_seed(4)
+    x0_cond, x0_uncond, x0_alone, x0_fake, x = (torch.randn(1, C, F, H, W, generator=g) for _ in range(5))
+    cond = second_shot_cond()
+    uncond_text = uncond_like(cond.text, torch.randn(3, CFG.text_dim, generator=g))
+    real = PromptKeyedX0(sched, [(cond.text, x0_cond), (uncond_text, x0_uncond),
+                                 (cond.without_history().text, x0_alone)])
+    fake = PromptKeyedX0(sched, [(cond.text, x0_fake)])
+    x0_real = x0_cond + 3.0 * (x0_cond - x0_uncond) + (history_guidance - 1.0) * (x0_cond - x0_alone)
+    expected = (x0_fake - x0_real) / (x - x0_real).abs().mean()
+    loss_fn = DMDLoss(sched, guidance=3.0, history_guidance=history_guidance)
+    direction, _ = loss_fn.dmd_direction(x, cond, uncond_text, real, fake, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(direction, expected, rtol=1e-4, atol=1e-5)
+
+    first = first_shot_cond()
+    uncond_first = uncond_like(first.text, torch.randn(3, CFG.text_dim, generator=g))
+    real = PromptKeyedX0(sched, [(first.text, x0_cond), (uncond_first, x0_uncond)])
+    fake = PromptKeyedX0(sched, [(first.text, x0_fake)])
+    x0_real = x0_cond + 3.0 * (x0_cond - x0_uncond)
+    direction, _ = loss_fn.dmd_direction(x, first, uncond_first, real, fake, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(direction, (x0_fake - x0_real) / (x - x0_real).abs().mean(), rtol=1e-4, atol=1e-5)
+
+
 def test_cfg_and_uncond_layout():
     text = torch.randn(2, 3, 4, CFG.text_dim)
     neg = torch.randn(6, CFG.text_dim)

@@ -562,6 +562,25 @@ def test_ode_pairs_hold_the_teacher_trajectory(ode_run):
     assert torch.equal(pairs.flags[:3], batch.flags) and torch.equal(pairs.context[:3], batch.context)
 
 
+def test_ode_history_guidance_changes_later_shots_only(ode_run):
+    """With history guidance the teacher's later-shot samples move; a first shot, whose history-free inputs
+    are its own, samples exactly as without it."""
+    from training.common import load_dit
+    from training.data import LatentStoryDataset
+    from training.ode_pairs import sample_targets
+
+    store, _ = ode_run
+    ds = LatentStoryDataset(store / "latents")
+    first = [t for t in ds.targets if t[1] == 0][:1]
+    later = [t for t in ds.targets if t[1] > 0][:1]
+    assert first and later
+    teacher = load_dit(store / "teacher.safetensors", WanDiT, "teacher", "cpu", frozen=True)
+    for targets, moves in ((first, False), (later, True)):
+        plain, _, _ = sample_targets(teacher, ds, targets, PRESET, 2.0, 8, 0, "cpu")
+        guided, _, _ = sample_targets(teacher, ds, targets, PRESET, 2.0, 8, 0, "cpu", history_guidance=3.0)
+        assert (not torch.allclose(plain, guided, atol=1e-4)) == moves, targets
+
+
 def test_block_levels_are_constant_inside_blocks():
     from training.stage2_ode import block_levels
 

@@ -4,6 +4,8 @@ loss that keeps the fake score on the generator's distribution, and one generato
 Both scores are bidirectional next-shot DiTs (teacher architecture, one t per sample) that see
 [clean context | x_t] along frames, exactly as the teacher was trained (shotstream.md sections 6-7):
   real = frozen teacher with CFG on its x0: cond + g (cond - uncond), uncond = negative-prompt features;
+         with history guidance h != 1 also + (h - 1) (cond - cond without history), the shot taken as a first
+         shot (off in the recipe: h = 1);
   fake = trainable copy of the teacher, no guidance.
   grad = (x0_fake - x0_real) / mean|x - x0_real|   (per sample)
   L_G  = 0.5 * mse(x, stopgrad(x - grad))           (so dL_G/dx = grad / numel: x moves toward x0_real)
@@ -46,10 +48,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 class DMDLoss:
     def __init__(self, schedule: FlowSchedule, guidance: float = 3.0, t_min: int = 20, t_max: int = 980,
-                 shot_phase: float = 1.0 / 6.0):
+                 shot_phase: float = 1.0 / 6.0, history_guidance: float = 1.0):
         if not 0 <= t_min <= t_max < schedule.num_train_timesteps:
             raise ValueError(f"need 0 <= t_min <= t_max < {schedule.num_train_timesteps}; got {t_min}, {t_max}")
-        self.schedule, self.guidance = schedule, guidance
+        self.schedule, self.guidance, self.history_guidance = schedule, guidance, history_guidance
         self.t_min, self.t_max, self.shot_phase = t_min, t_max, shot_phase
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -80,6 +82,10 @@ class DMDLoss:
             x0_real = x0_cond + self.guidance * (x0_cond - x0_uncond)
         else:
             x0_real = x0_cond
+        if self.history_guidance != 1.0:  # a first shot's own history-free branch is itself: no change there
+            alone = cond.without_history()
+            flow = self.score_flow(real, x_t, t, alone, real_m.encode_text(alone.text))
+            x0_real = x0_real + (self.history_guidance - 1.0) * (x0_cond - self.schedule.x0_from_flow(x_t, flow, t))
         normaliser = (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         direction = torch.nan_to_num((x0_fake - x0_real) / normaliser)
         stats = {"dmd_t": float(t.mean()), "dmd_gap": float((x0_fake - x0_real).abs().mean()),
@@ -111,6 +117,7 @@ class DMDHyper:
     betas: tuple[float, float] = (0.0, 0.999)
     weight_decay: float = 0.01
     guidance: float = 3.0
+    history_guidance: float = 1.0  # the real score pushed towards its history by h - 1 (1: off)
     t_min: int = 20
     t_max: int = 980
     critic_per_generator: int = 5  # critic updates per generator update (the reference's 1:5)
@@ -160,7 +167,7 @@ class DMDTrainer:
         self.autocast = autocast  # context factory for the forward passes (bf16 on GPU); backward runs outside
         self.real.requires_grad_(False).eval()
         self.loss = DMDLoss(rollout.schedule, hyper.guidance, hyper.t_min, hyper.t_max,
-                            rollout.sampler.rope_shot_phase)
+                            rollout.sampler.rope_shot_phase, hyper.history_guidance)
         self.opt_g = make_optimizer(_unwrap(student).parameters(), hyper.lr_generator, hyper)
         self.opt_c = make_optimizer(_unwrap(fake).parameters(), hyper.lr_critic, hyper)
 

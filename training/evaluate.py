@@ -41,6 +41,7 @@ from shotstream_core.loading import (BUNDLED_DIR, ModelLoadError, build_dit, fin
 from shotstream_core.model import CausalWanDiT
 from shotstream_core.state import ShotRecord, StoryState
 from shotstream_core.teacher import sample_teacher
+from shotstream_core.text import build_shot_prompt
 from shotstream_core.vae import StreamingDecoder
 from shotstream_core.video import VideoWriter, to_uint8 as frames_to_uint8  # not ode_pairs.to_uint8 (decoder output)
 from training.common import describe_dit
@@ -101,6 +102,7 @@ class EvalConfig:
     teacher_stories10: int = 5
     teacher_steps: int = 50
     guidance: float = 6.0
+    history_guidance: float = 1.0  # the teacher rows' history guidance (shotstream_core.teacher; 1: off)
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     weights_dir: Path | None = None  # default: shotstream_core/weights/<model>
     device: str = "cpu"
@@ -186,9 +188,9 @@ class TeacherStoryEngine:
     then the shot is decoded block by block like the student's, so time to first frame is comparable.
     """
 
-    def __init__(self, pieces: ShotStreamEngine, steps: int = 50, guidance: float = 6.0):
+    def __init__(self, pieces: ShotStreamEngine, steps: int = 50, guidance: float = 6.0, history_guidance: float = 1.0):
         self.pieces = pieces
-        self.steps, self.guidance = steps, guidance
+        self.steps, self.guidance, self.history_guidance = steps, guidance, history_guidance
         self.shot_phase = pieces.shot_phase
 
     def new_story(self) -> StoryState:
@@ -216,9 +218,18 @@ class TeacherStoryEngine:
         uncond = uncond_like(text, eng.prompts.get(request.negative))
         gen = torch.Generator().manual_seed(int(request.seed))  # the student's noise for the same seed
         noise = torch.randn(1, dit.config.in_channels, frames_total, h, w, generator=gen).to(eng.device)
+        alone = None
+        if self.history_guidance != 1.0:  # the same shot as a first shot, its own prompt alone
+            first = plan_context([], sampler.context_frames)
+            flags_alone = torch.tensor([list(first.flags) + [first.shot_flag] * frames_total], device=eng.device)
+            own = build_shot_prompt(request.global_caption, request.caption, state.num_shots,
+                                    eng.prompts.encoder.count_tokens, eng.text_max_tokens)
+            alone = (torch.zeros_like(ctx), eng.prompts.get(own)[None, None].to(eng.device), flags_alone,
+                     torch.zeros_like(flags_alone))
         x0, _ = sample_teacher(dit, ctx, noise, text, flags, prompt_ids, uncond, steps=self.steps,
                                guidance=self.guidance, shift=sampler.shift,
-                               num_train_timesteps=sampler.num_train_timesteps, shot_phase=self.shot_phase)
+                               num_train_timesteps=sampler.num_train_timesteps, shot_phase=self.shot_phase,
+                               history_guidance=self.history_guidance, alone=alone)
         decoder = StreamingDecoder(eng.vae)
         decoder.reset()
         vae_dtype = next(eng.vae.parameters()).dtype
@@ -301,7 +312,8 @@ class ModelZoo:
         if engine is None:
             return Loaded(None, "", desc)
         if variant.teacher:
-            return Loaded(TeacherStoryEngine(engine, self.cfg.teacher_steps, self.cfg.guidance), desc)
+            return Loaded(TeacherStoryEngine(engine, self.cfg.teacher_steps, self.cfg.guidance,
+                                             self.cfg.history_guidance), desc)
         engine.use_history = variant.use_history
         if variant.shot_phase_off:
             engine.shot_phase = 0.0
@@ -451,7 +463,8 @@ class VariantRun:
         row.update(eval5=agg5, eval10=agg10, adherence_by_shot=adherence_by_shot(self.scores5 + self.scores10),
                    wall_s=self.wall_s)
         if self.variant.teacher:
-            row.update(teacher_steps=self.cfg.teacher_steps, guidance=self.cfg.guidance)
+            row.update(teacher_steps=self.cfg.teacher_steps, guidance=self.cfg.guidance,
+                       history_guidance=self.cfg.history_guidance)
         return row
 
 
@@ -586,6 +599,8 @@ def command_line(cfg: EvalConfig) -> str:
         parts.append(f"--teacher-steps {cfg.teacher_steps}")
     if cfg.guidance != defaults.guidance:  # the teacher row depends on it
         parts.append(f"--guidance {cfg.guidance:g}")
+    if cfg.history_guidance != defaults.history_guidance:
+        parts.append(f"--history-guidance {cfg.history_guidance:g}")
     if cfg.threads != defaults.threads:  # the timing columns depend on it
         parts.append(f"--threads {cfg.threads}")
     if cfg.weights_dir != BUNDLED_DIR / cfg.model:
@@ -635,6 +650,8 @@ def parse_args(argv=None) -> EvalConfig:
                    help=f"10-shot stories for the teacher row (default {d.teacher_stories10})")
     p.add_argument("--teacher-steps", type=int, default=d.teacher_steps)
     p.add_argument("--guidance", type=float, default=d.guidance, help="teacher CFG scale")
+    p.add_argument("--history-guidance", type=float, default=d.history_guidance,
+                   help="teacher history guidance (1: off, the default)")
     p.add_argument("--variants", nargs="+", default=list(d.variants), choices=list(VARIANTS),
                    help="rows to evaluate (default: all)")
     p.add_argument("--weights-dir", type=Path, default=None,
@@ -657,6 +674,7 @@ def parse_args(argv=None) -> EvalConfig:
             sizes[k] = getattr(a, k)
     try:
         return EvalConfig(model=a.model, out=a.out, teacher_steps=a.teacher_steps, guidance=a.guidance,
+                          history_guidance=a.history_guidance,
                           variants=tuple(dict.fromkeys(a.variants)), weights_dir=a.weights_dir,
                           device=a.device, threads=a.threads, quick=a.quick, split=a.split,
                           noise_seed=a.noise_seed, **sizes)

@@ -51,6 +51,7 @@ class ODEConfig(StageConfig):
     steps: int = 50
     guidance: float = 6.0  # the reference's scale; replaced by the check's pick when guidance_check is set
     guidance_check: tuple[float, ...] = ()
+    history_guidance: float = 1.0  # the teacher's history guidance (shotstream_core.teacher; 1: off, the recipe)
     check_targets: int = 12  # (story, shot) targets of the check, taken from the END of the latent store
     opening_filter: bool = False  # keep only samples that open without a cut (needs vae_path)
 
@@ -66,15 +67,24 @@ def target_inputs(ds: LatentStoryDataset, targets, context_frames: int, text_len
 
 
 @torch.no_grad()
-def sample_targets(teacher, ds, targets, preset, guidance: float, steps: int, seed: int, device, save_at=()):
+def sample_targets(teacher, ds, targets, preset, guidance: float, steps: int, seed: int, device, save_at=(),
+                   history_guidance: float = 1.0):
     """Teacher samples of (story, shot) targets -> (x0 [B, C, F, h, w], {t: x_t}, batch)."""
+    from .stage1_teacher import make_batch
+
     sampler = preset.sampler
     batch = target_inputs(ds, targets, sampler.context_frames, preset.dit.text_len)
+    alone = None
+    if history_guidance != 1.0:  # the same targets as first shots, as context dropout makes them
+        b = make_batch(ds, targets, sampler.context_frames, preset.dit.text_len, context_dropout=1.0,
+                       g=torch.Generator().manual_seed(0))
+        alone = (b.context.to(device), b.text.to(device), b.flags.to(device), b.prompt_ids.to(device))
     g = step_generator(seed, 0, 0, stream=7)
     noise = torch.randn(batch.x0.shape, generator=g)
     x0, saved = sample_teacher(teacher, batch.context.to(device), noise.to(device), batch.text.to(device),
                                batch.flags.to(device), batch.prompt_ids.to(device), batch.negative.to(device),
                                steps=steps, guidance=guidance, shift=sampler.shift, save_at=save_at,
+                               history_guidance=history_guidance, alone=alone,
                                num_train_timesteps=sampler.num_train_timesteps, shot_phase=sampler.rope_shot_phase)
     return x0.cpu(), {t: v.cpu() for t, v in saved.items()}, batch
 
@@ -239,7 +249,8 @@ def generate(cfg: ODEConfig, dist) -> dict:
                 break
             part = shard[j:j + cfg.batch_size]
             x0, saved, batch = sample_targets(teacher, ds, part, preset, guidance, cfg.steps,
-                                              cfg.seed * 100003 + n * 1009 + j, dist.device, save_at=student_t)
+                                              cfg.seed * 100003 + n * 1009 + j, dist.device, save_at=student_t,
+                                              history_guidance=cfg.history_guidance)
             levels = [saved[t] for t in student_t] + [x0]
             keep = torch.ones(len(part), dtype=torch.bool)
             if opening_vae is not None:

@@ -46,6 +46,16 @@ class ShotConditioning:
         return ShotConditioning(self.context.to(device), self.text.to(device), self.flags.to(device),
                                 self.prompt_ids.to(device))
 
+    def without_history(self) -> "ShotConditioning":
+        """The same shots as first shots (what context dropout trains on, data.first_shot_inputs): zero
+        context with flags 0, the shot's flag 1, and each sample's own prompt alone."""
+        fc = self.context_frames
+        own = self.prompt_ids[:, fc]  # [B] which prompt the shot's frames read
+        text = self.text[torch.arange(self.text.shape[0], device=own.device), own][:, None]  # [B, 1, S, d]
+        flags = torch.ones_like(self.flags)
+        flags[:, :fc] = 0
+        return ShotConditioning(torch.zeros_like(self.context), text, flags, torch.zeros_like(self.prompt_ids))
+
     def __post_init__(self):
         b, fc = self.context.shape[0], self.context.shape[2]
         if self.flags.shape != self.prompt_ids.shape or self.flags.shape[0] != b or self.flags.shape[1] <= fc:

@@ -54,6 +54,10 @@ class DMDStageConfig(StageConfig):
     grad_clip: float = 1.0  # generator
     grad_clip_critic: float = 10.0
     guidance: float = 3.0  # CFG on the real score
+    # History guidance on the real score (1: off, the recipe): + (h - 1) (cond - cond without history), the
+    # shot taken as a first shot. The teacher sampled this way keeps far more of a hidden place
+    # (docs/EXPERIMENTS.md, "A true first shot").
+    history_guidance: float = 1.0
     t_min: int = 20  # DMD / critic timestep: a uniform table index's timestep, clamped to [t_min, t_max]
     t_max: int = 980
     critic_per_generator: int = 5
@@ -64,7 +68,8 @@ class DMDStageConfig(StageConfig):
 
     def hyper(self) -> DMDHyper:
         return DMDHyper(lr_generator=self.lr, lr_critic=self.lr_critic, betas=(self.beta1, self.beta2),
-                        weight_decay=self.weight_decay, guidance=self.guidance, t_min=self.t_min,
+                        weight_decay=self.weight_decay, guidance=self.guidance,
+                        history_guidance=self.history_guidance, t_min=self.t_min,
                         t_max=self.t_max, critic_per_generator=self.critic_per_generator,
                         grad_clip_generator=self.grad_clip,
                         grad_clip_critic=self.grad_clip_critic)
