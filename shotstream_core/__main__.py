@@ -191,9 +191,7 @@ def generate(args) -> int:
         if footage is not None:
             state = engine.add_footage(state, footage, global_caption, captions[0])
             writer.write(state.shots[0].frames)
-        for i, caption in enumerate(captions):
-            if i < state.num_shots:  # the footage
-                continue
+        for i, caption in enumerate(captions[state.num_shots:], start=state.num_shots):  # after any footage
             bar.set_description(f"shot {i + 1}/{len(captions)}")
             stream = engine.stream_shot(state, ShotRequest(global_caption, caption, seed=args.seed + i))
             for block in stream:

@@ -406,22 +406,25 @@ def test_teacher_euler_steps_apply_cfg_toward_the_prompt():
 def test_teacher_history_guidance_pushes_the_flow_away_from_the_shot_without_history():
     """x <- x + dsigma * (v_u + g (v_c - v_u) + (h - 1) (v_c - v_alone)), v_alone from the history-free inputs
     (zero context, a first shot's flags, the shot's own prompt), each at that step's t; h = 1 is plain CFG."""
-    from shotstream_core.teacher import sample_teacher
+    from shotstream_core.teacher import sample_teacher, without_history
 
     g = torch.Generator().manual_seed(8)
     ctx, noise = torch.randn(1, 16, 6, 4, 4, generator=g), torch.randn(1, 16, 3, 4, 4, generator=g)
     v_cond, v_uncond, v_alone = (torch.randn(1, 16, 3, 4, 4, generator=g) for _ in range(3))
-    text, negative, own = rand_text(seed=6), rand_text(seed=7), rand_text(seed=9)
+    text, negative = rand_text(prompts=2, seed=6), rand_text(prompts=2, seed=7)  # shot 0's prompt, then this shot's
+    own = text[:, 1:]
     flags, flags_alone = torch.tensor([[1] * 6 + [2] * 3]), torch.tensor([[0] * 6 + [1] * 3])
-    alone = (torch.zeros_like(ctx), own, flags_alone, torch.zeros_like(flags_alone))
+    ids = torch.tensor([[0] * 6 + [1] * 3])
+    alone = without_history(ctx, text, flags, ids)
+    assert not alone[0].any() and torch.equal(alone[1], own) and torch.equal(alone[2], flags_alone)
+    assert not alone[3].any()
     guidance, steps, h = 3.0, 20, 4.0
     sigmas = [float(s) for s in FlowSchedule(shift=8.0).sigmas[:: 1000 // steps]] + [0.0]
 
     def sample(history_guidance):
         teacher = PromptKeyedVelocity({"cond": (text, v_cond), "uncond": (negative, v_uncond), "alone": (own, v_alone)})
-        x0, _ = sample_teacher(teacher, ctx, noise, text, flags, torch.zeros_like(flags), uncond_text=negative,
-                               steps=steps, guidance=guidance, shift=8.0, history_guidance=history_guidance,
-                               alone=alone)
+        x0, _ = sample_teacher(teacher, ctx, noise, text, flags, ids, uncond_text=negative,
+                               steps=steps, guidance=guidance, shift=8.0, history_guidance=history_guidance)
         return x0, teacher.calls
 
     for history_guidance in (1.0, h):
@@ -433,9 +436,7 @@ def test_teacher_history_guidance_pushes_the_flow_away_from_the_shot_without_his
         torch.testing.assert_close(x0, expected, rtol=1e-5, atol=1e-5)
         alone_calls = [(f, p) for name, _, f, p in calls if name == "alone"]
         assert len(alone_calls) == (steps if history_guidance != 1.0 else 0)
-        assert all(f is flags_alone for f, _ in alone_calls)
-    with pytest.raises(ValueError, match="history-free inputs"):
-        sample_teacher(PromptKeyedVelocity({"cond": (text, v_cond)}), ctx, noise, text, flags, history_guidance=2.0)
+        assert all(torch.equal(f, flags_alone) for f, _ in alone_calls)
 
 
 @pytest.mark.parametrize("first, frames, spans", [

@@ -41,7 +41,6 @@ from shotstream_core.loading import (BUNDLED_DIR, ModelLoadError, build_dit, fin
 from shotstream_core.model import CausalWanDiT
 from shotstream_core.state import ShotRecord, StoryState
 from shotstream_core.teacher import sample_teacher
-from shotstream_core.text import build_shot_prompt
 from shotstream_core.vae import StreamingDecoder
 from shotstream_core.video import VideoWriter, to_uint8 as frames_to_uint8  # not ode_pairs.to_uint8 (decoder output)
 from training.common import describe_dit
@@ -218,18 +217,10 @@ class TeacherStoryEngine:
         uncond = uncond_like(text, eng.prompts.get(request.negative))
         gen = torch.Generator().manual_seed(int(request.seed))  # the student's noise for the same seed
         noise = torch.randn(1, dit.config.in_channels, frames_total, h, w, generator=gen).to(eng.device)
-        alone = None
-        if self.history_guidance != 1.0:  # the same shot as a first shot, its own prompt alone
-            first = plan_context([], sampler.context_frames)
-            flags_alone = torch.tensor([list(first.flags) + [first.shot_flag] * frames_total], device=eng.device)
-            own = build_shot_prompt(request.global_caption, request.caption, state.num_shots,
-                                    eng.prompts.encoder.count_tokens, eng.text_max_tokens)
-            alone = (torch.zeros_like(ctx), eng.prompts.get(own)[None, None].to(eng.device), flags_alone,
-                     torch.zeros_like(flags_alone))
         x0, _ = sample_teacher(dit, ctx, noise, text, flags, prompt_ids, uncond, steps=self.steps,
                                guidance=self.guidance, shift=sampler.shift,
                                num_train_timesteps=sampler.num_train_timesteps, shot_phase=self.shot_phase,
-                               history_guidance=self.history_guidance, alone=alone)
+                               history_guidance=self.history_guidance)
         decoder = StreamingDecoder(eng.vae)
         decoder.reset()
         vae_dtype = next(eng.vae.parameters()).dtype

@@ -70,21 +70,14 @@ def target_inputs(ds: LatentStoryDataset, targets, context_frames: int, text_len
 def sample_targets(teacher, ds, targets, preset, guidance: float, steps: int, seed: int, device, save_at=(),
                    history_guidance: float = 1.0):
     """Teacher samples of (story, shot) targets -> (x0 [B, C, F, h, w], {t: x_t}, batch)."""
-    from .stage1_teacher import make_batch
-
     sampler = preset.sampler
     batch = target_inputs(ds, targets, sampler.context_frames, preset.dit.text_len)
-    alone = None
-    if history_guidance != 1.0:  # the same targets as first shots, as context dropout makes them
-        b = make_batch(ds, targets, sampler.context_frames, preset.dit.text_len, context_dropout=1.0,
-                       g=torch.Generator().manual_seed(0))
-        alone = (b.context.to(device), b.text.to(device), b.flags.to(device), b.prompt_ids.to(device))
     g = step_generator(seed, 0, 0, stream=7)
     noise = torch.randn(batch.x0.shape, generator=g)
     x0, saved = sample_teacher(teacher, batch.context.to(device), noise.to(device), batch.text.to(device),
                                batch.flags.to(device), batch.prompt_ids.to(device), batch.negative.to(device),
                                steps=steps, guidance=guidance, shift=sampler.shift, save_at=save_at,
-                               history_guidance=history_guidance, alone=alone,
+                               history_guidance=history_guidance,
                                num_train_timesteps=sampler.num_train_timesteps, shot_phase=sampler.rope_shot_phase)
     return x0.cpu(), {t: v.cpu() for t, v in saved.items()}, batch
 

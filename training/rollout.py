@@ -25,6 +25,7 @@ from shotstream_core.cache import KVCache
 from shotstream_core.config import SamplerConfig
 from shotstream_core.model import CausalWanDiT
 from shotstream_core.schedule import FlowSchedule
+from shotstream_core.teacher import without_history
 
 from .data import frame_flags, pad_prompts, prompt_ids_for
 
@@ -47,14 +48,8 @@ class ShotConditioning:
                                 self.prompt_ids.to(device))
 
     def without_history(self) -> "ShotConditioning":
-        """The same shots as first shots (what context dropout trains on, data.first_shot_inputs): zero
-        context with flags 0, the shot's flag 1, and each sample's own prompt alone."""
-        fc = self.context_frames
-        own = self.prompt_ids[:, fc]  # [B] which prompt the shot's frames read
-        text = self.text[torch.arange(self.text.shape[0], device=own.device), own][:, None]  # [B, 1, S, d]
-        flags = torch.ones_like(self.flags)
-        flags[:, :fc] = 0
-        return ShotConditioning(torch.zeros_like(self.context), text, flags, torch.zeros_like(self.prompt_ids))
+        """The same shots as first shots, each with its own prompt alone (shotstream_core.teacher)."""
+        return ShotConditioning(*without_history(self.context, self.text, self.flags, self.prompt_ids))
 
     def __post_init__(self):
         b, fc = self.context.shape[0], self.context.shape[2]

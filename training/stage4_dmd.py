@@ -131,8 +131,8 @@ def train(cfg: Stage4Config, dist: Dist) -> dict:
             if k == 0 or drop:  # the shot's OWN caption, alone
                 ctx, flags, shot_flag, shot_prompts = setup.first_shot(story, k)
             else:
-                history = setup.truth_history(story, k) if truth else setup.own_history(clip["history"], b)
-                ctx, flags, shot_flag = history
+                ctx, flags, shot_flag = (setup.truth_history(story, k) if truth
+                                         else setup.own_history(clip["history"], b))
                 shot_prompts = story.prompt_features[: k + 1]
             context.append(ctx)
             prompts.append(shot_prompts)
